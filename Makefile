@@ -1,0 +1,36 @@
+# Two commands for a fresh machine: `make run` (the pipeline on the default data) and
+# `make test`. Both create .venv when it is missing and install the pinned dependencies.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed
+# Stages and tests find the venv's dvc and python first.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup run test test-fast bench mlflow-ui clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --disable-pip-version-check -q \
+		-r requirements.txt -r requirements-dev.txt -c constraints.txt
+	touch $(STAMP)
+
+run: setup
+	dvc repro
+
+test: setup
+	$(VENV)/bin/python -m pytest
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest -m "not slow"
+
+bench: setup
+	$(VENV)/bin/python -m bench.pipeline
+
+mlflow-ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --port 5000
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,101 @@
+"""The dataset formats that stages hand to each other, and nothing that needs torch.
+
+Raw data (ingest's output) is an image folder, one sub-folder per class, plus a manifest CSV
+with one row per image. Prepared data (prepare's output) is one folder holding, per split,
+`<split>_images.npy` (uint8, N x H x W x C) and `<split>_labels.npy` (int64, N), plus
+`classes.json`. Plain .npy files memory-map, so a split larger than memory still trains,
+and they carry no timestamps (unlike .npz, whose zip entries do).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import files
+
+SPLITS = ("train", "val", "test")
+MANIFEST_COLUMNS = ("path", "label", "sha256", "width", "height", "mode")
+
+
+class DataError(ValueError):
+    """The data on disk is not what the next stage needs; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8 (N, H, W, C)
+    labels: np.ndarray  # int64 (N,), indices into classes
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.dtype != np.uint8:
+            raise DataError(f"images must be uint8 (N, H, W, C), got {self.images.dtype} {self.images.shape}")
+        if len(self.images) != len(self.labels):
+            raise DataError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[1])
+
+
+def pixel_sha256(pixels: np.ndarray) -> str:
+    """Hash of decoded pixels (shape, dtype and values): equal images hash equal whatever the file format."""
+    digest = hashlib.sha256(f"{pixels.dtype}{pixels.shape}".encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    return digest.hexdigest()
+
+
+def save_prepared(out: Path, splits: dict[str, Split]) -> None:
+    """Write every split and the class list into `out`, replacing it whole."""
+    classes = {s.classes for s in splits.values()}
+    if len(classes) != 1:
+        raise DataError("all splits must share one class list")
+    with files.atomic_dir(out) as tmp:
+        for name, split in splits.items():
+            np.save(tmp / f"{name}_images.npy", np.ascontiguousarray(split.images))
+            np.save(tmp / f"{name}_labels.npy", split.labels.astype(np.int64))
+        files.write_json(tmp / "classes.json", list(classes.pop()))
+
+
+def load_classes(prepared: Path) -> tuple[str, ...]:
+    path = Path(prepared) / "classes.json"
+    try:
+        classes = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the class list ({exc}); rerun the prepare stage") from exc
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{path}: expected a JSON list of class names")
+    return tuple(classes)
+
+
+def load_split(prepared: Path, name: str, mmap: bool = True) -> Split:
+    """Load one split; memory-mapped by default so large splits need not fit in RAM."""
+    if name not in SPLITS:
+        raise DataError(f"unknown split '{name}'; valid splits are {list(SPLITS)}")
+    prepared = Path(prepared)
+    paths = [prepared / f"{name}_images.npy", prepared / f"{name}_labels.npy"]
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"{path}: missing; rerun the prepare stage (dvc repro prepare)")
+    images = np.load(paths[0], mmap_mode="r" if mmap else None)
+    labels = np.load(paths[1])
+    split = Split(images=images, labels=labels, classes=load_classes(prepared))
+    if len(split) and (labels.min() < 0 or labels.max() >= split.num_classes):
+        raise DataError(f"{paths[1]}: labels outside 0..{split.num_classes - 1}")
+    return split

@@ -1,0 +1,204 @@
+"""train_one_epoch / evaluate / fit, shared by the train and finetune stages.
+
+Splits live in memory as uint8 tensors and batches are cut by index: on MNIST-sized data a
+DataLoader's per-sample collation costs more than the model. Batch order and augmentation
+come from one seeded torch.Generator, so an epoch is the same on every rerun.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.config import check
+from pipeline.data import Split
+from pipeline.tracking import StageRun
+
+
+@dataclass(frozen=True)
+class FitParams:
+    """The training recipe; the train and finetune params extend it."""
+
+    seed: int = 0
+    epochs: int = 15
+    batch_size: int = 64
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 3.0e-3  # the peak rate under onecycle
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 1.0e-4
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup_fraction: float = 0.25  # onecycle: share of steps spent rising to lr
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    augment_shift: int = 2  # random translation of up to this many pixels; 0 turns it off
+    early_stopping_patience: int = 5  # epochs without a better val loss; 0 turns it off
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
+        check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+        check(0 < self.lr <= 10, "lr", f"must be in (0, 10], got {self.lr}")
+        check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(0 < self.warmup_fraction < 1, "warmup_fraction", f"must be in (0, 1), got {self.warmup_fraction}")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        check(self.augment_shift >= 0, "augment_shift", f"must be >= 0 (0 = off), got {self.augment_shift}")
+        check(self.early_stopping_patience >= 0, "early_stopping_patience", f"must be >= 0 (0 = off), got {self.early_stopping_patience}")
+
+
+@dataclass
+class FitResult:
+    best_epoch: int  # 0-based, in this fit's own count
+    best_val_loss: float
+    best_val_acc: float
+    epochs_run: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def to_tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, H, W, C) array -> uint8 (N, C, H, W) tensor in channels_last strides, and labels."""
+    images = torch.from_numpy(np.ascontiguousarray(split.images)).permute(0, 3, 1, 2)
+    return images, torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
+
+
+def as_input(batch: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float [0, 1]; normalisation lives in the model."""
+    x = batch.to(device, non_blocking=True).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by its own random offset in [-max_shift, max_shift], zero-filled."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4)  # (N, C, H + 2s, W + 2s)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * max_shift)
+    padded = padded.gather(2, rows)  # (N, C, H, W + 2s)
+    cols = (dx[:, None] + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
+    return padded.gather(3, cols)  # (N, C, H, W)
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+    """Index batches over range(n), shuffled when a generator is given."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    yield from order.split(batch_size)
+
+
+def make_optimizer(params: list[nn.Parameter], p: FitParams) -> torch.optim.Optimizer:
+    if p.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay, nesterov=p.momentum > 0)
+    if p.optimizer == "adam":
+        return torch.optim.Adam(params, lr=p.lr, weight_decay=p.weight_decay)
+    return torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, p: FitParams, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    total = p.epochs * steps_per_epoch
+    if p.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=p.lr, total_steps=total, pct_start=p.warmup_fraction,
+            cycle_momentum=p.optimizer == "sgd",
+        )
+    if p.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    p: FitParams,
+    device: torch.device,
+    generator: torch.Generator,
+) -> tuple[float, float]:
+    """One pass over the training images; returns (mean loss, accuracy) over the epoch."""
+    model.train()
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for idx in batches(len(labels), p.batch_size, generator):
+        x = as_input(images[idx], device, p.channels_last)
+        if p.augment_shift:
+            x = random_shift(x, p.augment_shift, generator)
+        y = labels[idx].to(device, non_blocking=True)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=p.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if p.grad_clip:
+            nn.utils.clip_grad_norm_(trainable, p.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        # accumulate on the device: a .item() per step would sync the GPU every batch
+        total_loss += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == y).sum()
+    n = len(labels)
+    return total_loss.item() / n, correct.item() / n
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256, channels_last: bool = True) -> torch.Tensor:
+    """Logits (N, classes) on the CPU for uint8 (N, C, H, W) images, in input order."""
+    model.eval()
+    out = [model(as_input(images[idx], device, channels_last)).float().cpu() for idx in batches(len(images), batch_size, None)]
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, p: FitParams) -> tuple[float, float]:
+    """(cross-entropy without smoothing, accuracy): the loss that early stopping watches."""
+    logits = predict_logits(model, images, device, max(p.batch_size, 256), p.channels_last)
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+
+
+def fit(
+    model: nn.Module,
+    train: Split,
+    val: Split,
+    p: FitParams,
+    device: torch.device,
+    generator: torch.Generator,
+    run: StageRun | None = None,
+    first_epoch: int = 0,
+    desc: str = "train",
+) -> FitResult:
+    """Train for up to p.epochs, early-stop on val loss and restore the best weights."""
+    model.to(device, memory_format=torch.channels_last if p.channels_last else torch.preserve_format)
+    train_x, train_y = to_tensors(train)
+    val_x, val_y = to_tensors(val)
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = make_optimizer(params, p)
+    scheduler = make_scheduler(optimizer, p, math.ceil(len(train_y) / p.batch_size))
+    result = FitResult(best_epoch=-1, best_val_loss=math.inf, best_val_acc=0.0, epochs_run=0)
+    best_state = copy.deepcopy(model.state_dict())
+    bar = tqdm(range(p.epochs), desc=desc, unit="epoch", dynamic_ncols=True)
+    for epoch in bar:
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = train_one_epoch(model, train_x, train_y, optimizer, scheduler, p, device, generator)
+        val_loss, val_acc = evaluate(model, val_x, val_y, device, p)
+        metrics = {"train/loss": train_loss, "train/acc": train_acc, "val/loss": val_loss, "val/acc": val_acc, "lr": lr}
+        result.history.append(metrics)
+        result.epochs_run = epoch + 1
+        if run is not None:
+            run.log_epoch(first_epoch + epoch, metrics)
+        bar.set_postfix(loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
+        if val_loss < result.best_val_loss:
+            result.best_epoch, result.best_val_loss, result.best_val_acc = epoch, val_loss, val_acc
+            best_state = copy.deepcopy(model.state_dict())
+        elif p.early_stopping_patience and epoch - result.best_epoch >= p.early_stopping_patience:
+            break
+    bar.close()
+    model.load_state_dict(best_state)
+    return result

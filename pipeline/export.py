@@ -1,0 +1,161 @@
+"""Export one trained model to TorchScript and ONNX, and check ONNX Runtime against PyTorch.
+
+Reads `models/<model>.pt` and the prepared test split; writes `exports/<model>/`:
+`model.torchscript.pt`, `model.onnx` and `model.json` (classes, input format, preprocessing),
+and `dvclive/export/<model>/metrics.json` with the parity figures: the largest absolute
+difference in output probabilities and the share of test images whose top-1 class agrees.
+Both exports take float32 (N, C, H, W) images in [0, 1] at the prepared size and return class
+probabilities; normalisation and resizing are inside the graph, and the class names and
+preprocessing are embedded in each file as well as in model.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import config, data, engine, files, models, runtime, tracking
+from pipeline.config import check
+from pipeline.evaluate import check_classes
+
+INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    opset: int = 18
+    batch_size: int = 256
+    max_abs_diff: float = 1.0e-4  # the stage fails if ONNX Runtime drifts further than this
+    min_top1_agreement: float = 0.999
+
+    def __post_init__(self) -> None:
+        check(17 <= self.opset <= 23, "opset", f"must be in 17..23, got {self.opset}")
+        check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+        check(self.max_abs_diff > 0, "max_abs_diff", f"must be > 0, got {self.max_abs_diff}")
+        check(0 <= self.min_top1_agreement <= 1, "min_top1_agreement", f"must be in [0, 1], got {self.min_top1_agreement}")
+
+
+class WithSoftmax(nn.Module):
+    """What ships: probabilities, so a server needs nothing but the graph."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(image), dim=1)
+
+
+def metadata(ckpt: dict, split: data.Split) -> dict:
+    """Everything a consumer needs to feed the model and read its output."""
+    return {
+        "classes": list(ckpt["classes"]),
+        "arch": ckpt["arch"],
+        "input": {
+            "name": INPUT_NAME,
+            "dtype": "float32",
+            "layout": "NCHW",
+            "shape": ["batch", split.channels, split.image_size, split.image_size],
+            "range": [0.0, 1.0],
+            "color_mode": "L" if split.channels == 1 else "RGB",
+        },
+        "preprocessing": (
+            f"decode, convert to {'L' if split.channels == 1 else 'RGB'}, resize to "
+            f"{split.image_size}x{split.image_size} (bilinear), divide by 255; normalisation is inside the model"
+        ),
+        "output": {"name": OUTPUT_NAME, "meaning": "class probabilities, softmax over classes in 'classes' order"},
+    }
+
+
+def to_torchscript(model: nn.Module, example: torch.Tensor, meta: dict) -> bytes:
+    traced = torch.jit.trace(model, example)
+    buffer = io.BytesIO()  # in memory: a named file would put its name in the archive
+    torch.jit.save(traced, buffer, _extra_files={"model.json": json.dumps(meta, sort_keys=True)})
+    return buffer.getvalue()
+
+
+def to_onnx(model: nn.Module, example: torch.Tensor, meta: dict, opset: int) -> bytes:
+    program = torch.onnx.export(
+        model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
+        dynamic_shapes={"image": {0: torch.export.Dim("batch")}}, dynamo=True, verbose=False,
+    )
+    proto = program.model_proto
+    del proto.metadata_props[:]
+    for key, value in sorted(meta.items()):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value, sort_keys=True)
+    return proto.SerializeToString(deterministic=True)
+
+
+def onnx_probabilities(onnx_bytes: bytes, images: np.ndarray, batch_size: int, threads: int) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    out = [session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
+    return np.concatenate(out)
+
+
+def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    return {
+        "max_abs_diff": float(np.abs(reference - candidate).max()),
+        "top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="model name: scratch or finetune")
+    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--models", type=Path, default=Path("models"))
+    parser.add_argument("--out", type=Path, default=None, help="default: exports/<model>")
+    parser.add_argument("--live", type=Path, default=None, help="default: dvclive/export/<model>")
+    args = parser.parse_args(argv)
+    p = config.load("export", ExportParams)
+    rt = config.load("runtime", runtime.RuntimeParams)
+    runtime.configure(rt)  # export traces on the CPU: the files must not depend on the GPU
+    out = args.out or Path("exports") / args.model
+    live_dir = args.live or Path("dvclive/export") / args.model
+    model_path = args.models / f"{args.model}.pt"
+    test = data.load_split(args.data, "test")
+    model, ckpt = models.load_checkpoint(model_path)
+    check_classes(tuple(ckpt["classes"]), test.classes, model_path, args.data)
+    shipped = WithSoftmax(model).eval()
+    images, _ = engine.to_tensors(test)
+    inputs = images.float().div(255).contiguous()  # (N, C, H, W) float32 in [0, 1]
+    meta = metadata(ckpt, test)
+    with tracking.stage_run(f"export@{args.model}", {"export": p, "runtime": rt, "model": args.model}, live_dir) as run:
+        with torch.no_grad():
+            reference = torch.cat([shipped(inputs[i : i + p.batch_size]) for i in range(0, len(inputs), p.batch_size)]).numpy()
+            example = inputs[:2]
+            script = to_torchscript(shipped, example, meta)
+            onnx_bytes = to_onnx(shipped, example, meta, p.opset)
+            scripted = torch.jit.load(io.BytesIO(script))
+            script_out = torch.cat([scripted(inputs[i : i + p.batch_size]) for i in range(0, len(inputs), p.batch_size)]).numpy()
+        onnx_out = onnx_probabilities(onnx_bytes, inputs.numpy(), p.batch_size, rt.threads)
+        onnx_parity, script_parity = parity(reference, onnx_out), parity(reference, script_out)
+        run.log_summary({f"onnx/{k}": v for k, v in onnx_parity.items()} | {f"torchscript/{k}": v for k, v in script_parity.items()})
+        for name, result in (("ONNX Runtime", onnx_parity), ("TorchScript", script_parity)):
+            if result["max_abs_diff"] > p.max_abs_diff or result["top1_agreement"] < p.min_top1_agreement:
+                raise RuntimeError(
+                    f"{name} export of {model_path} disagrees with PyTorch on the test split: {result}; "
+                    f"allowed max_abs_diff {p.max_abs_diff}, min_top1_agreement {p.min_top1_agreement} (params.yaml: export)"
+                )
+        with files.atomic_dir(out) as tmp:
+            (tmp / "model.torchscript.pt").write_bytes(script)
+            (tmp / "model.onnx").write_bytes(onnx_bytes)
+            files.write_json(tmp / "model.json", meta)
+        run.log_artifact(out, "export")
+
+
+if __name__ == "__main__":
+    main()

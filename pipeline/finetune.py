@@ -1,0 +1,101 @@
+"""Fine-tune a pretrained ImageNet backbone with a new head, in two phases.
+
+Phase 1 trains only the new head at `head_lr`; phase 2 unfreezes the top `unfreeze_fraction`
+of the backbone and trains it with the head at the lower `lr`. Frozen BatchNorm layers stay in
+eval mode throughout. Reads the prepared train/val splits and the backbone weights; writes the
+checkpoint (`models/finetune.pt`), its metrics and curves (`dvclive/finetune/`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import config, data, engine, models, runtime, tracking
+from pipeline.config import check
+
+
+@dataclass(frozen=True)
+class FinetuneParams(engine.FitParams):
+    backbone: str = models.PACKAGE_BACKBONE  # 'timm:<name>' or 'torchvision:<name>'
+    weights: str = models.PACKAGE_WEIGHTS  # the package, 'hub', 'none' or a local file
+    weights_sha256: str = models.PACKAGE_SHA256  # '' skips the check (hub weights)
+    input_size: int = 32  # the backbone's input side; images are resized inside the model
+    dropout: float = 0.2
+    head_epochs: int = 2
+    head_lr: float = 1.0e-2
+    unfreeze_fraction: float = 0.2  # share of backbone parameter tensors, from the top
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(16 <= self.input_size <= 1024, "input_size", f"must be in 16..1024, got {self.input_size}")
+        check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        check(self.head_epochs >= 0, "head_epochs", f"must be >= 0, got {self.head_epochs}")
+        check(0 < self.head_lr <= 10, "head_lr", f"must be in (0, 10], got {self.head_lr}")
+        check(0 <= self.unfreeze_fraction <= 1, "unfreeze_fraction", f"must be in [0, 1], got {self.unfreeze_fraction}")
+        check(self.weights != "", "weights", f"must name weights: '{models.PACKAGE_WEIGHTS}', 'hub', 'none' or a file path")
+        models.parse_backbone(self.backbone)  # fail at start-up on a malformed spec
+
+
+def model_args(p: FinetuneParams, train: data.Split) -> dict:
+    return {
+        "backbone": p.backbone,
+        "num_classes": train.num_classes,
+        "in_channels": train.channels,
+        "image_size": train.image_size,
+        "input_size": p.input_size,
+        "dropout": p.dropout,
+        "mean": models.IMAGENET_MEAN,
+        "std": models.IMAGENET_STD,
+    }
+
+
+def finetune(
+    model: models.PretrainedCNN, train: data.Split, val: data.Split, p: FinetuneParams,
+    device, generator, run: tracking.StageRun | None,
+) -> list[engine.FitResult]:
+    """Both phases; curves continue across them so one plot shows the whole run."""
+    results = []
+    if p.head_epochs:
+        model.set_trainable(0.0)
+        head = dataclasses.replace(p, epochs=p.head_epochs, lr=p.head_lr)
+        results.append(engine.fit(model, train, val, head, device, generator, run, desc="finetune head"))
+    if p.epochs and p.unfreeze_fraction > 0:
+        model.set_trainable(p.unfreeze_fraction)
+        first = results[0].epochs_run if results else 0
+        results.append(engine.fit(model, train, val, p, device, generator, run, first_epoch=first, desc="finetune top"))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--out", type=Path, default=Path("models/finetune.pt"))
+    parser.add_argument("--live", type=Path, default=Path("dvclive/finetune"))
+    args = parser.parse_args(argv)
+    p = config.load("finetune", FinetuneParams)
+    rt = config.load("runtime", runtime.RuntimeParams)
+    device = runtime.configure(rt)
+    generator = runtime.seed_everything(p.seed)
+    train_set, val_set = data.load_split(args.data, "train"), data.load_split(args.data, "val")
+    net, weights_sha256 = models.load_pretrained(p.backbone, p.weights, p.weights_sha256)
+    margs = model_args(p, train_set)
+    model = models.PretrainedCNN(**margs, net=net)
+    with tracking.stage_run("finetune", {"finetune": p, "runtime": rt}, live_dir=args.live) as run:
+        run.set_tags({**runtime.describe(device, rt), "weights_sha256": weights_sha256})
+        started = time.perf_counter()
+        results = finetune(model, train_set, val_set, p, device, generator, run)
+        seconds = time.perf_counter() - started
+        last = results[-1]
+        run.log_summary({"epochs_run": sum(r.epochs_run for r in results),
+                         "val/loss": last.best_val_loss, "val/acc": last.best_val_acc})
+        run.log_timing({"fit_seconds": seconds})
+        models.save_checkpoint(args.out, model.cpu(), "pretrained_cnn", margs, train_set.classes)
+        run.log_artifact(args.out, "model")
+
+
+if __name__ == "__main__":
+    main()

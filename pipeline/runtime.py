@@ -1,0 +1,66 @@
+"""Seeding, determinism switches and device choice, shared by every stage that runs torch.
+
+Byte-identical reruns need three things pinned: every random generator's seed, the choice of
+deterministic kernels, and the intra-op thread count (a different number of threads sums
+floats in a different order). All three come from params so DVC tracks them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from pipeline.config import check
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    threads: int = 2  # intra-op CPU threads; results are reproducible for a fixed count
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        check(self.threads >= 1, "threads", f"must be at least 1, got {self.threads}")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a CPU generator for data order and augmentation."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    return torch.Generator().manual_seed(seed)
+
+
+def configure(params: RuntimeParams) -> torch.device:
+    """Switch on deterministic kernels, pin threads and pick the device."""
+    # cuBLAS reads this when CUDA initialises; without it deterministic mode raises on matmul.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.set_num_threads(params.threads)
+    if params.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "params.yaml: runtime.device is 'cuda' but torch sees no CUDA device; "
+            "use 'auto' or 'cpu'"
+        )
+    if params.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(params.device)
+
+
+def describe(device: torch.device, params: RuntimeParams) -> dict[str, str]:
+    """What the run ran on, for MLflow tags (never for DVC-tracked files)."""
+    info = {
+        "torch": torch.__version__,
+        "device": str(device),
+        "threads": str(params.threads),
+        "deterministic": "true",
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

@@ -1,0 +1,93 @@
+"""The one place that makes runs tiny and isolated: each test in its own temporary folder,
+on the CPU, with its own MLflow store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Stages run on the CPU in tests whatever the machine has; DVC must not phone home.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ.setdefault("GIT_AUTHOR_NAME", "test")
+os.environ.setdefault("GIT_AUTHOR_EMAIL", "test@example.com")
+os.environ.setdefault("GIT_COMMITTER_NAME", "test")
+os.environ.setdefault("GIT_COMMITTER_EMAIL", "test@example.com")
+
+# Small enough that a stage runs in seconds; real data (the bundled digits) all the same.
+TINY_PARAMS = """\
+runtime: {threads: 2, device: cpu}
+data: {source: digits}
+prepare: {seed: 0, image_size: 16, val_fraction: 0.15, test_fraction: 0.15}
+train: {seed: 0, epochs: 2, batch_size: 64, lr: 3.0e-3}
+finetune:
+  seed: 0
+  input_size: 16
+  head_epochs: 1
+  epochs: 1
+  unfreeze_fraction: 0.1
+  batch_size: 64
+evaluate: {batch_size: 256}
+export: {opset: 18, batch_size: 256}
+"""
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def _migrated_store(tmp_path_factory) -> Path:
+    """One MLflow SQLite store with its schema created; each test gets a copy (creating the
+    schema takes seconds, copying the file does not)."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store(tmp_path, _migrated_store, monkeypatch) -> str:
+    path = tmp_path / "mlflow-store" / "mlflow.db"
+    path.parent.mkdir()
+    shutil.copy(_migrated_store, path)
+    uri = f"sqlite:///{path}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """A temporary folder holding the tiny params.yaml, made the current directory."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "params.yaml").write_text(TINY_PARAMS)
+    monkeypatch.chdir(work)
+    return work
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """The digits ingested and prepared once per session with the tiny params."""
+    work = tmp_path_factory.mktemp("prepared")
+    (work / "params.yaml").write_text(TINY_PARAMS)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "PYTHONPATH": str(REPO)}
+    for stage in ("ingest", "prepare"):
+        run([sys.executable, "-m", f"pipeline.{stage}"], cwd=work, env=env)
+    return work / "data" / "prepared"
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run a command; on failure show its stdout and stderr in the assertion."""
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(cmd)} exited {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+    return done
