@@ -66,8 +66,10 @@ class FitResult:
 
 
 def to_tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (N, H, W, C) array -> uint8 (N, C, H, W) tensor in channels_last strides, and labels."""
-    images = torch.from_numpy(np.ascontiguousarray(split.images)).permute(0, 3, 1, 2)
+    """uint8 (N, H, W, C) array -> uint8 (N, C, H, W) tensor in channels_last strides, and labels.
+
+    The split is read into memory here (a writable copy of the memory-mapped file)."""
+    images = torch.from_numpy(np.array(split.images)).permute(0, 3, 1, 2)
     return images, torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
 
 

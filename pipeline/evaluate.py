@@ -78,7 +78,8 @@ def predict_proba(model_path: Path, split: data.Split, batch_size: int, device) 
     model, ckpt = models.load_checkpoint(model_path)
     images, _ = engine.to_tensors(split)
     logits = engine.predict_logits(model.to(device), images, device, batch_size)
-    return torch.softmax(logits, 1).double().numpy(), tuple(ckpt["classes"])
+    proba = torch.softmax(logits.double(), 1).numpy()
+    return proba / proba.sum(1, keepdims=True), tuple(ckpt["classes"])  # rows sum to 1 in float64
 
 
 def main(argv: list[str] | None = None) -> None:

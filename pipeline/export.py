@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -31,6 +33,9 @@ INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 @dataclass(frozen=True)
 class ExportParams:
     opset: int = 18
+    # 'torchscript' is torch.onnx's tracing exporter, 'dynamo' the torch.export-based one. Both
+    # pass the parity check; on EfficientNet-Lite0 here dynamo takes 20 s against 1 s.
+    onnx_exporter: Literal["torchscript", "dynamo"] = "torchscript"
     batch_size: int = 256
     max_abs_diff: float = 1.0e-4  # the stage fails if ONNX Runtime drifts further than this
     min_top1_agreement: float = 0.999
@@ -75,22 +80,46 @@ def metadata(ckpt: dict, split: data.Split) -> dict:
 
 
 def to_torchscript(model: nn.Module, example: torch.Tensor, meta: dict) -> bytes:
-    traced = torch.jit.trace(model, example)
-    buffer = io.BytesIO()  # in memory: a named file would put its name in the archive
-    torch.jit.save(traced, buffer, _extra_files={"model.json": json.dumps(meta, sort_keys=True)})
+    with warnings.catch_warnings():
+        # torch marks TorchScript deprecated in favour of torch.export, but TorchScript is still
+        # what C++ (libtorch) and many serving stacks load; ONNX is shipped beside it.
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, example)
+        buffer = io.BytesIO()  # in memory: a named file would put its name in the archive
+        torch.jit.save(traced, buffer, _extra_files={"model.json": json.dumps(meta, sort_keys=True)})
     return buffer.getvalue()
 
 
-def to_onnx(model: nn.Module, example: torch.Tensor, meta: dict, opset: int) -> bytes:
-    program = torch.onnx.export(
-        model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
-        dynamic_shapes={"image": {0: torch.export.Dim("batch")}}, dynamo=True, verbose=False,
-    )
-    proto = program.model_proto
+def load_torchscript(blob: bytes) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(io.BytesIO(blob))
+
+
+def to_onnx(model: nn.Module, example: torch.Tensor, meta: dict, opset: int, exporter: str) -> bytes:
+    """ONNX with a dynamic batch axis and `meta` as JSON metadata properties."""
+    import onnx
+
+    if exporter == "dynamo":
+        program = torch.onnx.export(
+            model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
+            dynamic_shapes={"image": {0: torch.export.Dim("batch")}}, dynamo=True, verbose=False,
+        )
+        proto = program.model_proto
+    else:
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning, UserWarning))
+            torch.onnx.export(
+                model, (example,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                opset_version=opset, dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, dynamo=False,
+            )
+        proto = onnx.load_from_string(buffer.getvalue())
     del proto.metadata_props[:]
     for key, value in sorted(meta.items()):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value, sort_keys=True)
+    onnx.checker.check_model(proto)
     return proto.SerializeToString(deterministic=True)
 
 
@@ -110,6 +139,15 @@ def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
         "max_abs_diff": float(np.abs(reference - candidate).max()),
         "top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
     }
+
+
+def check_parity(name: str, result: dict[str, float], p: ExportParams, model_path: Path) -> None:
+    """Refuse to ship an export that does not reproduce the PyTorch model."""
+    if result["max_abs_diff"] > p.max_abs_diff or result["top1_agreement"] < p.min_top1_agreement:
+        raise RuntimeError(
+            f"{name} export of {model_path} disagrees with PyTorch on the test split: {result}; "
+            f"allowed: max_abs_diff {p.max_abs_diff}, min_top1_agreement {p.min_top1_agreement} (params.yaml: export)"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,18 +176,14 @@ def main(argv: list[str] | None = None) -> None:
             reference = torch.cat([shipped(inputs[i : i + p.batch_size]) for i in range(0, len(inputs), p.batch_size)]).numpy()
             example = inputs[:2]
             script = to_torchscript(shipped, example, meta)
-            onnx_bytes = to_onnx(shipped, example, meta, p.opset)
-            scripted = torch.jit.load(io.BytesIO(script))
+            onnx_bytes = to_onnx(shipped, example, meta, p.opset, p.onnx_exporter)
+            scripted = load_torchscript(script)
             script_out = torch.cat([scripted(inputs[i : i + p.batch_size]) for i in range(0, len(inputs), p.batch_size)]).numpy()
         onnx_out = onnx_probabilities(onnx_bytes, inputs.numpy(), p.batch_size, rt.threads)
         onnx_parity, script_parity = parity(reference, onnx_out), parity(reference, script_out)
         run.log_summary({f"onnx/{k}": v for k, v in onnx_parity.items()} | {f"torchscript/{k}": v for k, v in script_parity.items()})
-        for name, result in (("ONNX Runtime", onnx_parity), ("TorchScript", script_parity)):
-            if result["max_abs_diff"] > p.max_abs_diff or result["top1_agreement"] < p.min_top1_agreement:
-                raise RuntimeError(
-                    f"{name} export of {model_path} disagrees with PyTorch on the test split: {result}; "
-                    f"allowed max_abs_diff {p.max_abs_diff}, min_top1_agreement {p.min_top1_agreement} (params.yaml: export)"
-                )
+        check_parity("ONNX Runtime", onnx_parity, p, model_path)
+        check_parity("TorchScript", script_parity, p, model_path)
         with files.atomic_dir(out) as tmp:
             (tmp / "model.torchscript.pt").write_bytes(script)
             (tmp / "model.onnx").write_bytes(onnx_bytes)

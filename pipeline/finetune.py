@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         results = finetune(model, train_set, val_set, p, device, generator, run)
         seconds = time.perf_counter() - started
         last = results[-1]
-        run.log_summary({"epochs_run": sum(r.epochs_run for r in results),
-                         "val/loss": last.best_val_loss, "val/acc": last.best_val_acc})
+        run.log_summary({"best/val_loss": last.best_val_loss, "best/val_acc": last.best_val_acc,
+                         "epochs_run": sum(r.epochs_run for r in results)})
         run.log_timing({"fit_seconds": seconds})
         models.save_checkpoint(args.out, model.cpu(), "pretrained_cnn", margs, train_set.classes)
         run.log_artifact(args.out, "model")

@@ -274,15 +274,26 @@ def load_pretrained(backbone: str, weights: str, sha256: str) -> tuple[nn.Module
     target = net.state_dict()
     if weights == PACKAGE_WEIGHTS:
         state = map_in_order(state, target, str(path))
-    result = net.load_state_dict(state, strict=False)
-    head = head_name(net)
-    missing = [k for k in result.missing_keys if not k.startswith(head + ".")]
-    if missing or result.unexpected_keys:
+    head = head_name(net) + "."
+    # The classifier is replaced after loading, so a file whose head has another class count
+    # (an earlier fine-tune, say) is fine; every other tensor must match by name and shape.
+    missing = [k for k in target if k not in state and not k.startswith(head)]
+    unexpected = [k for k in state if k not in target]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
+        for k in state if k in target and state[k].shape != target[k].shape and not k.startswith(head)
+    ]
+    if missing or unexpected or mismatched:
         raise WeightsError(
-            f"{path}: does not match backbone '{backbone}': missing {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
+            f"{path}: does not match backbone '{backbone}': missing {_some(missing)}, "
+            f"unexpected {_some(unexpected)}, wrong shape {_some(mismatched)}"
         )
+    net.load_state_dict({k: v for k, v in state.items() if v.shape == target[k].shape}, strict=False)
     return net, actual
+
+
+def _some(items: list[str], n: int = 3) -> str:
+    return "[]" if not items else f"{items[:n]}{' and %d more' % (len(items) - n) if len(items) > n else ''}"
 
 
 # --- checkpoints -------------------------------------------------------------------------

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 
-from pipeline.config import check
+from pipeline.config import ConfigError, check
 
 
 @dataclass(frozen=True)
@@ -35,16 +36,28 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def set_deterministic() -> None:
+    """torch.use_deterministic_algorithms(True), without its import of torch._inductor.config.
+
+    That import costs 2.4 s a stage here and only matters to torch.compile, which no stage
+    uses; once inductor is loaded (a stage that compiles), the public call sets both flags.
+    """
+    if "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch._C._set_deterministic_algorithms(True)
+
+
 def configure(params: RuntimeParams) -> torch.device:
     """Switch on deterministic kernels, pin threads and pick the device."""
     # cuBLAS reads this when CUDA initialises; without it deterministic mode raises on matmul.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
+    set_deterministic()
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.set_num_threads(params.threads)
     if params.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise ConfigError(
             "params.yaml: runtime.device is 'cuda' but torch sees no CUDA device; "
             "use 'auto' or 'cpu'"
         )

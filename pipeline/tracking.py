@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import os
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -89,9 +88,16 @@ class StageRun:
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=epoch)
 
     def log_summary(self, metrics: Mapping[str, float | int]) -> None:
-        """Final metrics: `dvc metrics show` (metrics.json) and MLflow."""
+        """Final metrics: `dvc metrics show` (metrics.json) and MLflow.
+
+        'test/acc' nests as {"test": {"acc": ...}} in metrics.json, as DVCLive nests curves."""
         if self._live is not None:
-            self._live.summary.update(metrics)
+            for name, value in metrics.items():
+                node = self._live.summary
+                *parents, leaf = name.split("/")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = value
             self._live.make_summary()
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 
@@ -164,7 +170,3 @@ def _experiment_id(mlflow: Any, name: str, root: Path) -> str:
             raise
         return experiment.experiment_id
 
-
-def temporary_dir() -> contextlib.AbstractContextManager[str]:
-    """A scratch folder for artifacts that exist only to be logged."""
-    return tempfile.TemporaryDirectory(prefix="mlflow-artifact-")

@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         result = engine.fit(model, train_set, val_set, p, device, generator, run, desc="train")
         seconds = time.perf_counter() - started
-        run.log_summary({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                         "val/loss": result.best_val_loss, "val/acc": result.best_val_acc})
+        run.log_summary({"best/epoch": result.best_epoch, "best/val_loss": result.best_val_loss,
+                         "best/val_acc": result.best_val_acc, "epochs_run": result.epochs_run})
         run.log_timing({"fit_seconds": seconds, "images_per_second": result.epochs_run * len(train_set) / seconds})
         models.save_checkpoint(args.out, model, "scratch_cnn", margs, train_set.classes)
         run.log_artifact(args.out, "model")

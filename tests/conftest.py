@@ -56,9 +56,8 @@ def _migrated_store(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def mlflow_store(tmp_path, _migrated_store, monkeypatch) -> str:
-    path = tmp_path / "mlflow-store" / "mlflow.db"
-    path.parent.mkdir()
+def mlflow_store(tmp_path_factory, _migrated_store, monkeypatch) -> str:
+    path = tmp_path_factory.mktemp("mlflow-store") / "mlflow.db"
     shutil.copy(_migrated_store, path)
     uri = f"sqlite:///{path}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -76,10 +75,11 @@ def workdir(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="session")
-def prepared(tmp_path_factory) -> Path:
+def prepared(tmp_path_factory, _migrated_store) -> Path:
     """The digits ingested and prepared once per session with the tiny params."""
     work = tmp_path_factory.mktemp("prepared")
     (work / "params.yaml").write_text(TINY_PARAMS)
+    shutil.copy(_migrated_store, work / "mlflow.db")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "PYTHONPATH": str(REPO)}
     for stage in ("ingest", "prepare"):
         run([sys.executable, "-m", f"pipeline.{stage}"], cwd=work, env=env)
@@ -91,3 +91,13 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 900
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(cmd)} exited {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
     return done
+
+
+@pytest.fixture(scope="session")
+def trained(prepared) -> Path:
+    """Both models trained once per session on the tiny params; returns the work folder."""
+    work = prepared.parent.parent
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "PYTHONPATH": str(REPO)}
+    for stage in ("train", "finetune"):
+        run([sys.executable, "-m", f"pipeline.{stage}"], cwd=work, env=env)
+    return work

@@ -1,0 +1,121 @@
+"""train, finetune, evaluate and export as DVC runs them, on tiny settings."""
+
+import json
+import os
+import shutil
+import sys
+
+import mlflow
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import run
+from pipeline import data, evaluate, export, finetune, models, train
+
+
+def test_train_stage_writes_checkpoint_metrics_and_curves_and_repeats_them_exactly(workdir, prepared):
+    for name in ("a", "b"):
+        train.main(["--data", str(prepared), "--out", f"{name}/scratch.pt", "--live", f"{name}/live"])
+    assert (workdir / "a/scratch.pt").read_bytes() == (workdir / "b/scratch.pt").read_bytes()
+    assert (workdir / "a/live/metrics.json").read_bytes() == (workdir / "b/live/metrics.json").read_bytes()
+    metrics = json.loads((workdir / "a/live/metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and 0 <= metrics["best"]["epoch"] <= 1
+    curve = (workdir / "a/live/plots/metrics/val/loss.tsv").read_text().splitlines()
+    assert curve[0] == "step\tloss" and len(curve) == 3
+    model, ckpt = models.load_checkpoint(workdir / "a/scratch.pt")
+    assert ckpt["classes"] == [str(i) for i in range(10)] and ckpt["arch"] == "scratch_cnn"
+
+
+def test_finetune_stage_repeats_exactly_and_logs_both_phases(workdir, prepared, mlflow_store):
+    for name in ("a", "b"):
+        finetune.main(["--data", str(prepared), "--out", f"{name}/finetune.pt", "--live", f"{name}/live"])
+    assert (workdir / "a/finetune.pt").read_bytes() == (workdir / "b/finetune.pt").read_bytes()
+    curve = (workdir / "a/live/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert len(curve) == 1 + 2  # head epoch + one unfrozen epoch, one curve
+    client = mlflow.MlflowClient(mlflow_store)
+    runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id])
+    assert {r.data.tags["weights_sha256"] for r in runs} == {models.PACKAGE_SHA256}
+    assert all(r.data.params["finetune.backbone"] == "timm:tf_efficientnet_lite0" for r in runs)
+
+
+def test_evaluate_reports_metrics_per_class_figures_and_a_confusion_plot(workdir, trained, mlflow_store):
+    evaluate.main(["--model", "scratch", "--data", str(trained / "data/prepared"), "--models", str(trained / "models"), "--live", "live"])
+    metrics = json.loads((workdir / "live/metrics.json").read_text())["test"]
+    assert set(metrics) == {"acc", "precision_macro", "recall_macro", "f1_macro", "loss", "images"}
+    assert metrics["images"] == len(data.load_split(trained / "data/prepared", "test"))
+    per_class = json.loads((workdir / "live/per_class.json").read_text())
+    assert sorted(per_class) == [str(i) for i in range(10)]
+    assert sum(c["support"] for c in per_class.values()) == metrics["images"]
+    rows = json.loads((workdir / "live/plots/sklearn/confusion_matrix.json").read_text())
+    assert len(rows) == metrics["images"] and set(rows[0]) == {"actual", "predicted"}
+    client = mlflow.MlflowClient(mlflow_store)
+    (run,) = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id])
+    assert run.info.run_name == "evaluate@scratch"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"confusion_matrix.png", "per_class.json"}
+
+
+def test_classification_metrics_match_hand_computed_values():
+    labels = np.array([0, 0, 1, 1])
+    proba = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7]])
+    summary, per_class = evaluate.classification_metrics(labels, proba, ("cat", "dog"))
+    assert summary["test/acc"] == 0.75
+    assert per_class["cat"]["recall"] == 0.5 and per_class["dog"]["precision"] == pytest.approx(2 / 3, abs=1e-6)
+    assert summary["test/loss"] == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.8, 0.7])))
+
+
+def test_a_model_trained_on_other_classes_is_refused(workdir, trained):
+    other = workdir / "prepared"
+    shutil.copytree(trained / "data/prepared", other)
+    (other / "classes.json").write_text(json.dumps([f"c{i}" for i in range(10)]))
+    with pytest.raises(data.DataError, match=r"scratch.pt was trained on classes \['0'.*classes.json lists \['c0'"):
+        evaluate.main(["--model", "scratch", "--data", str(other), "--models", str(trained / "models"), "--live", "live"])
+
+
+@pytest.mark.parametrize("model", ["scratch", "finetune"])
+def test_export_ships_onnx_and_torchscript_that_agree_with_pytorch(workdir, trained, model):
+    prepared = trained / "data/prepared"
+    export.main(["--model", model, "--data", str(prepared), "--models", str(trained / "models"), "--out", "out", "--live", "live"])
+    parity = json.loads((workdir / "live/metrics.json").read_text())
+    assert parity["onnx"]["top1_agreement"] == 1.0 and parity["onnx"]["max_abs_diff"] < 1e-4
+    meta = json.loads((workdir / "out/model.json").read_text())
+    assert meta["classes"] == [str(i) for i in range(10)]
+
+    # A consumer needs nothing from this repository: the ONNX file carries classes and input format.
+    onnx_model = onnx.load(str(workdir / "out/model.onnx"))
+    embedded = {p.key: json.loads(p.value) for p in onnx_model.metadata_props}
+    assert embedded["classes"] == meta["classes"] and embedded["input"]["layout"] == "NCHW"
+    test = data.load_split(prepared, "test")
+    x = np.array(test.images[:7]).transpose(0, 3, 1, 2).astype(np.float32) / 255
+    session = ort.InferenceSession(str(workdir / "out/model.onnx"), providers=["CPUExecutionProvider"])
+    proba = session.run(None, {"image": x})[0]  # a batch size the export never saw
+    assert proba.shape == (7, 10) and np.allclose(proba.sum(1), 1, atol=1e-5)
+
+    extra = {"model.json": ""}
+    scripted = torch.jit.load(str(workdir / "out/model.torchscript.pt"), _extra_files=extra)
+    assert json.loads(extra["model.json"])["classes"] == meta["classes"]
+    with torch.no_grad():
+        assert np.allclose(scripted(torch.from_numpy(x)).numpy(), proba, atol=1e-5)
+
+
+def test_export_is_byte_identical_on_rerun(workdir, trained, repo_root):
+    # Two processes, as DVC runs it: within one process TorchScript renames a class it has
+    # compiled before, so only a fresh process shows what a rerun writes.
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    for name in ("a", "b"):
+        run([sys.executable, "-m", "pipeline.export", "--model", "finetune", "--data", str(trained / "data/prepared"),
+             "--models", str(trained / "models"), "--out", name, "--live", f"live-{name}"], cwd=workdir, env=env)
+    for file in ("model.onnx", "model.torchscript.pt", "model.json"):
+        assert (workdir / "a" / file).read_bytes() == (workdir / "b" / file).read_bytes(), file
+    assert (workdir / "live-a/metrics.json").read_bytes() == (workdir / "live-b/metrics.json").read_bytes()
+
+
+def test_an_export_that_drifts_from_pytorch_is_refused():
+    p = export.ExportParams(max_abs_diff=1.0e-6, min_top1_agreement=1.0)
+    export.check_parity("ONNX Runtime", {"max_abs_diff": 1.0e-7, "top1_agreement": 1.0}, p, "m.pt")
+    with pytest.raises(RuntimeError, match=r"ONNX Runtime export of m.pt disagrees.*max_abs_diff 1e-06"):
+        export.check_parity("ONNX Runtime", {"max_abs_diff": 1.0e-3, "top1_agreement": 1.0}, p, "m.pt")
+    with pytest.raises(RuntimeError, match="min_top1_agreement 1.0"):
+        export.check_parity("ONNX Runtime", {"max_abs_diff": 0.0, "top1_agreement": 0.99}, p, "m.pt")

@@ -1,0 +1,69 @@
+"""One reporting path: DVCLive files for DVC, everything else to MLflow."""
+
+import json
+from pathlib import Path
+
+import mlflow
+
+from pipeline import tracking
+
+
+def test_repo_root_resolves_past_a_temporary_experiment_copy(tmp_path):
+    repo = tmp_path / "project"
+    temp = repo / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    temp.mkdir(parents=True)
+    assert tracking.repo_root(temp) == repo.resolve()
+    assert tracking.repo_root(repo / ".dvc" / "tmp" / "exps" / "run" / "abc" ) == repo.resolve()
+    assert tracking.repo_root(repo) == repo.resolve()
+
+
+def test_default_store_is_sqlite_in_the_repository_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert tracking.tracking_uri(tmp_path) == "http://mlflow.internal:5000"
+
+
+def test_flatten_turns_sections_into_dotted_params():
+    from pipeline.evaluate import EvaluateParams
+
+    assert tracking.flatten({"evaluate": EvaluateParams(batch_size=8), "model": "scratch"}) == {
+        "evaluate.batch_size": 8, "model": "scratch",
+    }
+
+
+def test_a_stage_run_reaches_dvc_files_and_mlflow(workdir, mlflow_store, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "lucky-lark")
+    with tracking.stage_run("train", {"train": {"lr": 0.1}}, live_dir=Path("live")) as run:
+        run.log_epoch(0, {"train/loss": 1.0, "val/acc": 0.5})
+        run.log_epoch(1, {"train/loss": 0.5, "val/acc": 0.75})
+        run.log_summary({"val/acc": 0.75})
+        run.log_timing({"fit_seconds": 1.5})
+    metrics = json.loads((workdir / "live" / "metrics.json").read_text())
+    assert metrics["val"]["acc"] == 0.75  # nested, like the curves
+    assert "time" not in json.dumps(metrics)  # wall-clock figures stay out of DVC-tracked files
+    assert (workdir / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text() == "step\tloss\n0\t1.0\n1\t0.5\n"
+
+    client = mlflow.MlflowClient(mlflow_store)
+    (experiment,) = [e for e in client.search_experiments() if e.name == tracking.DEFAULT_EXPERIMENT]
+    (run_info,) = client.search_runs([experiment.experiment_id])
+    assert run_info.info.run_name == "train"
+    assert run_info.data.params["train.lr"] == "0.1"
+    assert run_info.data.tags["stage"] == "train"
+    assert run_info.data.tags["dvc_exp_name"] == "lucky-lark"
+    assert {"git_commit", "git_dirty"} <= set(run_info.data.tags)
+    assert [m.value for m in client.get_metric_history(run_info.info.run_id, "train/loss")] == [1.0, 0.5]
+    assert run_info.data.metrics["time/fit_seconds"] == 1.5
+    assert experiment.artifact_location.startswith("file://") and Path(experiment.artifact_location[7:]).is_absolute()
+
+
+def test_a_failing_stage_marks_its_mlflow_run_failed(workdir, mlflow_store):
+    try:
+        with tracking.stage_run("prepare", {}):
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    client = mlflow.MlflowClient(mlflow_store)
+    (experiment,) = [e for e in client.search_experiments() if e.name == tracking.DEFAULT_EXPERIMENT]
+    (run_info,) = client.search_runs([experiment.experiment_id])
+    assert run_info.info.status == "FAILED"
