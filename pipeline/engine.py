@@ -1,6 +1,7 @@
 """train_one_epoch / evaluate / fit, shared by the train and finetune stages.
 
-Splits live in memory as uint8 tensors and batches are cut by index: on MNIST-sized data a
+Splits are staged on the device once, as float tensors when they fit `RESIDENT_BYTES` (else as
+uint8, converted batch by batch), and batches are cut by index: on MNIST-sized data a
 DataLoader's per-sample collation costs more than the model. Batch order and augmentation
 come from one seeded torch.Generator, so an epoch is the same on every rerun.
 """
@@ -74,9 +75,21 @@ def to_tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def as_input(batch: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float [0, 1]; normalisation lives in the model."""
-    x = batch.to(device, non_blocking=True).float().div_(255)
+    """uint8 (N, C, H, W) -> float [0, 1]; normalisation lives in the model. Float passes through."""
+    x = batch.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+RESIDENT_BYTES = 1 << 30  # float copies of splits up to 1 GiB stay on the device for the whole fit
+
+
+def stage(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """Convert a whole uint8 split to model input once when it fits, so epochs skip the work."""
+    if images.numel() * 4 <= RESIDENT_BYTES:
+        return as_input(images, device, channels_last)
+    return images
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -153,7 +166,7 @@ def train_one_epoch(
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256, channels_last: bool = True) -> torch.Tensor:
-    """Logits (N, classes) on the CPU for uint8 (N, C, H, W) images, in input order."""
+    """Logits (N, classes) on the CPU for (N, C, H, W) images (uint8, or float in [0, 1]), in input order."""
     model.eval()
     out = [model(as_input(images[idx], device, channels_last)).float().cpu() for idx in batches(len(images), batch_size, None)]
     return torch.cat(out) if out else torch.empty(0, 0)
@@ -162,6 +175,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device,
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, p: FitParams) -> tuple[float, float]:
     """(cross-entropy without smoothing, accuracy): the loss that early stopping watches."""
     logits = predict_logits(model, images, device, max(p.batch_size, 256), p.channels_last)
+    labels = labels.cpu()
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
@@ -180,6 +194,8 @@ def fit(
     model.to(device, memory_format=torch.channels_last if p.channels_last else torch.preserve_format)
     train_x, train_y = to_tensors(train)
     val_x, val_y = to_tensors(val)
+    train_x, val_x = stage(train_x, device, p.channels_last), stage(val_x, device, p.channels_last)
+    train_y, val_y = train_y.to(device), val_y.to(device)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = make_optimizer(params, p)
     scheduler = make_scheduler(optimizer, p, math.ceil(len(train_y) / p.batch_size))

@@ -89,3 +89,18 @@ def test_every_optimizer_and_schedule_runs(optimizer, schedule):
 def test_fit_params_reject_a_negative_learning_rate():
     with pytest.raises(ConfigError, match="lr: must be in"):
         dataclasses.replace(engine.FitParams(), lr=-1.0)
+
+
+def test_configure_switches_on_deterministic_kernels_and_pins_threads():
+    torch.use_deterministic_algorithms(False)
+    device = runtime.configure(runtime.RuntimeParams(threads=1, device="cpu"))
+    assert device == torch.device("cpu")
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.get_num_threads() == 1
+    runtime.configure(runtime.RuntimeParams(threads=2, device="cpu"))
+
+
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="runtime.device is 'cuda' but torch sees no CUDA device"):
+        runtime.configure(runtime.RuntimeParams(device="cuda"))

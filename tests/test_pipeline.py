@@ -1,0 +1,91 @@
+"""The real dvc.yaml, end to end, in a temporary copy of the repository (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import TINY_PARAMS, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tmp_repo(tmp_path_factory, repo_root, _migrated_store) -> tuple[Path, dict]:
+    """A git + DVC repository holding this project's tracked files and the tiny params."""
+    repo = tmp_path_factory.mktemp("repo")
+    tracked = subprocess.run(["git", "ls-files"], cwd=repo_root, capture_output=True, text=True, check=True).stdout.split()
+    for rel in tracked:
+        if rel.startswith(("pipeline/", ".dvc/")) or rel in {"dvc.yaml", ".dvcignore", ".gitignore"}:
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(repo_root / rel, repo / rel)
+    (repo / "params.yaml").write_text(TINY_PARAMS)
+    shutil.copy(_migrated_store, repo / "mlflow.db")  # the default store: sqlite in the repo root
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the venv's python and dvc
+    run(["git", "init", "-q", "-b", "main"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "baseline"], repo, env)
+    return repo, env
+
+
+def mlflow_runs(repo: Path) -> list:
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cnn-pipeline")
+    return client.search_runs([experiment.experiment_id], max_results=1000) if experiment else []
+
+
+def test_dvc_repro_twice_gives_identical_lock_and_then_has_nothing_to_do(tmp_repo):
+    repo, env = tmp_repo
+    run(["dvc", "repro"], repo, env)
+    first = (repo / "dvc.lock").read_text()
+    for out in ("models/scratch.pt", "models/finetune.pt", "exports/scratch/model.onnx", "exports/finetune/model.torchscript.pt",
+                "dvclive/evaluate/finetune/plots/sklearn/confusion_matrix.json", "data/prepared/classes.json"):
+        assert (repo / out).is_file(), out
+
+    run(["dvc", "repro", "-f"], repo, env)
+    assert (repo / "dvc.lock").read_text() == first  # every model, metric and plot hash
+
+    status = run(["dvc", "status"], repo, env).stdout
+    assert "Data and pipelines are up to date" in status
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
+    (workspace,) = [rev["data"] for rev in metrics.values()]  # one revision: the workspace
+    assert "test" in workspace["dvclive/evaluate/scratch/metrics.json"]["data"]
+    plots = run(["dvc", "plots", "show", "--json"], repo, env).stdout
+    assert "Scratch CNN loss" in plots and "confusion" in plots
+    # every stage reported to the store in the repository root, each run tagged with its stage
+    stages = {r.data.tags["stage"] for r in mlflow_runs(repo)}
+    assert stages == {"ingest", "prepare", "train", "finetune", "evaluate@scratch", "evaluate@finetune", "export@scratch", "export@finetune"}
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "default run"], repo, env)
+
+
+def test_experiments_appear_in_dvc_exp_show_and_in_the_root_mlflow_store(tmp_repo):
+    repo, env = tmp_repo
+    if not (repo / "dvc.lock").is_file():
+        pytest.skip("needs the repro test's committed run")
+    run(["dvc", "exp", "run", "-n", "fast-lr", "-S", "train.lr=0.01"], repo, env)
+    # --temp runs in .dvc/tmp/exps/...; its MLflow runs must still reach <repo>/mlflow.db
+    run(["dvc", "exp", "run", "--temp", "-n", "one-epoch", "-S", "train.epochs=1"], repo, env)
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    names = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp["revs"]:
+                names[exp.get("name") or rev.get("name")] = rev
+    assert {"fast-lr", "one-epoch"} <= set(names)
+    params = names["fast-lr"]["data"]["params"]["params.yaml"]["data"]["train"]
+    assert params["lr"] == 0.01
+
+    tagged = {(r.data.tags.get("dvc_exp_name"), r.data.tags["stage"]) for r in mlflow_runs(repo)}
+    assert ("fast-lr", "train") in tagged
+    assert ("one-epoch", "train") in tagged
+    assert not any(p.name == "mlflow.db" for p in (repo / ".dvc" / "tmp").rglob("mlflow.db"))
