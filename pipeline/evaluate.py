@@ -8,13 +8,19 @@ model (`foreach`: scratch, finetune).
 
 from __future__ import annotations
 
+from pipeline import tracking
+
+if __name__ == "__main__":
+    # MLflow's start-up (~4 s) runs in a worker process while this one imports torch & co.
+    tracking.start_worker()
+
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import config, data, files, tracking
+from pipeline import config, data, files
 from pipeline.config import check
 
 

@@ -11,6 +11,12 @@ preprocessing are embedded in each file as well as in model.json.
 
 from __future__ import annotations
 
+from pipeline import tracking
+
+if __name__ == "__main__":
+    # MLflow's start-up (~4 s) runs in a worker process while this one imports torch & co.
+    tracking.start_worker()
+
 import argparse
 import io
 import json
@@ -23,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import config, data, engine, files, models, runtime, tracking
+from pipeline import config, data, engine, files, models, runtime
 from pipeline.config import check
 from pipeline.evaluate import check_classes
 

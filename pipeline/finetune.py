@@ -8,13 +8,19 @@ checkpoint (`models/finetune.pt`), its metrics and curves (`dvclive/finetune/`).
 
 from __future__ import annotations
 
+from pipeline import tracking
+
+if __name__ == "__main__":
+    # MLflow's start-up (~4 s) runs in a worker process while this one imports torch & co.
+    tracking.start_worker()
+
 import argparse
 import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import config, data, engine, models, runtime, tracking
+from pipeline import config, data, engine, models, runtime
 from pipeline.config import check
 
 

@@ -7,6 +7,12 @@ path (relative to the raw folder), label, sha256 of the decoded pixels, width, h
 
 from __future__ import annotations
 
+from pipeline import tracking
+
+if __name__ == "__main__":
+    # MLflow's start-up (~4 s) runs in a worker process while this one imports torch & co.
+    tracking.start_worker()
+
 import argparse
 import importlib.util
 import io
@@ -19,7 +25,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline import config, data, files, tracking
+from pipeline import config, data, files
 
 # A source is a function yielding (relative path, class name, decoded image). New sources
 # (an image folder, the standard datasets) register here and reuse the writing below.

@@ -7,6 +7,12 @@ uint8 so that training never decodes a file.
 
 from __future__ import annotations
 
+from pipeline import tracking
+
+if __name__ == "__main__":
+    # MLflow's start-up (~4 s) runs in a worker process while this one imports torch & co.
+    tracking.start_worker()
+
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline import config, data, tracking
+from pipeline import config, data
 from pipeline.config import check
 
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}

@@ -5,15 +5,24 @@ must reproduce them byte for byte. Wall-clock timings, host facts and artifacts 
 only. The MLflow store defaults to SQLite in the repository root; runs made by
 `dvc exp run --temp` or a queue execute in a copy under `.dvc/tmp/exps/`, so the root is
 resolved past that copy, or every such run would land in a store that DVC deletes.
+
+MLflow calls run in a worker process (`python -m pipeline.tracking`) fed JSON lines on its
+stdin: importing MLflow and opening its store take ~4 s, which the worker spends on the other
+core while the stage imports torch and works. A stage script starts the worker before its
+heavy imports (`start_worker()` under `if __name__ == "__main__"`) and waits for it at the
+end, so the run is complete, or the stage fails, before DVC moves on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -71,13 +80,59 @@ def git_tags(root: Path) -> dict[str, str]:
     }
 
 
+class MlflowWorker:
+    """The child process that makes this stage's MLflow calls, in order."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+        root = repo_root()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.tracking", tracking_uri(root), os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT), str(root)],
+            stdin=subprocess.PIPE, text=True, env=env,
+        )
+
+    def call(self, op: str, **kwargs: Any) -> None:
+        try:
+            self._proc.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
+            self._proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the worker died; close() reports it with the worker's own error above
+
+    def close(self, status: str) -> None:
+        """End the run and wait for every call to land; raise if MLflow failed."""
+        self.call("end", status=status)
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self._proc.stdin.close()
+        code = self._proc.wait()
+        if code != 0 and status == "FINISHED":
+            raise RuntimeError(f"MLflow logging failed (worker exit code {code}; its error is printed above)")
+
+
+_worker: MlflowWorker | None = None
+
+
+def start_worker() -> None:
+    """Start the MLflow worker now, so that its imports overlap the stage's own."""
+    global _worker
+    if _worker is None:
+        _worker = MlflowWorker()
+
+
+def _take_worker() -> MlflowWorker:
+    global _worker
+    start_worker()
+    worker, _worker = _worker, None
+    return worker
+
+
 class StageRun:
     """What a stage reports through; made by `stage_run`."""
 
-    def __init__(self, stage: str, live: Any | None, mlflow: Any) -> None:
+    def __init__(self, stage: str, live: Any | None, worker: MlflowWorker, scratch: Path) -> None:
         self.stage = stage
         self._live = live
-        self._mlflow = mlflow
+        self._worker = worker
+        self._scratch = scratch  # files made only to be logged; removed once the worker is done
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         """Per-epoch curves: a DVC plot per metric and an MLflow metric history."""
@@ -85,7 +140,7 @@ class StageRun:
             for name, value in metrics.items():
                 self._live.log_metric(name, float(value))
             self._live.next_step()
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=epoch)
+        self._worker.call("log_metrics", metrics={k: float(v) for k, v in metrics.items()}, step=epoch)
 
     def log_summary(self, metrics: Mapping[str, float | int]) -> None:
         """Final metrics: `dvc metrics show` (metrics.json) and MLflow.
@@ -99,27 +154,32 @@ class StageRun:
                     node = node.setdefault(part, {})
                 node[leaf] = value
             self._live.make_summary()
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        self._worker.call("log_metrics", metrics={k: float(v) for k, v in metrics.items()}, step=None)
 
     def log_timing(self, metrics: Mapping[str, float]) -> None:
         """Wall-clock figures: MLflow only, so DVC-tracked files stay reproducible."""
-        self._mlflow.log_metrics({f"time/{k}": float(v) for k, v in metrics.items()})
+        self._worker.call("log_metrics", metrics={f"time/{k}": float(v) for k, v in metrics.items()}, step=None)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        self._mlflow.set_tags(dict(tags))
+        self._worker.call("set_tags", tags={k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        path = Path(path)
+        """Log a file or a folder's files (under `folder`); they must stay until the stage ends."""
+        path = Path(path).resolve()
         if path.is_dir():
-            self._mlflow.log_artifacts(str(path), folder or path.name)
+            self._worker.call("log_artifacts", path=str(path), folder=folder or path.name)
         else:
-            self._mlflow.log_artifact(str(path), folder)
+            self._worker.call("log_artifact", path=str(path), folder=folder)
 
     def log_figure(self, figure: Any, name: str) -> None:
-        self._mlflow.log_figure(figure, name)
+        path = self._scratch / name
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        self.log_artifact(path)
 
     def log_dict(self, obj: Any, name: str) -> None:
-        self._mlflow.log_dict(obj, name)
+        path = self._scratch / name
+        path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+        self.log_artifact(path)
 
     def log_confusion_matrix(self, actual: Sequence[str], predicted: Sequence[str]) -> None:
         """Rows of (actual, predicted) that `dvc plots` draws as a confusion matrix."""
@@ -130,29 +190,32 @@ class StageRun:
 @contextlib.contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], live_dir: Path | None = None) -> Iterator[StageRun]:
     """Open the stage's MLflow run (and DVCLive folder, when the stage has DVC metrics)."""
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations log per step
-    import mlflow
-
-    root = repo_root()
-    mlflow.set_tracking_uri(tracking_uri(root))
-    experiment_id = _experiment_id(mlflow, os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT), root)
-    live = None
-    if live_dir is not None:
-        from dvclive import Live
-
-        # dvcyaml=None: dvc.yaml declares the metrics and plots; DVCLive must not rewrite it.
-        live = Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
     started = time.perf_counter()
-    tags = {"stage": stage, **git_tags(root)}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags):
-        mlflow.log_params(flatten(params))
-        run = StageRun(stage, live, mlflow)
+    worker = _take_worker()
+    status = "FAILED"
+    with tempfile.TemporaryDirectory(prefix=f"{stage.replace('@', '-')}-mlflow-") as scratch:
         try:
-            yield run
+            worker.call("start", run_name=stage, tags={"stage": stage, **git_tags(repo_root())},
+                        params={k: str(v) for k, v in flatten(params).items()})
+            live = None
+            if live_dir is not None:
+                from dvclive import Live
+
+                # dvcyaml=None: dvc.yaml declares the metrics and plots; DVCLive must not rewrite it.
+                live = Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+            run = StageRun(stage, live, worker, Path(scratch))
+            try:
+                yield run
+            finally:
+                if live is not None:
+                    live.end()
+            run.log_timing({"stage_seconds": time.perf_counter() - started})
+            status = "FINISHED"
         finally:
-            if live is not None:
-                live.end()
-        run.log_timing({"stage_seconds": time.perf_counter() - started})
+            worker.close(status)
+
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _experiment_id(mlflow: Any, name: str, root: Path) -> str:
@@ -170,3 +233,39 @@ def _experiment_id(mlflow: Any, name: str, root: Path) -> str:
             raise
         return experiment.experiment_id
 
+
+
+def serve(uri: str, experiment: str, root: str) -> None:
+    """The worker: open the store, then apply each JSON line from stdin to one MLflow run."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations log every step
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    experiment_id = _experiment_id(mlflow, experiment, Path(root))
+    run = None
+    status = "FAILED"  # a stage that dies without saying 'end' leaves a failed run
+    for line in sys.stdin:
+        msg = json.loads(line)
+        op = msg.pop("op")
+        if op == "start":
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=msg["run_name"], tags=msg["tags"])
+            mlflow.log_params(msg["params"])
+        elif op == "end":
+            status = msg["status"]
+            break
+        elif op == "log_metrics":
+            mlflow.log_metrics(msg["metrics"], step=msg["step"])
+        elif op == "set_tags":
+            mlflow.set_tags(msg["tags"])
+        elif op == "log_artifact":
+            mlflow.log_artifact(msg["path"], msg["folder"])
+        elif op == "log_artifacts":
+            mlflow.log_artifacts(msg["path"], msg["folder"])
+        else:
+            raise ValueError(f"unknown MLflow worker call {op!r}")
+    if run is not None:
+        mlflow.end_run(status)
+
+
+if __name__ == "__main__":
+    serve(*sys.argv[1:4])

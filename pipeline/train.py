@@ -6,6 +6,12 @@ Reads the prepared train/val splits (`data/prepared`); writes the checkpoint
 
 from __future__ import annotations
 
+from pipeline import tracking
+
+if __name__ == "__main__":
+    # MLflow's start-up (~4 s) runs in a worker process while this one imports torch & co.
+    tracking.start_worker()
+
 import argparse
 import time
 from dataclasses import dataclass
@@ -13,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import config, data, engine, models, runtime, tracking
+from pipeline import config, data, engine, models, runtime
 from pipeline.config import check
 
 

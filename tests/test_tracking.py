@@ -67,3 +67,34 @@ def test_a_failing_stage_marks_its_mlflow_run_failed(workdir, mlflow_store):
     (experiment,) = [e for e in client.search_experiments() if e.name == tracking.DEFAULT_EXPERIMENT]
     (run_info,) = client.search_runs([experiment.experiment_id])
     assert run_info.info.status == "FAILED"
+
+
+def test_an_unreachable_mlflow_store_fails_the_stage(workdir, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://store")  # MLflow has no such store
+    import pytest
+
+    with pytest.raises(RuntimeError, match="MLflow logging failed"):
+        with tracking.stage_run("ingest", {}) as run:
+            run.log_summary({"images": 1})
+
+
+def test_artifacts_and_figures_reach_mlflow(workdir, mlflow_store):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (workdir / "model.bin").write_bytes(b"weights")
+    (workdir / "export").mkdir()
+    (workdir / "export" / "model.onnx").write_bytes(b"onnx")
+    with tracking.stage_run("export@scratch", {}) as run:
+        run.log_artifact(workdir / "model.bin", "model")
+        run.log_artifact(workdir / "export")
+        run.log_dict({"a": 1}, "report.json")
+        run.log_figure(plt.figure(), "figure.png")
+    client = mlflow.MlflowClient(mlflow_store)
+    (experiment,) = [e for e in client.search_experiments() if e.name == tracking.DEFAULT_EXPERIMENT]
+    (run_info,) = client.search_runs([experiment.experiment_id])
+    paths = {a.path for a in client.list_artifacts(run_info.info.run_id)}
+    assert paths == {"model", "export", "report.json", "figure.png"}
+    assert [a.path for a in client.list_artifacts(run_info.info.run_id, "export")] == ["export/model.onnx"]
