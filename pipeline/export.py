@@ -18,9 +18,11 @@ if __name__ == "__main__":
     tracking.start_worker()
 
 import argparse
+import hashlib
 import io
 import json
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -93,7 +95,27 @@ def to_torchscript(model: nn.Module, example: torch.Tensor, meta: dict) -> bytes
         traced = torch.jit.trace(model, example)
         buffer = io.BytesIO()  # in memory: a named file would put its name in the archive
         torch.jit.save(traced, buffer, _extra_files={"model.json": json.dumps(meta, sort_keys=True)})
-    return buffer.getvalue()
+    return strip_debug_info(buffer.getvalue())
+
+
+def strip_debug_info(archive: bytes) -> bytes:
+    """Drop TorchScript's *.debug_pkl records (source text and absolute paths of every traced
+    module, so the bytes would change with the checkout's folder and the venv's) and derive the
+    archive's serialization id from what is left. Loading and outputs are unaffected."""
+    source = zipfile.ZipFile(io.BytesIO(archive))
+    kept = [info for info in source.infolist() if not info.filename.endswith(".debug_pkl")]
+    digest = hashlib.sha256()
+    for info in kept:
+        if not info.filename.endswith("/.data/serialization_id"):
+            digest.update(info.filename.encode() + b"\0" + source.read(info.filename))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as target:
+        for info in kept:
+            body = source.read(info.filename)
+            if info.filename.endswith("/.data/serialization_id"):
+                body = str(int(digest.hexdigest()[:32], 16)).encode()
+            target.writestr(zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0)), body)
+    return out.getvalue()
 
 
 def load_torchscript(blob: bytes) -> torch.jit.ScriptModule:

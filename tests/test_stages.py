@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import sys
+import zipfile
 
 import mlflow
 import numpy as np
@@ -75,7 +76,7 @@ def test_a_model_trained_on_other_classes_is_refused(workdir, trained):
 
 
 @pytest.mark.parametrize("model", ["scratch", "finetune"])
-def test_export_ships_onnx_and_torchscript_that_agree_with_pytorch(workdir, trained, model):
+def test_export_ships_onnx_and_torchscript_that_agree_with_pytorch(workdir, trained, model, repo_root):
     prepared = trained / "data/prepared"
     export.main(["--model", model, "--data", str(prepared), "--models", str(trained / "models"), "--out", "out", "--live", "live"])
     parity = json.loads((workdir / "live/metrics.json").read_text())
@@ -92,6 +93,13 @@ def test_export_ships_onnx_and_torchscript_that_agree_with_pytorch(workdir, trai
     session = ort.InferenceSession(str(workdir / "out/model.onnx"), providers=["CPUExecutionProvider"])
     proba = session.run(None, {"image": x})[0]  # a batch size the export never saw
     assert proba.shape == (7, 10) and np.allclose(proba.sum(1), 1, atol=1e-5)
+
+    # nothing in the archive depends on where the repository or the venv lives
+    with zipfile.ZipFile(workdir / "out/model.torchscript.pt") as archive:
+        names = archive.namelist()
+        assert not [n for n in names if n.endswith(".debug_pkl")]
+        assert not any(str(repo_root).encode() in archive.read(n) or sys.prefix.encode() in archive.read(n) for n in names)
+    assert str(repo_root).encode() not in (workdir / "out/model.onnx").read_bytes()
 
     extra = {"model.json": ""}
     scripted = torch.jit.load(str(workdir / "out/model.torchscript.pt"), _extra_files=extra)
