@@ -62,6 +62,8 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def git_tags(root: Path) -> dict[str, str]:
+    """Commit and dirty flag of the checkout the stage runs in (for --temp and queued runs, DVC's
+    copy at the experiment's baseline), and the DVC experiment it belongs to."""
     def git(*args: str) -> str | None:
         try:
             done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
@@ -195,7 +197,7 @@ def stage_run(stage: str, params: Mapping[str, Any], live_dir: Path | None = Non
     status = "FAILED"
     with tempfile.TemporaryDirectory(prefix=f"{stage.replace('@', '-')}-mlflow-") as scratch:
         try:
-            worker.call("start", run_name=stage, tags={"stage": stage, **git_tags(repo_root())},
+            worker.call("start", run_name=stage, tags={"stage": stage, **git_tags(Path.cwd())},
                         params={k: str(v) for k, v in flatten(params).items()})
             live = None
             if live_dir is not None:
