@@ -264,9 +264,9 @@ def load_pretrained(backbone: str, weights: str, sha256: str) -> tuple[nn.Module
         path, expected = package_weights_path(), sha256 or PACKAGE_SHA256
     else:
         path, expected = Path(weights), sha256
-    actual = files.sha256_file(path) if path.is_file() else ""
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found (finetune.weights)")
+    actual = files.sha256_file(path)
     if expected and actual != expected:
         raise WeightsError(f"{path}: sha256 is {actual}, but finetune.weights_sha256 pins {expected}; refusing these weights")
     net = create_backbone(backbone)

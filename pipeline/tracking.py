@@ -32,6 +32,7 @@ EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "cnn-pipeline"
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # on the worker's PYTHONPATH
 
 
 def repo_root(cwd: Path | None = None) -> Path:
@@ -215,9 +216,6 @@ def stage_run(stage: str, params: Mapping[str, Any], live_dir: Path | None = Non
             status = "FINISHED"
         finally:
             worker.close(status)
-
-
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _experiment_id(mlflow: Any, name: str, root: Path) -> str:
