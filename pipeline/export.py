@@ -197,16 +197,18 @@ def main(argv: list[str] | None = None) -> None:
     check_classes(tuple(ckpt["classes"]), test.classes, model_path, args.data)
     shipped = WithSoftmax(model).eval()
     images, _ = engine.to_tensors(test)
-    inputs = images.float().div(255).contiguous()  # (N, C, H, W) float32 in [0, 1]
+    cpu = torch.device("cpu")
+    inputs = engine.as_input(images, cpu, channels_last=False)  # (N, C, H, W) float32 in [0, 1]
     meta = metadata(ckpt, test)
     with tracking.stage_run(f"export@{args.model}", {"export": p, "runtime": rt, "model": args.model}, live_dir) as run:
         with torch.no_grad():
-            reference = torch.cat([shipped(inputs[i : i + p.batch_size]) for i in range(0, len(inputs), p.batch_size)]).numpy()
+            # predict_logits batches any model; for the shipped ones the outputs are probabilities
+            reference = engine.predict_logits(shipped, inputs, cpu, p.batch_size, channels_last=False).numpy()
             example = inputs[:2]
             script = to_torchscript(shipped, example, meta)
             onnx_bytes = to_onnx(shipped, example, meta, p.opset, p.onnx_exporter)
             scripted = load_torchscript(script)
-            script_out = torch.cat([scripted(inputs[i : i + p.batch_size]) for i in range(0, len(inputs), p.batch_size)]).numpy()
+            script_out = engine.predict_logits(scripted, inputs, cpu, p.batch_size, channels_last=False).numpy()
         onnx_out = onnx_probabilities(onnx_bytes, inputs.numpy(), p.batch_size, rt.threads)
         onnx_parity, script_parity = parity(reference, onnx_out), parity(reference, script_out)
         run.log_summary({f"onnx/{k}": v for k, v in onnx_parity.items()} | {f"torchscript/{k}": v for k, v in script_parity.items()})
