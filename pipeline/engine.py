@@ -1,9 +1,18 @@
 """train_one_epoch / evaluate / fit, shared by the train and finetune stages.
 
-Splits are staged on the device once, as float tensors when they fit `RESIDENT_BYTES` (else as
-uint8, converted batch by batch), and batches are cut by index: on MNIST-sized data a
-DataLoader's per-sample collation costs more than the model. Batch order and augmentation
-come from one seeded torch.Generator, so an epoch is the same on every rerun.
+Batches are cut by index from `Images`, which holds a split one of two ways:
+
+- resident: when the split's float copy fits `RESIDENT_BYTES`, it is converted to model input
+  once and kept on the device for the whole fit, so epochs skip the conversion. On MNIST-sized
+  data a DataLoader's per-sample collation costs more than the model.
+- streamed: a larger split stays the memory map that `data.load_split` opened, and each batch
+  reads exactly its own rows from it and converts them. Only the page cache holds the file,
+  so a split larger than memory still trains; what stays in memory per image is its label and
+  its place in the epoch's order (16 bytes).
+
+Both give the same batches bit for bit: the same rows in the same order, converted by the same
+`as_input`. Batch order and augmentation come from one seeded torch.Generator, drawn from in
+the same sequence either way, so an epoch is the same on every rerun and on either path.
 """
 
 from __future__ import annotations
@@ -69,7 +78,8 @@ class FitResult:
 def to_tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (N, H, W, C) array -> uint8 (N, C, H, W) tensor in channels_last strides, and labels.
 
-    The split is read into memory here (a writable copy of the memory-mapped file)."""
+    The split is read into memory here (a writable copy of the memory-mapped file); stages
+    that may meet large splits use `Images` instead."""
     images = torch.from_numpy(np.array(split.images)).permute(0, 3, 1, 2)
     return images, torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
 
@@ -82,14 +92,47 @@ def as_input(batch: torch.Tensor, device: torch.device, channels_last: bool) -> 
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-RESIDENT_BYTES = 1 << 30  # float copies of splits up to 1 GiB stay on the device for the whole fit
+RESIDENT_BYTES = 1 << 30  # splits whose float copy fits stay on the device for the whole fit; larger ones stream
 
 
 def stage(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """Convert a whole uint8 split to model input once when it fits, so epochs skip the work."""
+    """Convert a whole uint8 (N, C, H, W) tensor to model input once when it fits, so epochs skip the work."""
     if images.numel() * 4 <= RESIDENT_BYTES:
         return as_input(images, device, channels_last)
     return images
+
+
+class Images:
+    """A split's images as model input, batch by batch: resident or streamed (see the module docstring).
+
+    Built from a split's uint8 (N, H, W, C) array, usually its memory map, it picks the path by
+    size. Built from an (N, C, H, W) tensor (uint8, or float in [0, 1]) it holds that tensor as
+    given, which is how callers with tensors already in memory use it.
+    """
+
+    def __init__(self, images: np.ndarray | torch.Tensor, device: torch.device, channels_last: bool) -> None:
+        self.device, self.channels_last = device, channels_last
+        self.resident: torch.Tensor | None = None  # (N, C, H, W)
+        self.streamed: np.ndarray | None = None  # uint8 (N, H, W, C), never read whole
+        if isinstance(images, torch.Tensor):
+            self.resident = images
+        elif images.size * 4 <= RESIDENT_BYTES:
+            # np.array: a writable copy (torch warns on a read-only map), freed once stage() has converted it
+            self.resident = stage(torch.from_numpy(np.array(images)).permute(0, 3, 1, 2), device, channels_last)
+        else:
+            self.streamed = images
+
+    def __len__(self) -> int:
+        return len(self.resident if self.resident is not None else self.streamed)
+
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        """Model input (B, C, H, W) on the device for the rows in `idx`, in idx's order."""
+        if self.streamed is not None:
+            # fancy indexing reads just these rows from the map into a fresh (B, H, W, C) array
+            batch = torch.from_numpy(self.streamed[idx.numpy()]).permute(0, 3, 1, 2)
+        else:
+            batch = self.resident[idx]
+        return as_input(batch, self.device, self.channels_last)
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -131,7 +174,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, p: FitParams, steps_per_epo
 
 def train_one_epoch(
     model: nn.Module,
-    images: torch.Tensor,
+    images: Images | torch.Tensor,
     labels: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -139,13 +182,17 @@ def train_one_epoch(
     device: torch.device,
     generator: torch.Generator,
 ) -> tuple[float, float]:
-    """One pass over the training images; returns (mean loss, accuracy) over the epoch."""
+    """One pass over the training images; returns (mean loss, accuracy) over the epoch.
+
+    `images` is an `Images`, or an (N, C, H, W) tensor held as given."""
+    if not isinstance(images, Images):
+        images = Images(images, device, p.channels_last)
     model.train()
     trainable = [q for q in model.parameters() if q.requires_grad]
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     for idx in batches(len(labels), p.batch_size, generator):
-        x = as_input(images[idx], device, p.channels_last)
+        x = images.take(idx)
         if p.augment_shift:
             x = random_shift(x, p.augment_shift, generator)
         y = labels[idx].to(device, non_blocking=True)
@@ -165,14 +212,30 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256, channels_last: bool = True) -> torch.Tensor:
-    """Logits (N, classes) on the CPU for (N, C, H, W) images (uint8, or float in [0, 1]), in input order."""
+def predict_logits(
+    model: nn.Module, images: Images | np.ndarray | torch.Tensor, device: torch.device,
+    batch_size: int = 256, channels_last: bool = True,
+) -> torch.Tensor:
+    """Logits (N, classes) on the CPU, in input order, for an `Images`, a split's uint8
+    (N, H, W, C) array (streamed when large) or (N, C, H, W) tensor (uint8, or float in [0, 1])."""
+    if not isinstance(images, Images):
+        images = Images(images, device, channels_last)
     model.eval()
-    out = [model(as_input(images[idx], device, channels_last)).float().cpu() for idx in batches(len(images), batch_size, None)]
-    return torch.cat(out) if out else torch.empty(0, 0)
+    out = None
+    for idx in batches(len(images), batch_size, None):
+        logits = model(images.take(idx)).float().cpu()
+        if out is None:
+            out = torch.empty(len(images), logits.shape[1])
+        # Filled in place: kept per-batch tensors would land in the holes that freed batches
+        # leave in glibc's heap, so streamed memory would grow by about a batch each batch.
+        out[idx] = logits
+    return out if out is not None else torch.empty(0, 0)
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, p: FitParams) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, images: Images | np.ndarray | torch.Tensor, labels: torch.Tensor,
+    device: torch.device, p: FitParams,
+) -> tuple[float, float]:
     """(cross-entropy without smoothing, accuracy): the loss that early stopping watches."""
     logits = predict_logits(model, images, device, max(p.batch_size, 256), p.channels_last)
     labels = labels.cpu()
@@ -192,10 +255,9 @@ def fit(
 ) -> FitResult:
     """Train for up to p.epochs, early-stop on val loss and restore the best weights."""
     model.to(device, memory_format=torch.channels_last if p.channels_last else torch.preserve_format)
-    train_x, train_y = to_tensors(train)
-    val_x, val_y = to_tensors(val)
-    train_x, val_x = stage(train_x, device, p.channels_last), stage(val_x, device, p.channels_last)
-    train_y, val_y = train_y.to(device), val_y.to(device)
+    train_x, val_x = Images(train.images, device, p.channels_last), Images(val.images, device, p.channels_last)
+    train_y = torch.from_numpy(np.asarray(train.labels, dtype=np.int64)).to(device)
+    val_y = torch.from_numpy(np.asarray(val.labels, dtype=np.int64)).to(device)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = make_optimizer(params, p)
     scheduler = make_scheduler(optimizer, p, math.ceil(len(train_y) / p.batch_size))

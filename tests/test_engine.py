@@ -1,13 +1,16 @@
-"""The training loop: augmentation, determinism, early stopping."""
+"""The training loop: augmentation, determinism, early stopping, streaming large splits."""
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from pipeline import data, engine, models, runtime
 from pipeline.config import ConfigError
+from pipeline.train import channel_stats
 
 
 def test_random_shift_translates_each_image_and_fills_with_zeros():
@@ -44,11 +47,13 @@ def tiny_splits():
     return split, data.Split(images[:30], labels[:30], split.classes)
 
 
-def train_once(p: engine.FitParams) -> tuple[models.ScratchCNN, engine.FitResult]:
+def train_once(
+    p: engine.FitParams, splits: tuple[data.Split, data.Split] | None = None,
+) -> tuple[models.ScratchCNN, engine.FitResult]:
     runtime.configure(runtime.RuntimeParams(threads=2, device="cpu"))
     generator = runtime.seed_everything(p.seed)
     model = models.ScratchCNN(num_classes=3, in_channels=1, image_size=8)
-    train, val = tiny_splits()
+    train, val = splits or tiny_splits()
     return model, engine.fit(model, train, val, p, torch.device("cpu"), generator)
 
 
@@ -56,6 +61,97 @@ def test_fit_twice_with_one_seed_gives_identical_weights():
     p = engine.FitParams(epochs=2, batch_size=16)
     (a, _), (b, _) = train_once(p), train_once(p)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_streamed_and_resident_fits_are_bit_identical(tmp_path, monkeypatch, channels_last):
+    train, val = tiny_splits()
+    data.save_prepared(tmp_path, {"train": train, "val": val})
+    train, val = data.load_split(tmp_path, "train"), data.load_split(tmp_path, "val")  # memory maps
+    assert isinstance(train.images, np.memmap)
+    p = engine.FitParams(epochs=2, batch_size=16, channels_last=channels_last)
+    cpu = torch.device("cpu")
+    resident, resident_fit = train_once(p, (train, val))
+    resident_logits = engine.predict_logits(resident, val.images, cpu, 8, channels_last)
+    monkeypatch.setattr(engine, "RESIDENT_BYTES", 0)  # every split streams from its map
+    assert engine.Images(train.images, cpu, channels_last).streamed is train.images
+    streamed, streamed_fit = train_once(p, (train, val))
+    streamed_logits = engine.predict_logits(streamed, val.images, cpu, 8, channels_last)
+    assert streamed_fit.history == resident_fit.history
+    assert all(torch.equal(x, y) for x, y in zip(resident.state_dict().values(), streamed.state_dict().values()))
+    assert torch.equal(streamed_logits, resident_logits)
+
+
+def rss_anon() -> int | None:
+    """Anonymous resident memory in bytes: the heap, not the page cache that holds mapped files."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+class MemoryProbe(nn.Module):
+    """A linear classifier on mean pixels that records the peak anonymous memory, batch by batch."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(1, num_classes)
+        self.peak = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.peak = max(self.peak, rss_anon())
+        return self.head(x.mean((1, 2, 3))[:, None])
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/status").exists() or rss_anon() is None, reason="needs RssAnon in /proc/self/status"
+)
+def test_a_streamed_fit_does_not_copy_the_split_into_memory(tmp_path, monkeypatch):
+    n, side = 65536, 32  # 64 MiB of uint8 on disk, 256 MiB as float
+    images = np.lib.format.open_memmap(tmp_path / "train_images.npy", "w+", np.uint8, (n, side, side, 1))
+    rng = np.random.default_rng(0)
+    for start in range(0, n, 8192):  # chunk by chunk, so writing it costs no memory either
+        images[start : start + 8192] = rng.integers(0, 256, (8192, side, side, 1), dtype=np.uint8)
+    images.flush()
+    del images
+    np.save(tmp_path / "train_labels.npy", np.arange(n, dtype=np.int64) % 2)
+    (tmp_path / "classes.json").write_text('["a", "b"]')
+    split = data.load_split(tmp_path, "train")
+    monkeypatch.setattr(engine, "RESIDENT_BYTES", 1 << 20)
+    runtime.configure(runtime.RuntimeParams(threads=2, device="cpu"))
+    p = engine.FitParams(epochs=1, batch_size=256, early_stopping_patience=0)
+
+    def fit(model: nn.Module, split: data.Split) -> None:  # the split is also the val split: evaluate streams too
+        engine.fit(model, split, split, p, torch.device("cpu"), torch.Generator().manual_seed(0))
+
+    fit(MemoryProbe(2), data.Split(split.images[:2048], split.labels[:2048], split.classes))  # lazy imports: ~80 MB
+    model = MemoryProbe(2)
+    before = rss_anon()
+    fit(model, split)
+    growth, size = model.peak - before, split.images.nbytes
+    # a copy of the split would add its size (uint8) or 4x (float); batches need about a MiB
+    assert growth < size // 4, f"anonymous memory grew {growth / 2**20:.0f} MiB on a {size / 2**20:.0f} MiB split"
+
+
+def digits_images() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    return np.round(load_digits().images * 255 / 16).astype(np.uint8)[..., None]  # uint8 (1797, 8, 8, 1)
+
+
+def rgb_noise_images() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (300, 5, 7, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("make_images", [digits_images, rgb_noise_images])
+def test_channel_stats_match_the_whole_split_formula(make_images):
+    images = make_images()
+    split = data.Split(images, np.zeros(len(images), np.int64), ("a",))
+    pixels = images.astype(np.float64).reshape(-1, split.channels) / 255  # the formula before streaming
+    mean, std = pixels.mean(0), np.maximum(pixels.std(0), 1e-3)
+    expected = tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+    assert channel_stats(split) == expected
+    assert channel_stats(split, chunk_bytes=1000) == expected  # many chunks, the last one short
 
 
 def test_fit_learns_a_separable_problem():
