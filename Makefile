@@ -28,6 +28,8 @@ test-fast: setup
 
 bench: setup
 	$(VENV)/bin/python -m bench.pipeline
+	$(VENV)/bin/python -m bench.stream
+	$(VENV)/bin/python -m bench.data
 
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --port 5000

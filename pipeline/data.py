@@ -1,10 +1,12 @@
 """The dataset formats that stages hand to each other, and nothing that needs torch.
 
-Raw data (ingest's output) is an image folder, one sub-folder per class, plus a manifest CSV
-with one row per image. Prepared data (prepare's output) is one folder holding, per split,
-`<split>_images.npy` (uint8, N x H x W x C) and `<split>_labels.npy` (int64, N), plus
-`classes.json`. Plain .npy files memory-map, so a split larger than memory still trains,
-and they carry no timestamps (unlike .npz, whose zip entries do).
+Ingested data (ingest's output) is a manifest CSV with one row per usable image
+(`MANIFEST_COLUMNS`), `classes.json` and `dataset.json`; the pixels stay in the source.
+Prepared data (prepare's output) is one folder holding, per split, `<split>_images.npy`
+(uint8, N x H x W x C) and `<split>_labels.npy` (int64, N), plus `classes.json` (the
+class-to-index mapping: index i is classes[i]), `dataset.json` and `manifest.csv` (the
+ingest manifest plus each image's split and row). Plain .npy files memory-map, so a split
+larger than memory still trains, and they carry no timestamps (unlike .npz's zip entries).
 """
 
 from __future__ import annotations
@@ -13,13 +15,20 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline import files
 
+if TYPE_CHECKING:
+    import pandas as pd  # imported where used: the torch stages never read a manifest
+
 SPLITS = ("train", "val", "test")
-MANIFEST_COLUMNS = ("path", "label", "sha256", "width", "height", "mode")
+# source_split: the split the source fixes ("" if none); mode: L or RGB after conversion;
+# file_mode: the file's own (CMYK, I;16, P...); phash: perceptual hash, 16 hex digits.
+MANIFEST_COLUMNS = ("path", "label", "source_split", "sha256", "width", "height", "mode", "file_mode", "phash")
+_TEXT_COLUMNS = ("path", "label", "source_split", "sha256", "mode", "file_mode", "phash", "split")
 
 
 class DataError(ValueError):
@@ -61,6 +70,46 @@ def pixel_sha256(pixels: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def metric_key(name: str) -> str:
+    """A class name as one metric key level: '/' would nest it ("T-shirt/top")."""
+    return name.replace("/", "_")
+
+
+def write_manifest(path: Path, manifest: "pd.DataFrame") -> None:
+    files.write_text(path, manifest.to_csv(index=False, lineterminator="\n"))
+
+
+def read_manifest(path: Path, columns: tuple[str, ...] = MANIFEST_COLUMNS) -> "pd.DataFrame":
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        # keep_default_na=False: an empty source_split stays "", and a class named "NA" stays "NA"
+        manifest = pd.read_csv(path, dtype={c: str for c in _TEXT_COLUMNS}, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the manifest ({exc}); rerun the ingest stage") from exc
+    missing = set(columns) - set(manifest.columns)
+    if missing:
+        raise DataError(f"{path}: missing columns {sorted(missing)}; expected {list(columns)}; rerun the ingest stage")
+    if manifest.empty:
+        raise DataError(f"{path}: the manifest lists no images")
+    return manifest
+
+
+def read_json(path: Path, what: str) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read {what} ({exc}); rerun the stage that writes it (dvc repro)") from exc
+
+
+def dataset_tags(prepared: Path) -> dict[str, str]:
+    """The dataset's identity, for every stage's MLflow run."""
+    info = read_json(Path(prepared) / "dataset.json", "the dataset description")
+    return {"dataset_sha256": str(info.get("sha256")), "data_source": str(info.get("source"))}
+
+
 def save_prepared(out: Path, splits: dict[str, Split]) -> None:
     """Write every split and the class list into `out`, replacing it whole."""
     classes = {s.classes for s in splits.values()}
@@ -75,10 +124,7 @@ def save_prepared(out: Path, splits: dict[str, Split]) -> None:
 
 def load_classes(prepared: Path) -> tuple[str, ...]:
     path = Path(prepared) / "classes.json"
-    try:
-        classes = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read the class list ({exc}); rerun the prepare stage") from exc
+    classes = read_json(path, "the class list")
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise DataError(f"{path}: expected a JSON list of class names")
     return tuple(classes)

@@ -82,8 +82,7 @@ def predict_proba(model_path: Path, split: data.Split, batch_size: int, device) 
     from pipeline import engine, models
 
     model, ckpt = models.load_checkpoint(model_path)
-    images, _ = engine.to_tensors(split)
-    logits = engine.predict_logits(model.to(device), images, device, batch_size)
+    logits = engine.predict_logits(model.to(device), split.images, device, batch_size)  # streamed when large
     proba = torch.softmax(logits.double(), 1).numpy()
     return proba / proba.sum(1, keepdims=True), tuple(ckpt["classes"])  # rows sum to 1 in float64
 
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         run.log_summary(summary)
         run.log_confusion_matrix([test.classes[i] for i in test.labels], [test.classes[i] for i in predicted])
         files.write_json(live_dir / "per_class.json", per_class)
-        run.set_tags({"model": args.model})
+        run.set_tags({"model": args.model, **data.dataset_tags(args.data)})
         run.log_dict(per_class, "per_class.json")
         run.log_figure(confusion_figure(test.labels, predicted, test.classes), "confusion_matrix.png")
 

@@ -66,8 +66,11 @@ class WithSoftmax(nn.Module):
         return torch.softmax(self.model(image), dim=1)
 
 
-def metadata(ckpt: dict, split: data.Split) -> dict:
-    """Everything a consumer needs to feed the model and read its output."""
+def metadata(ckpt: dict, split: data.Split, preprocessing: dict) -> dict:
+    """Everything a consumer needs to feed the model and read its output.
+
+    `preprocessing` is prepare's record of how a file became a training array (resize mode,
+    alpha background...); `pipeline.images.load_for_model` repeats it for a new file."""
     return {
         "classes": list(ckpt["classes"]),
         "arch": ckpt["arch"],
@@ -79,10 +82,14 @@ def metadata(ckpt: dict, split: data.Split) -> dict:
             "range": [0.0, 1.0],
             "color_mode": "L" if split.channels == 1 else "RGB",
         },
-        "preprocessing": (
-            f"decode, convert to {'L' if split.channels == 1 else 'RGB'}, resize to "
-            f"{split.image_size}x{split.image_size} (bilinear), divide by 255; normalisation is inside the model"
-        ),
+        "preprocessing": {
+            **preprocessing,
+            "steps": (
+                f"decode (EXIF orientation applied, 16-bit scaled, alpha on {preprocessing.get('alpha_background')}), "
+                f"convert to {'L' if split.channels == 1 else 'RGB'}, {preprocessing.get('resize')} to "
+                f"{split.image_size}x{split.image_size} (bilinear), divide by 255; normalisation is inside the model"
+            ),
+        },
         "output": {"name": OUTPUT_NAME, "meaning": "class probabilities, softmax over classes in 'classes' order"},
     }
 
@@ -151,14 +158,15 @@ def to_onnx(model: nn.Module, example: torch.Tensor, meta: dict, opset: int, exp
     return proto.SerializeToString(deterministic=True)
 
 
-def onnx_probabilities(onnx_bytes: bytes, images: np.ndarray, batch_size: int, threads: int) -> np.ndarray:
+def onnx_probabilities(onnx_bytes: bytes, images: engine.Images, batch_size: int, threads: int) -> np.ndarray:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
-    out = [session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
+    out = [session.run([OUTPUT_NAME], {INPUT_NAME: images.take(idx).numpy()})[0]
+           for idx in engine.batches(len(images), batch_size, None)]
     return np.concatenate(out)
 
 
@@ -196,20 +204,21 @@ def main(argv: list[str] | None = None) -> None:
     model, ckpt = models.load_checkpoint(model_path)
     check_classes(tuple(ckpt["classes"]), test.classes, model_path, args.data)
     shipped = WithSoftmax(model).eval()
-    images, _ = engine.to_tensors(test)
     cpu = torch.device("cpu")
-    inputs = engine.as_input(images, cpu, channels_last=False)  # (N, C, H, W) float32 in [0, 1]
-    meta = metadata(ckpt, test)
+    inputs = engine.Images(test.images, cpu, channels_last=False)  # float32 (N, C, H, W) in [0, 1]; streamed when large
+    dataset = data.read_json(args.data / "dataset.json", "the dataset description")
+    meta = metadata(ckpt, test, dataset.get("preprocessing", {}))
     with tracking.stage_run(f"export@{args.model}", {"export": p, "runtime": rt, "model": args.model}, live_dir) as run:
+        run.set_tags({"model": args.model, **data.dataset_tags(args.data)})
         with torch.no_grad():
             # predict_logits batches any model; for the shipped ones the outputs are probabilities
             reference = engine.predict_logits(shipped, inputs, cpu, p.batch_size, channels_last=False).numpy()
-            example = inputs[:2]
+            example = inputs.take(torch.arange(min(2, len(inputs))))
             script = to_torchscript(shipped, example, meta)
             onnx_bytes = to_onnx(shipped, example, meta, p.opset, p.onnx_exporter)
             scripted = load_torchscript(script)
             script_out = engine.predict_logits(scripted, inputs, cpu, p.batch_size, channels_last=False).numpy()
-        onnx_out = onnx_probabilities(onnx_bytes, inputs.numpy(), p.batch_size, rt.threads)
+        onnx_out = onnx_probabilities(onnx_bytes, inputs, p.batch_size, rt.threads)
         onnx_parity, script_parity = parity(reference, onnx_out), parity(reference, script_out)
         run.log_summary({f"onnx/{k}": v for k, v in onnx_parity.items()} | {f"torchscript/{k}": v for k, v in script_parity.items()})
         check_parity("ONNX Runtime", onnx_parity, p, model_path)

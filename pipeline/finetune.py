@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     margs = model_args(p, train_set)
     model = models.PretrainedCNN(**margs, net=net)
     with tracking.stage_run("finetune", {"finetune": p, "runtime": rt}, live_dir=args.live) as run:
-        run.set_tags({**runtime.describe(device, rt), "weights_sha256": weights_sha256})
+        run.set_tags({**runtime.describe(device, rt), **data.dataset_tags(args.data), "weights_sha256": weights_sha256})
         started = time.perf_counter()
         results = finetune(model, train_set, val_set, p, device, generator, run)
         seconds = time.perf_counter() - started

@@ -13,6 +13,7 @@ if __name__ == "__main__":
     tracking.start_worker()
 
 import argparse
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +37,25 @@ class TrainParams(engine.FitParams):
         check(self.hidden >= 1, "hidden", f"must be at least 1, got {self.hidden}")
 
 
-def channel_stats(split: data.Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of the training images in [0, 1], for the model's normalisation."""
-    pixels = np.asarray(split.images, dtype=np.float64).reshape(-1, split.channels) / 255
-    std = np.maximum(pixels.std(0), 1e-3)  # a blank channel must not divide by zero
-    return tuple(round(float(v), 6) for v in pixels.mean(0)), tuple(round(float(v), 6) for v in std)
+def channel_stats(split: data.Split, chunk_bytes: int = 1 << 22) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the training images in [0, 1], for the model's normalisation.
+
+    Reads the split (usually its memory map) about `chunk_bytes` of rows at a time. The sums are
+    exact integers, so the figures depend neither on the chunk size nor on summation order."""
+    channels, row_values = split.channels, math.prod(split.images.shape[1:])  # uint8: a byte a value
+    rows = max(1, min(chunk_bytes // max(1, row_values), (2**32 - 1) // 255**2))  # uint32 sums below cannot overflow
+    total, squares = np.zeros(channels, np.int64), np.zeros(channels, np.int64)  # exact to 1.4e14 pixels a channel
+    for start in range(0, len(split), rows):
+        chunk = split.images[start : start + rows]
+        flat = chunk.reshape(len(chunk), -1)  # (rows, H * W * C): summing down the rows is fast, across C is not
+        total += flat.sum(0, dtype=np.uint32).reshape(-1, channels).sum(0, dtype=np.int64)
+        squares += np.square(flat, dtype=np.uint16).sum(0, dtype=np.uint32).reshape(-1, channels).sum(0, dtype=np.int64)
+    n = split.images.size // channels
+    # Python ints: n * squares overflows int64 on large splits; int / int rounds correctly to float
+    mean = [int(s) / (255 * n) for s in total]
+    var = [(n * int(q) - int(s) ** 2) / (255**2 * n * n) for s, q in zip(total, squares)]
+    std = [max(math.sqrt(v), 1e-3) for v in var]  # a blank channel must not divide by zero
+    return tuple(round(v, 6) for v in mean), tuple(round(v, 6) for v in std)
 
 
 def model_args(p: TrainParams, train: data.Split) -> dict:
@@ -72,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     margs = model_args(p, train_set)
     model = models.ScratchCNN(**margs)
     with tracking.stage_run("train", {"train": p, "runtime": rt}, live_dir=args.live) as run:
-        run.set_tags(runtime.describe(device, rt))
+        run.set_tags({**runtime.describe(device, rt), **data.dataset_tags(args.data)})
         started = time.perf_counter()
         result = engine.fit(model, train_set, val_set, p, device, generator, run, desc="train")
         seconds = time.perf_counter() - started

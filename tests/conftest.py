@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,3 +102,29 @@ def trained(prepared) -> Path:
     for stage in ("train", "finetune"):
         run([sys.executable, "-m", f"pipeline.{stage}"], cwd=work, env=env)
     return work
+
+
+def digit_folder(root, per_class: int = 12) -> None:
+    """The digits 0-3 as a folder of mixed formats and modes, the way users' folders are."""
+    from PIL import Image
+
+    from pipeline import sources
+
+    pixels, labels = sources.read_array_dataset("digits", None, False).splits[""]
+    counts: dict[int, int] = {}
+    for image, label in zip(pixels, labels, strict=True):
+        if label > 3 or counts.get(label, 0) >= per_class:
+            continue
+        i = counts[label] = counts.get(label, 0) + 1
+        path = root / f"digit{label}" / f"{i:03d}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        big = Image.fromarray(image).resize((24, 16))  # not square: resize: pad applies
+        match i % 4:
+            case 0:
+                big.save(path.with_suffix(".png"))
+            case 1:
+                big.convert("RGB").save(path.with_suffix(".jpg"), quality=95)
+            case 2:
+                Image.fromarray((np.asarray(big).astype(np.uint16) * 257)).save(path.with_suffix(".tif"))  # 16-bit
+            case 3:
+                big.convert("LA").save(path.with_suffix(".png"))

@@ -1,5 +1,6 @@
-"""ingest and prepare: the digits become an image folder, a manifest and seeded splits."""
+"""ingest and prepare as stages: manifests, seeded content-based splits, reports, bytes."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,67 +10,89 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import data, ingest, prepare
+from pipeline import data, images, ingest, prepare, sources
+from pipeline.config import ConfigError
 from pipeline.prepare import PrepareParams
 
+from conftest import digit_folder
 
-def test_ingest_writes_every_digit_as_a_png_with_a_manifest_row(workdir):
-    ingest.main(["--out", "raw", "--manifest", "manifest.csv"])
-    manifest = pd.read_csv(workdir / "manifest.csv", dtype={"label": str})
+FOLDER_PARAMS = """\
+data: {source: folder, folder: images, min_per_class: 5, max_bad_fraction: 0.1}
+prepare: {seed: 0, image_size: 16, resize: pad, near_duplicate_distance: 4}
+"""
+
+
+def test_ingest_records_every_digit_in_the_manifest_and_classes(workdir):
+    ingest.main(["--out", "ingested", "--live", "live"])
+    manifest = data.read_manifest(workdir / "ingested" / "manifest.csv")
     assert list(manifest.columns) == list(data.MANIFEST_COLUMNS)
-    assert len(manifest) == 1797
-    assert sorted(manifest["label"].unique()) == [str(i) for i in range(10)]
-    row = manifest.iloc[0]
-    with Image.open(workdir / "raw" / row["path"]) as image:
-        pixels = np.asarray(image)
-    assert (image.mode, image.size) == ("L", (8, 8))
-    assert data.pixel_sha256(pixels) == row["sha256"]
-    assert row["path"].startswith(row["label"] + "/")
+    assert len(manifest) == 1797 and set(manifest["mode"]) == {"L"}
+    assert json.loads((workdir / "ingested" / "classes.json").read_text()) == [str(i) for i in range(10)]
+    pixels, labels = sources.read_array_dataset("digits", None, False).splits[""]
+    row = manifest.iloc[5]
+    assert row["sha256"] == data.pixel_sha256(pixels[5]) and row["label"] == str(labels[5])
+    metrics = json.loads((workdir / "live" / "metrics.json").read_text())
+    assert metrics["images"] == 1797 and metrics["rejected"] == 0 and sum(metrics["per_class"].values()) == 1797
+    dataset = json.loads((workdir / "ingested" / "dataset.json").read_text())
+    assert dataset["source"] == "digits" and dataset["sha256"] == ingest.dataset_hash(manifest)
 
 
-def test_ingest_twice_gives_identical_bytes(workdir):
-    ingest.main(["--out", "a", "--manifest", "a.csv"])
-    ingest.main(["--out", "b", "--manifest", "b.csv"])
-    assert (workdir / "a.csv").read_bytes() == (workdir / "b.csv").read_bytes()
-    first = sorted(p.relative_to(workdir / "a") for p in (workdir / "a").rglob("*.png"))
-    assert all((workdir / "a" / p).read_bytes() == (workdir / "b" / p).read_bytes() for p in first)
-
-
-def test_prepared_splits_are_stratified_disjoint_and_complete(prepared):
+def test_prepared_splits_are_stratified_complete_and_recorded_in_the_manifest(prepared):
     splits = {name: data.load_split(prepared, name) for name in data.SPLITS}
     assert sum(len(s) for s in splits.values()) == 1797
     assert splits["train"].images.shape[1:] == (16, 16, 1)
-    hashes = {name: {data.pixel_sha256(img) for img in s.images} for name, s in splits.items()}
-    # digits has a few exact duplicate images, so compare counts rather than demand disjoint hashes
-    assert len(splits["test"]) == pytest.approx(0.15 * 1797, abs=2)
     for name, split in splits.items():
         shares = np.bincount(split.labels, minlength=10) / len(split)
         assert np.abs(shares - 0.1).max() < 0.02, name  # each digit is ~10% of every split
-    assert len(hashes["train"]) > 1000
+    manifest = data.read_manifest(prepared / "manifest.csv", (*data.MANIFEST_COLUMNS, "split", "index"))
+    assert manifest.groupby("split").size().to_dict() == {name: len(s) for name, s in splits.items()}
+    assert manifest["sha256"].is_unique  # one split per image: no image in two splits
+    # the manifest's (split, index) is the row holding that image
+    pixels, _ = sources.read_array_dataset("digits", None, False).splits[""]
+    for row in manifest.sample(20, random_state=0).itertuples():
+        expected = images.fit_square(pixels[int(row.path)], 16, 1)
+        assert np.array_equal(splits[row.split].images[row.index], expected), row.path
+        assert splits[row.split].classes[splits[row.split].labels[row.index]] == row.label
 
 
-def test_prepare_is_deterministic_and_the_seed_changes_the_split(tmp_path):
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(4), 25)
-    a = prepare.split_indices(labels, PrepareParams(seed=0))
-    b = prepare.split_indices(labels, PrepareParams(seed=0))
-    c = prepare.split_indices(labels, PrepareParams(seed=1))
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert not np.array_equal(a["test"], c["test"])
-    union = np.concatenate(list(a.values()))
-    assert sorted(union) == list(range(100))
-    del rng
+def manifest_of(n_per_class: int, classes=("a", "b", "c"), start: int = 0) -> pd.DataFrame:
+    rows = [(f"{c}/{i:04d}", c, "", f"{hash((c, i)) & (2**64 - 1):064x}") for c in classes for i in range(start, start + n_per_class)]
+    frame = pd.DataFrame(rows, columns=["path", "label", "source_split", "sha256"])
+    return frame
+
+
+def test_splits_are_seeded_stratified_and_follow_content_not_order():
+    manifest = manifest_of(100)
+    a = prepare.assign_splits(manifest, PrepareParams(seed=0))
+    assert (a == prepare.assign_splits(manifest, PrepareParams(seed=0))).all()
+    assert (a != prepare.assign_splits(manifest, PrepareParams(seed=1))).any()
+    counts = pd.crosstab(manifest["label"], a)
+    assert (counts["test"] == 15).all() and (counts["val"] == 15).all() and (counts["train"] == 70).all()
+    shuffled = manifest.sample(frac=1, random_state=3)
+    b = pd.Series(prepare.assign_splits(shuffled, PrepareParams(seed=0)), index=shuffled["path"])
+    assert (b[manifest["path"]].to_numpy() == a).all()  # same image, same split, whatever the order
+    # 10% more images: only images at the split boundaries move
+    grown = pd.concat([manifest, manifest_of(10, start=100)], ignore_index=True)
+    c = prepare.assign_splits(grown, PrepareParams(seed=0))[: len(manifest)]
+    assert (c == a).mean() > 0.9
+
+
+def test_fixed_splits_are_kept_and_missing_ones_carved_from_train():
+    manifest = manifest_of(40)
+    manifest.loc[manifest.index % 4 == 0, "source_split"] = "test"
+    manifest.loc[manifest["source_split"] == "", "source_split"] = "train"
+    splits = prepare.assign_splits(manifest, PrepareParams(seed=0, val_fraction=0.1))
+    assert (splits[manifest["source_split"] == "test"] == "test").all()
+    assert pd.crosstab(manifest["label"], splits)["val"].tolist() == [4, 4, 4]
 
 
 def test_a_class_too_small_to_split_is_named():
-    labels = np.array([0] * 20 + [1] * 2)
-    with pytest.raises(data.DataError, match="class index 1 has 2 images"):
-        prepare.split_indices(labels, PrepareParams())
+    manifest = pd.concat([manifest_of(20, ("a",)), manifest_of(2, ("b",))], ignore_index=True)
+    with pytest.raises(data.DataError, match=r"class 'b' has 2 train images, too few"):
+        prepare.assign_splits(manifest, PrepareParams())
 
 
 def test_fractions_that_leave_nothing_to_train_on_are_refused():
-    from pipeline.config import ConfigError
-
     with pytest.raises(ConfigError, match="must leave at least 10% to train"):
         PrepareParams(val_fraction=0.5, test_fraction=0.45)
 
@@ -81,33 +104,75 @@ def test_a_missing_split_file_names_the_file_and_the_fix(tmp_path):
 
 def test_a_manifest_without_its_columns_is_named(tmp_path):
     (tmp_path / "m.csv").write_text("path,label\na.png,0\n")
-    with pytest.raises(data.DataError, match=r"m.csv: missing columns \['height', 'mode', 'sha256', 'width'\]"):
-        prepare.read_manifest(tmp_path / "m.csv")
+    with pytest.raises(data.DataError, match=r"m.csv: missing columns \['file_mode', 'height', .*rerun the ingest stage"):
+        data.read_manifest(tmp_path / "m.csv")
+
+
+def test_a_folder_dataset_runs_through_both_stages_the_same_way_twice(workdir):
+    (workdir / "params.yaml").write_text(FOLDER_PARAMS)
+    digit_folder(workdir / "images")
+    (workdir / "images" / "digit0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
+    for out in ("a", "b"):
+        ingest.main(["--out", f"{out}/ingested", "--live", f"{out}/live/ingest"])
+        prepare.main(["--ingested", f"{out}/ingested", "--out", f"{out}/prepared", "--live", f"{out}/live/prepare"])
+    for rel in ("ingested/manifest.csv", "ingested/excluded.csv", "prepared/manifest.csv", "prepared/train_images.npy",
+                "prepared/test_labels.npy", "prepared/near_duplicates.csv", "live/prepare/metrics.json"):
+        assert (workdir / "a" / rel).read_bytes() == (workdir / "b" / rel).read_bytes(), rel
+    train = data.load_split(workdir / "a" / "prepared", "train")
+    assert train.classes == ("digit0", "digit1", "digit2", "digit3")
+    assert train.images.shape[1:] == (16, 16, 3)  # the JPEGs are RGB, so the dataset is
+    excluded = pd.read_csv(workdir / "a" / "ingested" / "excluded.csv")
+    assert excluded[["path", "code"]].values.tolist() == [["digit0/broken.png", "undecodable"]]
+    metrics = json.loads((workdir / "a" / "live" / "prepare" / "metrics.json").read_text())
+    assert sum(metrics[s]["images"] for s in data.SPLITS) == 48
+    assert set(metrics["near_duplicates"]) >= {"test_in_train", "val_in_train", "test_in_val"}
+
+
+def test_near_duplicates_across_splits_are_reported(tmp_path):
+    rng = np.random.default_rng(0)
+    smooth = [np.asarray(Image.fromarray(rng.integers(0, 255, (4, 4), np.uint8)).resize((32, 32), Image.Resampling.BICUBIC)) for _ in range(3)]
+    rows = [(f"p{i}", "a", "", f"{i:064x}", images.phash(p)) for i, p in enumerate(smooth)]
+    rows.append(("p9", "a", "", f"{9:064x}", images.phash(np.asarray(Image.fromarray(smooth[0]).resize((30, 30))))))
+    frame = pd.DataFrame(rows, columns=["path", "label", "source_split", "sha256", "phash"])
+    frame["split"] = ["train", "train", "test", "test"]
+    near = prepare.near_duplicates(frame, max_distance=6)
+    assert near[["split", "path", "nearest_split", "nearest_path"]].values.tolist() == [["test", "p9", "train", "p0"]]
+    stats = prepare.statistics(frame, ("a",), near)
+    assert stats["near_duplicates/test_in_train"] == 1 and stats["near_duplicates/test_in_train_fraction"] == 0.5
+
+
+def test_prepare_refuses_images_that_changed_since_ingest(workdir):
+    (workdir / "params.yaml").write_text(FOLDER_PARAMS)
+    digit_folder(workdir / "images", per_class=6)
+    ingest.main(["--out", "ingested", "--live", "live/ingest"])
+    Image.fromarray(np.zeros((16, 24), np.uint8)).save(workdir / "images" / "digit1" / "004.png")
+    with pytest.raises(data.DataError, match=r"digit1/004.png: pixels differ from the ingest manifest"):
+        prepare.main(["--ingested", "ingested", "--out", "prepared", "--live", "live/prepare"])
+    assert not (workdir / "prepared").exists()  # nothing half-written
+
+
+def test_prepared_arrays_do_not_depend_on_the_number_of_workers(tmp_path):
+    params, prep = ingest.DataParams(), PrepareParams(image_size=12, resize="crop")
+    source = ingest.open_source(params)
+    for workers in (1, 2):
+        manifest, _, _ = ingest.ingest(source, params, workers)
+        prepared = prepare.prepare_manifest(manifest, prep)
+        (tmp_path / str(workers)).mkdir()
+        prepare.write_splits(tmp_path / str(workers), prepared, source.classes, source, prep, workers)
+    for name in ("train_images.npy", "val_images.npy", "test_images.npy", "test_labels.npy"):
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
 
 
 def test_data_stages_run_without_importing_torch(workdir, repo_root):
     # importing torch costs seconds; ingest and prepare have no use for it
     code = (
         "import sys, pipeline.ingest, pipeline.prepare; "
-        "pipeline.ingest.main(['--out', 'raw', '--manifest', 'm.csv']); "
-        "pipeline.prepare.main(['--raw', 'raw', '--manifest', 'm.csv', '--out', 'prep']); "
-        "print('heavy imports:', sorted({'torch', 'timm', 'tensorflow'} & set(sys.modules)))"
+        "pipeline.ingest.main(['--out', 'ing', '--live', 'l1']); "
+        "pipeline.prepare.main(['--ingested', 'ing', '--out', 'prep', '--live', 'l2']); "
+        "print('heavy imports:', sorted({'torch', 'torchvision', 'timm', 'tensorflow', 'sklearn'} & set(sys.modules)))"
     )
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
     done = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "heavy imports: []" in done.stdout
     assert (workdir / "prep" / "train_images.npy").is_file()
-
-
-def test_digits_are_read_exactly_as_scikit_learn_loads_them():
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    images = list(ingest.digits_images())
-    assert len(images) == len(bunch.target) == 1797
-    for index in (0, 1, 1796):
-        rel_path, label, image = images[index]
-        assert label == str(bunch.target[index])
-        expected = np.rint(bunch.images[index] * 255 / 16).astype(np.uint8)
-        assert np.array_equal(np.asarray(image), expected)

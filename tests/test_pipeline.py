@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import TINY_PARAMS, run
+from conftest import TINY_PARAMS, digit_folder, run
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def tmp_repo(tmp_path_factory, repo_root, _migrated_store) -> tuple[Path, dict]:
     repo = tmp_path_factory.mktemp("repo")
     tracked = subprocess.run(["git", "ls-files"], cwd=repo_root, capture_output=True, text=True, check=True).stdout.split()
     for rel in tracked:
-        if rel.startswith(("pipeline/", ".dvc/")) or rel in {"dvc.yaml", ".dvcignore", ".gitignore"}:
+        if rel.startswith(("pipeline/", ".dvc/", "data/sources/")) or rel in {"dvc.yaml", ".dvcignore", ".gitignore"}:
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(repo_root / rel, repo / rel)
     (repo / "params.yaml").write_text(TINY_PARAMS)
@@ -89,3 +89,31 @@ def test_experiments_appear_in_dvc_exp_show_and_in_the_root_mlflow_store(tmp_rep
     assert ("fast-lr", "train") in tagged
     assert ("one-epoch", "train") in tagged
     assert not any(p.name == "mlflow.db" for p in (repo / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def test_a_dvc_tracked_image_folder_drives_ingest_and_prepare(tmp_repo, tmp_path):
+    """The README's folder workflow: dvc add, push to a local remote, change an image, repro."""
+    repo, env = tmp_repo
+    folder = repo / "data" / "sources" / "digits"
+    digit_folder(folder, per_class=15)
+    params = (repo / "params.yaml").read_text().replace("data: {source: digits}", "data: {source: folder, folder: data/sources/digits}")
+    (repo / "params.yaml").write_text(params)
+    run(["dvc", "add", "data/sources/digits"], repo, env)
+    run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], repo, env)
+    run(["dvc", "push"], repo, env)
+    assert any((tmp_path / "remote").rglob("*")), "dvc push stored nothing"
+    run(["dvc", "repro", "prepare"], repo, env)
+    manifest = (repo / "data" / "ingested" / "manifest.csv").read_text()
+    assert "digit3/015." in manifest
+
+    # change one image: DVC sees the folder and both data stages as changed, nothing else
+    from PIL import Image
+
+    Image.open(folder / "digit2" / "004.png").rotate(90).save(folder / "digit2" / "004.png")
+    changed = json.loads(run(["dvc", "status", "--json"], repo, env).stdout)
+    assert {"ingest", "prepare"} <= set(changed)
+    assert not {"train", "finetune"} & set(changed)  # their deps (data/prepared) have not changed yet
+    run(["dvc", "add", "data/sources/digits"], repo, env)
+    reran = run(["dvc", "repro", "prepare"], repo, env).stdout
+    assert "Running stage 'ingest'" in reran and "Running stage 'prepare'" in reran
+    assert (repo / "data" / "ingested" / "manifest.csv").read_text() != manifest

@@ -12,9 +12,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from PIL import Image
 
 from conftest import run
-from pipeline import data, evaluate, export, finetune, models, train
+from pipeline import data, evaluate, export, finetune, images, models, sources, train
 
 
 def test_train_stage_writes_checkpoint_metrics_and_curves_and_repeats_them_exactly(workdir, prepared):
@@ -39,6 +40,8 @@ def test_finetune_stage_repeats_exactly_and_logs_both_phases(workdir, prepared, 
     client = mlflow.MlflowClient(mlflow_store)
     runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id])
     assert {r.data.tags["weights_sha256"] for r in runs} == {models.PACKAGE_SHA256}
+    dataset = json.loads((prepared / "dataset.json").read_text())
+    assert {(r.data.tags["dataset_sha256"], r.data.tags["data_source"]) for r in runs} == {(dataset["sha256"], "digits")}
     assert all(r.data.params["finetune.backbone"] == "timm:tf_efficientnet_lite0" for r in runs)
 
 
@@ -55,6 +58,7 @@ def test_evaluate_reports_metrics_per_class_figures_and_a_confusion_plot(workdir
     client = mlflow.MlflowClient(mlflow_store)
     (run,) = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id])
     assert run.info.run_name == "evaluate@scratch"
+    assert run.data.tags["dataset_sha256"] == json.loads((trained / "data/prepared/dataset.json").read_text())["sha256"]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"confusion_matrix.png", "per_class.json"}
 
 
@@ -106,6 +110,15 @@ def test_export_ships_onnx_and_torchscript_that_agree_with_pytorch(workdir, trai
     assert json.loads(extra["model.json"])["classes"] == meta["classes"]
     with torch.no_grad():
         assert np.allclose(scripted(torch.from_numpy(x)).numpy(), proba, atol=1e-5)
+
+    # A new image file, read as model.json says, is exactly the array the model was tested on.
+    pre = meta["preprocessing"]
+    manifest = data.read_manifest(prepared / "manifest.csv", ("path", "split", "index"))
+    row = manifest[manifest["split"] == "test"].iloc[3]
+    digit = sources.read_array_dataset("digits", None, False).splits[""][0][int(row["path"])]
+    Image.fromarray(digit).convert("LA").save(workdir / "new.png")  # another mode, the same pixels
+    served = images.load_for_model(workdir / "new.png", pre["image_size"], pre["channels"], pre["resize"])
+    assert np.array_equal(served, test.images[row["index"]])
 
 
 def test_export_is_byte_identical_on_rerun(workdir, trained, repo_root):
