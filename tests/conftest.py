@@ -25,7 +25,7 @@ os.environ.setdefault("GIT_COMMITTER_EMAIL", "test@example.com")
 # Small enough that a stage runs in seconds; real data (the bundled digits) all the same.
 TINY_PARAMS = """\
 runtime: {threads: 2, device: cpu}
-data: {source: digits}
+data: {source: digits, folder: data/sources, root: data/sources}
 prepare: {seed: 0, image_size: 16, val_fraction: 0.15, test_fraction: 0.15}
 train: {seed: 0, epochs: 2, batch_size: 64, lr: 3.0e-3}
 finetune:

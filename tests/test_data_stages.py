@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -108,7 +109,7 @@ def test_a_manifest_without_its_columns_is_named(tmp_path):
         data.read_manifest(tmp_path / "m.csv")
 
 
-def test_a_folder_dataset_runs_through_both_stages_the_same_way_twice(workdir):
+def test_a_folder_dataset_runs_through_both_stages_the_same_way_twice(workdir, mlflow_store):
     (workdir / "params.yaml").write_text(FOLDER_PARAMS)
     digit_folder(workdir / "images")
     (workdir / "images" / "digit0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
@@ -126,6 +127,13 @@ def test_a_folder_dataset_runs_through_both_stages_the_same_way_twice(workdir):
     metrics = json.loads((workdir / "a" / "live" / "prepare" / "metrics.json").read_text())
     assert sum(metrics[s]["images"] for s in data.SPLITS) == 48
     assert set(metrics["near_duplicates"]) >= {"test_in_train", "val_in_train", "test_in_val"}
+    # the same statistics and the dataset's identity reach MLflow
+    client = mlflow.MlflowClient(mlflow_store)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id])}
+    assert runs["ingest"].data.metrics["rejected"] == 1 and runs["ingest"].data.metrics["per_class/digit2"] == 12
+    assert runs["prepare"].data.metrics["test/images"] == metrics["test"]["images"]
+    dataset = json.loads((workdir / "a" / "ingested" / "dataset.json").read_text())
+    assert runs["prepare"].data.tags["dataset_sha256"] == dataset["sha256"] and dataset["source"] == "folder"
 
 
 def test_near_duplicates_across_splits_are_reported(tmp_path):
