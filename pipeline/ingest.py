@@ -155,7 +155,11 @@ class FolderSource:
             excluded.append(Excluded(rel, "rejected", "unreadable", f"cannot list the folder: {error.strerror}"))
 
         for dirpath, dirnames, filenames in os.walk(class_dir, onerror=unreadable):
-            dirnames[:] = sorted(d for d in dirnames if not images.is_ignored(d))
+            for name in dirnames:  # not followed: a link can loop, or pull in another class's images
+                if os.path.islink(os.path.join(dirpath, name)):
+                    rel = os.path.relpath(os.path.join(dirpath, name), self.folder)
+                    excluded.append(Excluded(rel, "ignored", "linked_folder", "a symbolic link to a folder, not followed"))
+            dirnames[:] = sorted(d for d in dirnames if not images.is_ignored(d) and not os.path.islink(os.path.join(dirpath, d)))
             for name in sorted(filenames):
                 rel = os.path.relpath(os.path.join(dirpath, name), self.folder)
                 if images.is_ignored(name):

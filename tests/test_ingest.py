@@ -51,6 +51,7 @@ def test_class_folders_become_labels_and_metadata_is_ignored(tmp_path):
     write(tmp_path / ".hidden" / "x.png", digit(60))
     (tmp_path / "dog" / "notes.txt").write_text("taken in the garden")
     write(tmp_path / "stray.png", digit(70))
+    (tmp_path / "dog" / "alias").symlink_to(tmp_path / "cat")  # a loop waiting to happen
     source, manifest, excluded, stats = run(tmp_path)
     assert source.classes == ("cat", "dog")
     assert manifest["path"].tolist() == [*(f"cat/{i:02d}.png" for i in range(4)), "cat/nested/deep.jpg", *(f"dog/{i:02d}.png" for i in range(4))]
@@ -59,10 +60,10 @@ def test_class_folders_become_labels_and_metadata_is_ignored(tmp_path):
     assert (deep["label"], deep["mode"], deep["file_mode"], deep["width"]) == ("cat", "RGB", "RGB", 8)
     assert {p: e.status for p, e in excluded.items()} == {
         ".hidden": "ignored", "cat/.DS_Store": "ignored", "cat/._00.png": "ignored", "dog/notes.txt": "ignored",
-        "stray.png": "rejected",
+        "dog/alias": "ignored", "stray.png": "rejected",
     }  # .hidden/ is skipped whole
     assert excluded["stray.png"].code == "outside_class_folder"
-    assert (stats["images"], stats["rejected"], stats["ignored"], stats["per_class/cat"]) == (9, 1, 4, 5)
+    assert (stats["images"], stats["rejected"], stats["ignored"], stats["per_class/cat"]) == (9, 1, 5, 5)
 
 
 def test_bad_files_are_listed_with_reasons_until_too_many(tmp_path):
