@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 def copy_repo(dest: Path) -> None:
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for rel in tracked:
-        if rel.startswith(("pipeline/", ".dvc/")) or rel in {"dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"}:
+        if rel.startswith(("pipeline/", ".dvc/", "data/sources/")) or rel in {"dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"}:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO / rel, dest / rel)
     env = bench_env(dest)
