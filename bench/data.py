@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
-import platform
 import struct
 import subprocess
 import sys
@@ -28,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.pipeline import REPO, bench_env
+from bench import REPO, report
+from bench.pipeline import bench_env
 from pipeline import parallel, sources
 
 
@@ -85,8 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     images, labels = synthetic_digits(args.n)
     prepare = "prepare: {seed: 0, image_size: 28}\n"
-    lines = [f"## ingest + prepare, {args.n:,} images of 28x28", "",
-             f"{platform.processor() or platform.machine()}, {parallel.worker_count()} workers, Python {platform.python_version()}", "",
+    lines = [f"## ingest + prepare, {args.n:,} images of 28x28, {parallel.worker_count()} workers", "",
              "| layout | ingest s | prepare s | total s | images/s |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         work = Path(tmp)
@@ -102,11 +101,7 @@ def main() -> None:
             lines.append(f"| {name} | {seconds['ingest']:.1f} | {seconds['prepare']:.1f} | {total:.1f} | {args.n / total:,.0f} |")
             print(lines[-1], flush=True)
     lines += ["", "Each stage is a fresh process: the figures include Python start-up, imports and MLflow logging."]
-    out = REPO / "bench" / "results" / "data.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    report("Data benchmark", lines, "data")
 
 if __name__ == "__main__":
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")

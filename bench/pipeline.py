@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -27,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench import REPO, report
+
 
 
 def copy_repo(dest: Path) -> None:
@@ -160,15 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-repro", action="store_true", help="skip the whole-pipeline timing")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    lines = ["# Benchmark results", "", f"- machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}", ""]
-    lines += bench_throughput(args.repeats)
+    lines = bench_throughput(args.repeats)
     if not args.no_repro:
         lines += bench_repro()
-    text = "\n".join(lines)
-    print(text)
-    out = REPO / "bench" / "results" / "latest.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text + "\n")
+    report("Benchmark results", lines, "latest")
 
 
 if __name__ == "__main__":

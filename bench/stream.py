@@ -24,8 +24,6 @@ import argparse
 import contextlib
 import gc
 import itertools
-import os
-import platform
 import statistics
 import tempfile
 import threading
@@ -35,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from bench import REPO, report
+
 SIDE, CHANNELS = 32, 3  # CIFAR-sized images: 3 KiB each
 SIZES_GIB = (0.25, 2.0)
 
@@ -232,14 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60, help="training steps a run")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    lines = ["# Streaming benchmark", "", f"- machine: {machine}", ""]
-    lines += bench(args.steps, args.repeats)
-    text = "\n".join(lines)
-    print(text)
-    out = REPO / "bench" / "results" / "stream.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text + "\n")
+    report("Streaming benchmark", bench(args.steps, args.repeats), "stream")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """The networks, the pretrained weights and the checkpoints."""
 
-import io
 
 import pytest
 import torch
