@@ -75,11 +75,12 @@ def metric_key(name: str) -> str:
     return name.replace("/", "_")
 
 
-def write_manifest(path: Path, manifest: "pd.DataFrame") -> None:
-    files.write_text(path, manifest.to_csv(index=False, lineterminator="\n"))
+def write_table(path: Path, table: pd.DataFrame) -> None:
+    """A manifest or report as CSV, atomically, with the same bytes for the same table."""
+    files.write_text(path, table.to_csv(index=False, lineterminator="\n"))
 
 
-def read_manifest(path: Path, columns: tuple[str, ...] = MANIFEST_COLUMNS) -> "pd.DataFrame":
+def read_manifest(path: Path, columns: tuple[str, ...] = MANIFEST_COLUMNS) -> pd.DataFrame:
     import pandas as pd
 
     path = Path(path)

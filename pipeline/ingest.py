@@ -270,8 +270,7 @@ def _crashed(item: Item) -> tuple:
 
 
 def inspect_all(source: Source, items: list[Item], workers: int) -> list[tuple]:
-    batch = max(16, min(2048, len(items) // (workers * 8) + 1))
-    return parallel.map_batches(_inspect_batch, items, _crashed, workers, batch, _use_source, (source,))
+    return parallel.map_batches(_inspect_batch, items, _crashed, workers, 2048, _use_source, (source,))
 
 
 # -- the rules: duplicates, rejections, class sizes ------------------------------------------
@@ -391,16 +390,16 @@ def main(argv: list[str] | None = None) -> None:
         manifest, excluded, stats = ingest(source, params, parallel.worker_count())
         digest = dataset_hash(manifest)
         with files.atomic_dir(args.out) as tmp:
-            data.write_manifest(tmp / "manifest.csv", manifest)
+            data.write_table(tmp / "manifest.csv", manifest)
             files.write_json(tmp / "classes.json", list(source.classes))
-            excluded_table = pd.DataFrame([vars(e) for e in excluded], columns=["path", "status", "code", "reason"])
-            files.write_text(tmp / "excluded.csv", excluded_table.to_csv(index=False, lineterminator="\n"))
+            data.write_table(tmp / "excluded.csv", pd.DataFrame([vars(e) for e in excluded], columns=["path", "status", "code", "reason"]))
             source_files = source.dataset.files if isinstance(source, ArraySource) else {}
             files.write_json(tmp / "dataset.json", {"source": params.source, "sha256": digest, "images": len(manifest),
                                                     "classes": len(source.classes), "source_files": source_files})
         run.set_tags({"dataset_sha256": digest, "data_source": params.source})
         run.log_summary(stats)
-        run.log_timing({"ingest_seconds": time.perf_counter() - started, "images_per_second": len(manifest) / max(time.perf_counter() - started, 1e-9)})
+        seconds = time.perf_counter() - started
+        run.log_timing({"ingest_seconds": seconds, "images_per_second": len(manifest) / seconds})
         run.log_artifact(args.out, "ingested")
 
 

@@ -38,11 +38,15 @@ def map_batches(
     items: Sequence[T],
     crashed: Callable[[T], R],
     workers: int,
-    batch_size: int,
+    max_batch: int,
     initializer: Callable[..., None] | None = None,
     initargs: tuple[Any, ...] = (),
 ) -> list[R]:
-    """[r for batch in batches(items) for r in fn(batch)], in item order, across processes."""
+    """[r for batch in batches(items) for r in fn(batch)], in item order, across processes.
+
+    About eight batches a worker (at most `max_batch` items each, at least 16) balance the load
+    and keep the pickling per call small; the results do not depend on the batching."""
+    batch_size = max(16, min(max_batch, len(items) // (workers * 8) + 1))
     results: list[Any] = [None] * len(items)
     spans = [(a, min(a + batch_size, len(items))) for a in range(0, len(items), batch_size)]
 

@@ -178,8 +178,7 @@ def write_splits(
         np.save(out / f"{split}_labels.npy", rows["label"].map(class_index).to_numpy(np.int64))
         tasks += [(source.item(r.path, r.label, r.source_split), r.sha256, split, r.index) for r in rows.itertuples()]
     target = Target(source, out, params.image_size, channels, params.resize)
-    batch = max(16, min(1024, len(tasks) // (workers * 8) + 1))
-    errors = [e for e in parallel.map_batches(_fill_batch, tasks, _crashed, workers, batch, _use_target, (target,)) if e]
+    errors = [e for e in parallel.map_batches(_fill_batch, tasks, _crashed, workers, 1024, _use_target, (target,)) if e]
     if errors:
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
         raise data.DataError(f"{len(errors)} images could not be prepared; rerun ingest (dvc repro):\n  " + "\n  ".join(errors[:10]) + more)
@@ -243,8 +242,8 @@ def main(argv: list[str] | None = None) -> None:
             write_splits(tmp, prepared, classes, source, params, parallel.worker_count())
             files.write_json(tmp / "classes.json", list(classes))
             files.write_json(tmp / "dataset.json", {**dataset, "preprocessing": preprocessing(prepared, params)})
-            data.write_manifest(tmp / "manifest.csv", prepared)
-            data.write_manifest(tmp / "near_duplicates.csv", near)
+            data.write_table(tmp / "manifest.csv", prepared)
+            data.write_table(tmp / "near_duplicates.csv", near)
         run.set_tags({"dataset_sha256": dataset["sha256"], "data_source": dataset["source"]})
         run.log_summary(statistics(prepared, classes, near))
         run.log_timing({"prepare_seconds": time.perf_counter() - started})
