@@ -1,0 +1,235 @@
+"""The scratch CNN and its training recipe in Keras 3 on TensorFlow: the `keras` framework.
+
+Mirrors `models.ScratchCNN` and `engine.fit` from the same params: conv 32 -> pool -> conv 64
+-> pool [-> conv 128] -> dense hidden -> dropout -> dense classes, batch norm with torch's
+momentum and epsilon, AdamW / Adam / SGD, the one-cycle / cosine / constant schedules with
+torch's formulas, label smoothing, global gradient clipping, random shifts, early stopping on
+the unsmoothed validation loss with the best weights restored.
+
+TensorFlow is imported here only, and only when a function runs (`import tensorflow` costs
+about 5 s): the torch stages never pay for it. `configure` must run before anything else
+touches TensorFlow: it fixes the environment TensorFlow reads once at import.
+
+Work in progress (branch keras-backend): the stage wiring, exports and DVC entries follow.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline import data
+
+if TYPE_CHECKING:
+    import keras
+
+    from pipeline.engine import FitParams
+    from pipeline.tracking import StageRun
+
+BN_MOMENTUM = 0.9  # torch's BatchNorm momentum 0.1 is Keras' 0.9 (the weight on the old value)
+BN_EPSILON = 1e-5  # torch's default; Keras' is 1e-3
+
+
+def configure(seed: int, threads: int) -> Any:
+    """Deterministic TensorFlow: fixed threads, deterministic ops, seeds; returns the module.
+
+    oneDNN is switched off explicitly: TensorFlow turns it on by itself on AVX-512 CPUs, and
+    its kernels change results. The thread count changes float sums, so it is pinned."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no C++ start-up chatter in stage logs
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+    import keras
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # already initialised in this process (tests): the first setting stands
+        pass
+    tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(seed)
+    return tf
+
+
+def build_scratch_cnn(
+    num_classes: int,
+    in_channels: int = 1,
+    image_size: int = 32,
+    conv3: bool = True,
+    batch_norm: bool = True,
+    dropout: float = 0.3,
+    hidden: int = 128,
+    mean: tuple[float, ...] = (0.5,),
+    std: tuple[float, ...] = (0.5,),
+) -> keras.Model:
+    """`models.ScratchCNN` in Keras: float [0, 1] NHWC in, logits out, normalisation inside."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((image_size, image_size, in_channels), name="image")
+    x = layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="normalize")(inputs)
+    widths = [32, 64, 128] if conv3 else [32, 64]
+    for i, width in enumerate(widths):
+        x = layers.Conv2D(width, 3, padding="same", use_bias=not batch_norm, name=f"conv{i + 1}")(x)
+        if batch_norm:
+            x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"bn{i + 1}")(x)
+        x = layers.ReLU()(x)
+        if i < 2:
+            x = layers.MaxPooling2D(2)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(hidden, activation="relu", name="hidden")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    logits = layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, logits, name="scratch_cnn")
+
+
+def learning_rate(p: FitParams, total_steps: int) -> Any:
+    """The schedule with torch's formulas (OneCycleLR: cosine, div 25, final div 1e4)."""
+    import keras
+
+    @keras.saving.register_keras_serializable(package="pipeline")
+    class TorchSchedule(keras.optimizers.schedules.LearningRateSchedule):
+        def __init__(self, kind: str, peak: float, total: int, warmup: float) -> None:
+            self.kind, self.peak, self.total, self.warmup = kind, peak, total, warmup
+
+        def __call__(self, step):
+            import tensorflow as tf
+
+            return tf.cast(schedule_value(self.kind, self.peak, self.total, self.warmup, step), tf.float32)
+
+        def get_config(self) -> dict:
+            return {"kind": self.kind, "peak": self.peak, "total": self.total, "warmup": self.warmup}
+
+    return TorchSchedule(p.schedule, p.lr, total_steps, p.warmup_fraction)
+
+
+def schedule_value(kind: str, peak: float, total: int, warmup: float, step):
+    """The learning rate at `step` (a number or a tensor), as torch's schedulers compute it."""
+    import tensorflow as tf
+
+    step = tf.cast(step, tf.float64)
+    if kind == "constant":
+        return tf.constant(peak, tf.float64)
+    if kind == "cosine":  # CosineAnnealingLR(T_max=total, eta_min=0)
+        return peak * (1 + tf.cos(math.pi * step / total)) / 2
+    initial, final = peak / 25, peak / 25 / 1e4
+    rise_end = float(warmup * total) - 1  # torch's phase boundary: pct_start * total_steps - 1
+    fall_end = float(total - 1)
+
+    def anneal(start, end, fraction):
+        return end + (start - end) / 2 * (1 + tf.cos(math.pi * fraction))
+
+    rising = anneal(initial, peak, step / rise_end)
+    falling = anneal(peak, final, (step - rise_end) / (fall_end - rise_end))
+    return tf.where(step <= rise_end, rising, falling)
+
+
+def make_optimizer(p: FitParams, total_steps: int) -> Any:
+    """torch's optimizer semantics: AdamW's decoupled decay; Adam and SGD decay as L2 (below)."""
+    import keras
+
+    lr = learning_rate(p, total_steps)
+    clip = {"global_clipnorm": p.grad_clip} if p.grad_clip else {}
+    if p.optimizer == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=p.weight_decay, epsilon=1e-8, **clip)
+    if p.optimizer == "adam":
+        return keras.optimizers.Adam(lr, epsilon=1e-8, **clip)
+    return keras.optimizers.SGD(lr, momentum=p.momentum, nesterov=p.momentum > 0, **clip)
+
+
+@dataclass
+class KerasFit:
+    best_epoch: int
+    best_val_loss: float
+    best_val_acc: float
+    epochs_run: int
+    history: list[dict[str, float]]
+
+
+def batches_of(split: data.Split, p: FitParams, seed: int, training: bool) -> Any:
+    """A tf.data pipeline over the split: seeded reshuffle each epoch, random shifts in training."""
+    import tensorflow as tf
+
+    images = np.asarray(split.images)
+    labels = np.asarray(split.labels, np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    if training:
+        ds = ds.shuffle(len(labels), seed=seed)
+    ds = ds.batch(p.batch_size if training else max(p.batch_size, 256))
+
+    def to_input(x, y):
+        x = tf.cast(x, tf.float32) / 255.0
+        return x, y
+
+    ds = ds.map(to_input, num_parallel_calls=None, deterministic=True)
+    if training and p.augment_shift:
+        ds = ds.enumerate().map(lambda i, xy: shift_batch(i, xy, p.augment_shift, seed), deterministic=True)
+    return ds.prefetch(1)
+
+
+def shift_batch(index, batch, s: int, seed: int):
+    """Each image moved by its own offset in [-s, s], zero-filled; the draw depends on
+    (seed, batch index) only, so every rerun sees the same shifts."""
+    import tensorflow as tf
+
+    x, y = batch
+    n, h, w = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
+    padded = tf.pad(x, [[0, 0], [s, s], [s, s], [0, 0]])
+    offsets = tf.random.stateless_uniform([n, 2], seed=tf.stack([tf.constant(seed, tf.int64), index]),
+                                          minval=0, maxval=2 * s + 1, dtype=tf.int32)
+    rows = offsets[:, :1] + tf.range(h)[None]  # (N, H) source rows of each output row
+    cols = offsets[:, 1:] + tf.range(w)[None]  # (N, W)
+    x = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(x, cols, axis=2, batch_dims=1), y
+
+
+def fit(model: keras.Model, train: data.Split, val: data.Split, p: FitParams, run: StageRun | None = None) -> KerasFit:
+    """`engine.fit` in Keras: up to p.epochs, early stopping on val loss, best weights restored."""
+    import keras
+
+    steps = math.ceil(len(train) / p.batch_size)
+    num_classes = train.num_classes
+    optimizer = make_optimizer(p, p.epochs * steps)
+    smoothing = p.label_smoothing
+
+    def loss(y_true, logits):  # sparse labels with torch's label smoothing
+        onehot = keras.ops.one_hot(keras.ops.cast(y_true, "int32"), num_classes)
+        return keras.losses.categorical_crossentropy(onehot, logits, from_logits=True, label_smoothing=smoothing)
+
+    model.compile(optimizer=optimizer, loss=loss, metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")])
+    val_images = np.asarray(val.images, np.float32) / 255.0
+    val_labels = np.asarray(val.labels, np.int64)
+    result = KerasFit(best_epoch=-1, best_val_loss=math.inf, best_val_acc=0.0, epochs_run=0, history=[])
+    best_weights = model.get_weights()
+    for epoch in range(p.epochs):
+        lr = float(schedule_value(p.schedule, p.lr, p.epochs * steps, p.warmup_fraction, epoch * steps))
+        # a pipeline per epoch, seeded by (seed, epoch): its order and shifts differ every epoch
+        train_ds = batches_of(train, p, p.seed * 1_000_003 + epoch, training=True)
+        logs = model.fit(train_ds, epochs=epoch + 1, initial_epoch=epoch, verbose=0, shuffle=False).history
+        logits = model.predict(val_images, batch_size=max(p.batch_size, 256), verbose=0)
+        val_loss = float(keras.ops.mean(keras.losses.sparse_categorical_crossentropy(val_labels, logits, from_logits=True)))
+        val_acc = float((logits.argmax(1) == val_labels).mean())
+        metrics = {"train/loss": logs["loss"][-1], "train/acc": logs["acc"][-1], "val/loss": val_loss, "val/acc": val_acc, "lr": lr}
+        result.history.append(metrics)
+        result.epochs_run = epoch + 1
+        if run is not None:
+            run.log_epoch(epoch, metrics)
+        if val_loss < result.best_val_loss:
+            result.best_epoch, result.best_val_loss, result.best_val_acc = epoch, val_loss, val_acc
+            best_weights = model.get_weights()
+        elif p.early_stopping_patience and epoch - result.best_epoch >= p.early_stopping_patience:
+            break
+    model.set_weights(best_weights)
+    return result
+
+
+def predict_logits(model: keras.Model, split: data.Split, batch_size: int = 256) -> np.ndarray:
+    """Logits (N, classes) in input order, read from the split in batches (it may be memory-mapped)."""
+    out = []
+    for start in range(0, len(split), batch_size):
+        x = np.asarray(split.images[start : start + batch_size], np.float32) / 255.0
+        out.append(model(x, training=False).numpy())
+    return np.concatenate(out) if out else np.empty((0, 0), np.float32)
