@@ -70,7 +70,9 @@ def build_scratch_cnn(
     from keras import layers
 
     inputs = keras.Input((image_size, image_size, in_channels), name="image")
-    x = layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="normalize")(inputs)
+    # (x - mean) / std as constants, not Normalization's variables: tf2onnx left those as graph inputs
+    scale = np.array([1 / s for s in std], np.float32)
+    x = layers.Rescaling(scale=scale, offset=-np.array(mean, np.float32) * scale, name="normalize")(inputs)
     widths = [32, 64, 128] if conv3 else [32, 64]
     for i, width in enumerate(widths):
         x = layers.Conv2D(width, 3, padding="same", use_bias=not batch_norm, name=f"conv{i + 1}")(x)
@@ -233,3 +235,153 @@ def predict_logits(model: keras.Model, split: data.Split, batch_size: int = 256)
         x = np.asarray(split.images[start : start + batch_size], np.float32) / 255.0
         out.append(model(x, training=False).numpy())
     return np.concatenate(out) if out else np.empty((0, 0), np.float32)
+
+
+# -- saving and export: every file byte-identical on a rerun ----------------------------------
+
+
+def save_keras(model: keras.Model, path: str) -> bytes:
+    """The `.keras` archive without what changes between identical saves: metadata.json's
+    date_saved, the zip entries' timestamps and config.json's shared_object_id (an id())."""
+    import io
+    import json
+    import tempfile
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "model.keras")
+        model.save(raw)
+        out = io.BytesIO()
+        with zipfile.ZipFile(raw) as zin, zipfile.ZipFile(out, "w") as zout:
+            for name in sorted(zin.namelist()):
+                content = zin.read(name)
+                if name == "metadata.json":
+                    meta = json.loads(content)
+                    meta.pop("date_saved", None)
+                    content = json.dumps(meta, sort_keys=True).encode()
+                elif name == "config.json":
+                    content = json.dumps(_renumber_shared_ids(json.loads(content), {}), sort_keys=True).encode()
+                entry = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+                entry.compress_type, entry.external_attr = zipfile.ZIP_DEFLATED, 0o644 << 16
+                zout.writestr(entry, content)
+    return out.getvalue()
+
+
+def _renumber_shared_ids(node: Any, ids: dict[int, int]) -> Any:
+    if isinstance(node, dict):
+        return {k: ids.setdefault(v, len(ids)) if k == "shared_object_id" else _renumber_shared_ids(v, ids) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_renumber_shared_ids(v, ids) for v in node]
+    return node
+
+
+def save_savedmodel(model: keras.Model, export_dir: str, input_shape: tuple[int, int, int]) -> None:
+    """A SavedModel for TF Serving: signature serving_default, input 'image' (float NHWC in
+    [0, 1]), output 'probabilities'. Built from a tf.Module holding plain variables in model
+    order, because Keras' own export orders variables by memory address, and with the random
+    uuid in fingerprint.pb replaced by the content checksum: the directory is byte-stable."""
+    import tensorflow as tf
+    from tensorflow.core.protobuf import fingerprint_pb2
+
+    class Serving(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weights = [v.value for v in model.variables]  # plain tf.Variables, tracked in order
+            self.serve = tf.function(
+                lambda image: {"probabilities": tf.nn.softmax(model(image, training=False))},
+                input_signature=[tf.TensorSpec([None, *input_shape], tf.float32, name="image")],
+            )
+
+    module = Serving()
+    tf.saved_model.save(module, export_dir, signatures={"serving_default": module.serve})
+    path = os.path.join(export_dir, "fingerprint.pb")
+    fingerprint = fingerprint_pb2.FingerprintDef()
+    with open(path, "rb") as f:
+        fingerprint.ParseFromString(f.read())
+    fingerprint.uuid = str(fingerprint.saved_model_checksum)
+    with open(path, "wb") as f:
+        f.write(fingerprint.SerializeToString(deterministic=True))
+
+
+def to_tflite(saved_model_dir: str, calibration: np.ndarray | None = None) -> bytes:
+    """TFLite from the SavedModel: float, or full-integer int8 (int8 in and out) calibrated
+    on `calibration` (float NHWC in [0, 1], a few hundred training images)."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
+    if calibration is not None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([calibration[i : i + 1]] for i in range(len(calibration)))
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    return converter.convert()
+
+
+def tflite_predict(model_bytes: bytes, images: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Outputs of a TFLite model on float NHWC images, quantising in and out where it is int8."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model_bytes, num_threads=threads)
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    results = []
+    for image in images:  # the converted graph has batch size 1
+        x = image[None]
+        if inp["dtype"] == np.int8:
+            scale, zero = inp["quantization"]
+            x = np.clip(np.round(x / scale + zero), -128, 127).astype(np.int8)
+        interpreter.set_tensor(inp["index"], x)
+        interpreter.invoke()
+        y = interpreter.get_tensor(out["index"])[0]
+        if out["dtype"] == np.int8:
+            scale, zero = out["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        results.append(y)
+    return np.stack(results)
+
+
+def to_onnx(model: keras.Model, input_shape: tuple[int, int, int], opset: int) -> bytes:
+    """ONNX through Keras' own exporter (tf2onnx underneath), outputting probabilities."""
+    import tempfile
+
+    import keras
+    import tensorflow as tf
+
+    shipped = keras.Sequential([model, keras.layers.Softmax(name="probabilities")])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        shipped.export(path, format="onnx", verbose=False, opset_version=opset,
+                       input_signature=[tf.TensorSpec([None, *input_shape], tf.float32, name="image")])
+        with open(path, "rb") as f:
+            return canonical_onnx(f.read())
+
+
+def canonical_onnx(model_bytes: bytes) -> bytes:
+    """tf2onnx names what it adds from a process-wide counter (Transpose__38 in one run,
+    Transpose__40 in the next): rename nodes, inner tensors and constants by their first use
+    in the graph, and sort the constants, so equal graphs give equal bytes."""
+    import onnx
+
+    proto = onnx.load_from_string(model_bytes)
+    graph = proto.graph
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    constants = {t.name for t in graph.initializer}
+    names: dict[str, str] = {}
+    for i, node in enumerate(graph.node):
+        node.name = f"{node.op_type}_{i}"
+        for j, inp in enumerate(node.input):
+            if inp in constants and inp not in names:
+                names[inp] = f"const_{sum(n in constants for n in names):04d}"
+            node.input[j] = names.get(inp, inp)
+        for j, out in enumerate(node.output):
+            if out and out not in keep:
+                names[out] = node.output[j] = f"{node.op_type}_{i}:{j}"
+    for tensor in graph.initializer:
+        tensor.name = names.get(tensor.name, tensor.name)
+    ordered = sorted(graph.initializer, key=lambda t: t.name)
+    del graph.initializer[:]
+    graph.initializer.extend(ordered)
+    for info in graph.value_info:
+        info.name = names.get(info.name, info.name)
+    return proto.SerializeToString(deterministic=True)

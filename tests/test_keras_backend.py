@@ -52,6 +52,25 @@ elif check == "overfit":
     q = train.TrainParams(epochs=60, batch_size=32, lr=3e-3, dropout=0.0, augment_shift=0, label_smoothing=0.0, early_stopping_patience=0)
     result = kb.fit(kb.build_scratch_cnn(**{**args, "dropout": 0.0}), one, one, q)
     print(json.dumps({"loss": result.history[-1]["train/loss"], "acc": result.history[-1]["train/acc"]}))
+elif check == "export":
+    import os, tempfile
+    import keras, onnxruntime as ort
+    kb.fit(model, trn, val, train.TrainParams(epochs=1))
+    shape, x = trn.images.shape[1:], np.asarray(tst.images, np.float32) / 255
+    probs = keras.ops.softmax(model(x, training=False)).numpy()
+    files = {"keras": kb.save_keras(model, "unused")}
+    saved = os.path.join(tempfile.mkdtemp(), "1")
+    kb.save_savedmodel(model, saved, shape)
+    files["savedmodel"] = b"".join(f.encode() + open(os.path.join(r, f), "rb").read() for r, _, fs in sorted(os.walk(saved)) for f in sorted(fs))
+    files["tflite"] = kb.to_tflite(saved)
+    files["int8"] = kb.to_tflite(saved, np.asarray(trn.images[:100], np.float32) / 255)
+    files["onnx"] = kb.to_onnx(model, shape, 17)
+    session = ort.InferenceSession(files["onnx"], providers=["CPUExecutionProvider"])
+    outputs = {"tflite": kb.tflite_predict(files["tflite"], x), "int8": kb.tflite_predict(files["int8"], x),
+               "onnx": session.run(None, {"image": x})[0]}
+    print(json.dumps({"hashes": {k: hashlib.sha256(v).hexdigest() for k, v in files.items()},
+                      "max_abs_diff": {k: float(np.abs(v - probs).max()) for k, v in outputs.items()},
+                      "top1": {k: float((v.argmax(1) == probs.argmax(1)).mean()) for k, v in outputs.items()}}))
 else:
     result = kb.fit(model, trn, val, p)
     digest = hashlib.sha256(b"".join(w.tobytes() for w in model.get_weights())).hexdigest()
@@ -89,3 +108,12 @@ def test_keras_training_is_identical_in_two_processes(repo_root, prepared):
     b = keras_run(repo_root, "fit", str(prepared))
     assert a["digest"] == b["digest"] and a["history"] == b["history"]
     assert a["test_acc"] > 0.9  # two epochs on the tiny split already learn the digits
+
+
+def test_every_export_agrees_with_keras_and_is_byte_identical_on_rerun(repo_root, prepared):
+    a = keras_run(repo_root, "export", str(prepared))
+    b = keras_run(repo_root, "export", str(prepared))
+    assert a["hashes"] == b["hashes"]  # .keras, SavedModel, TFLite float and int8, ONNX
+    assert a["max_abs_diff"]["onnx"] < 1e-5 and a["max_abs_diff"]["tflite"] < 1e-5
+    assert a["top1"]["onnx"] == a["top1"]["tflite"] == 1.0
+    assert a["max_abs_diff"]["int8"] < 0.25 and a["top1"]["int8"] >= 0.97, a  # quantised: close, not equal
