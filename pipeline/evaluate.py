@@ -1,6 +1,6 @@
 """Evaluate one trained model on the held-out test split.
 
-Reads `models/<model>.pt` and the prepared test split; writes `dvclive/evaluate/<model>/`:
+Reads the model folder `models/<model>/` (either framework) and the prepared test split; writes `dvclive/evaluate/<model>/`:
 metrics.json (accuracy, macro precision/recall/F1, loss), the confusion matrix as a DVC plot
 and `per_class.json` (precision, recall, F1 and support per class). dvc.yaml runs it for each
 model (`foreach`: scratch, finetune).
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import config, data, files
+from pipeline import backends, config, data, files
 from pipeline.config import check
+from pipeline.runtime import RuntimeParams
 
 
 @dataclass(frozen=True)
@@ -75,18 +76,6 @@ def confusion_figure(labels: np.ndarray, predicted: np.ndarray, classes: tuple[s
     return figure
 
 
-def predict_proba(model_path: Path, split: data.Split, batch_size: int, device) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Test-split probabilities (N, classes) from a checkpoint, and the classes it was trained on."""
-    import torch
-
-    from pipeline import engine, models
-
-    model, ckpt = models.load_checkpoint(model_path)
-    logits = engine.predict_logits(model.to(device), split.images, device, batch_size)  # streamed when large
-    proba = torch.softmax(logits.double(), 1).numpy()
-    return proba / proba.sum(1, keepdims=True), tuple(ckpt["classes"])  # rows sum to 1 in float64
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="model name: scratch or finetune")
@@ -95,22 +84,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--live", type=Path, default=None, help="default: dvclive/evaluate/<model>")
     args = parser.parse_args(argv)
     p = config.load("evaluate", EvaluateParams)
-    from pipeline import runtime
-
-    rt = config.load("runtime", runtime.RuntimeParams)
-    device = runtime.configure(rt)
+    rt = config.load("runtime", RuntimeParams)
     live_dir = args.live or Path("dvclive/evaluate") / args.model
-    model_path = args.models / f"{args.model}.pt"
+    model_dir = args.models / args.model
     test = data.load_split(args.data, "test")
+    check_classes(backends.read_card(model_dir).classes, test.classes, model_dir, args.data)
+    backend, model, card = backends.load(model_dir, rt)  # imports only the model's framework
     with tracking.stage_run(f"evaluate@{args.model}", {"evaluate": p, "runtime": rt, "model": args.model}, live_dir) as run:
-        proba, model_classes = predict_proba(model_path, test, p.batch_size, device)
-        check_classes(model_classes, test.classes, model_path, args.data)
+        proba = backend.predict_proba(model, test.images, p.batch_size)
         summary, per_class = classification_metrics(test.labels, proba, test.classes)
         predicted = proba.argmax(1)
         run.log_summary(summary)
         run.log_confusion_matrix([test.classes[i] for i in test.labels], [test.classes[i] for i in predicted])
         files.write_json(live_dir / "per_class.json", per_class)
-        run.set_tags({"model": args.model, **data.dataset_tags(args.data)})
+        run.set_tags({"model": args.model, **backend.describe(), **data.dataset_tags(args.data)})
         run.log_dict(per_class, "per_class.json")
         run.log_figure(confusion_figure(test.labels, predicted, test.classes), "confusion_matrix.png")
 

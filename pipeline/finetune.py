@@ -3,7 +3,8 @@
 Phase 1 trains only the new head at `head_lr`; phase 2 unfreezes the top `unfreeze_fraction`
 of the backbone and trains it with the head at the lower `lr`. Frozen BatchNorm layers stay in
 eval mode throughout. Reads the prepared train/val splits and the backbone weights; writes the
-checkpoint (`models/finetune.pt`), its metrics and curves (`dvclive/finetune/`).
+model folder (`models/finetune/`), its metrics and curves (`dvclive/finetune/`). PyTorch
+only: the backbones are timm's and torchvision's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import config, data, engine, models, runtime
+from pipeline import backends, config, data, engine, models, runtime
 from pipeline.config import check
 
 
@@ -79,19 +80,19 @@ def finetune(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--out", type=Path, default=Path("models/finetune.pt"))
+    parser.add_argument("--out", type=Path, default=Path("models/finetune"), help="the model folder")
     parser.add_argument("--live", type=Path, default=Path("dvclive/finetune"))
     args = parser.parse_args(argv)
     p = config.load("finetune", FinetuneParams)
     rt = config.load("runtime", runtime.RuntimeParams)
-    device = runtime.configure(rt)
-    generator = runtime.seed_everything(p.seed)
+    backend = backends.get("torch", rt, p.seed)
+    device, generator = backend.device, backend.generator
     train_set, val_set = data.load_split(args.data, "train"), data.load_split(args.data, "val")
     net, weights_sha256 = models.load_pretrained(p.backbone, p.weights, p.weights_sha256)
     margs = model_args(p, train_set)
     model = models.PretrainedCNN(**margs, net=net)
     with tracking.stage_run("finetune", {"finetune": p, "runtime": rt}, live_dir=args.live) as run:
-        run.set_tags({**runtime.describe(device, rt), **data.dataset_tags(args.data), "weights_sha256": weights_sha256})
+        run.set_tags({**backend.describe(), **data.dataset_tags(args.data), "weights_sha256": weights_sha256})
         started = time.perf_counter()
         results = finetune(model, train_set, val_set, p, device, generator, run)
         seconds = time.perf_counter() - started
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         run.log_summary({"best/val_loss": last.best_val_loss, "best/val_acc": last.best_val_acc,
                          "epochs_run": sum(r.epochs_run for r in results)})
         run.log_timing({"fit_seconds": seconds})
-        models.save_checkpoint(args.out, model.cpu(), "pretrained_cnn", margs, train_set.classes)
+        backends.save(args.out, backend, model, "pretrained_cnn", margs, train_set.classes)
         run.log_artifact(args.out, "model")
 
 

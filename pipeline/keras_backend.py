@@ -6,45 +6,61 @@ momentum and epsilon, AdamW / Adam / SGD, the one-cycle / cosine / constant sche
 torch's formulas, label smoothing, global gradient clipping, random shifts, early stopping on
 the unsmoothed validation loss with the best weights restored.
 
-TensorFlow is imported here only, and only when a function runs (`import tensorflow` costs
-about 5 s): the torch stages never pay for it. `configure` must run before anything else
-touches TensorFlow: it fixes the environment TensorFlow reads once at import.
+Exports (`Backend.export`): a SavedModel for TensorFlow Serving (`saved_model/1/`, signature
+serving_default: float32 NHWC `image` in [0, 1] -> `probabilities`), TFLite in float32 and
+full-integer int8 (`model.tflite`, `model_int8.tflite`) and ONNX (`model.onnx`, through
+tf2onnx). Every file is byte-identical on a rerun; see each writer for what that took.
 
-Work in progress (branch keras-backend): the stage wiring, exports and DVC entries follow.
+`backends` imports this module only for `train.framework: keras` or a keras model folder, so
+the torch stages never import TensorFlow (about 5 s). `configure` runs before anything else
+touches TensorFlow: it fixes the environment TensorFlow reads once, at import.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import data
+from pipeline import backends, data, files
+from pipeline.config import ConfigError
+from pipeline.engine import FitParams, FitResult
 
 if TYPE_CHECKING:
     import keras
 
-    from pipeline.engine import FitParams
+    from pipeline.export import ExportParams
+    from pipeline.runtime import RuntimeParams
     from pipeline.tracking import StageRun
 
 BN_MOMENTUM = 0.9  # torch's BatchNorm momentum 0.1 is Keras' 0.9 (the weight on the old value)
 BN_EPSILON = 1e-5  # torch's default; Keras' is 1e-3
 
 
-def configure(seed: int, threads: int) -> Any:
-    """Deterministic TensorFlow: fixed threads, deterministic ops, seeds; returns the module.
+def configure(seed: int, threads: int, device: str = "cpu") -> Any:
+    """Deterministic TensorFlow: fixed threads, deterministic ops, seeds, the device; returns the module.
 
     oneDNN is switched off explicitly: TensorFlow turns it on by itself on AVX-512 CPUs, and
     its kernels change results. The thread count changes float sums, so it is pinned."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no C++ start-up chatter in stage logs
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras
     import tensorflow as tf
 
+    gpus = tf.config.list_physical_devices("GPU")
+    if device == "cuda" and not gpus:
+        raise ConfigError(
+            "params.yaml: runtime.device is 'cuda' but TensorFlow sees no GPU (the pinned tensorflow-cpu "
+            "has no GPU support); use 'auto' or 'cpu' for train.framework keras, or install a CUDA build of TensorFlow 2.21"
+        )
     try:
+        if device == "cpu" and gpus:
+            tf.config.set_visible_devices([], "GPU")
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
     except RuntimeError:  # already initialised in this process (tests): the first setting stands
@@ -52,6 +68,64 @@ def configure(seed: int, threads: int) -> Any:
     tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(seed)
     return tf
+
+
+class Backend(backends.Backend):
+    """`backends.Backend` for Keras 3 on TensorFlow; builds the scratch CNN only (the
+    pretrained backbones are timm's and torchvision's, so `finetune` stays torch)."""
+
+    framework = "keras"
+    model_file = "model.keras"
+    layout = "NHWC"
+
+    def __init__(self, rt: RuntimeParams, seed: int = 0) -> None:
+        self.runtime = rt
+        self.tf = configure(seed, rt.threads, rt.device)
+
+    def describe(self) -> dict[str, str]:
+        import keras
+
+        gpu = bool(self.tf.config.get_visible_devices("GPU"))
+        return {"framework": self.framework, "tensorflow": self.tf.__version__, "keras": keras.__version__,
+                "device": "gpu" if gpu else "cpu", "threads": str(self.runtime.threads), "deterministic": "true"}
+
+    def build(self, arch: str, model_args: dict[str, Any]) -> keras.Model:
+        if arch != "scratch_cnn":
+            raise ConfigError(f"the keras framework builds 'scratch_cnn' only, not {arch!r}; use train.framework torch")
+        return build_scratch_cnn(**{k: tuple(v) if isinstance(v, list) else v for k, v in model_args.items()})
+
+    def fit(self, model, train, val, p, run=None, desc="train") -> FitResult:
+        return fit(model, train, val, p, run, desc)
+
+    def serialize(self, model: keras.Model, card: backends.ModelCard) -> bytes:
+        return save_keras(model)
+
+    def deserialize(self, path: Path, card: backends.ModelCard) -> keras.Model:
+        import keras
+
+        # safe_mode (the default, stated): a Lambda layer's pickled code would be refused
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+
+    def predict_proba(self, model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
+        return backends.softmax64(predict_logits(model, images, batch_size))
+
+    def export(self, model: keras.Model, out: Path, test: np.ndarray, calibration: np.ndarray, meta: dict, p: ExportParams) -> dict[str, np.ndarray]:
+        shape = tuple(test.shape[1:])
+        saved = out / "saved_model" / "1"  # <model>/<version>/ is the folder TF Serving watches
+        save_savedmodel(model, str(saved), shape)
+        calibration = np.asarray(calibration, np.float32) / 255
+        tflite, int8 = to_tflite(str(saved)), to_tflite(str(saved), calibration)
+        onnx_bytes = to_onnx(model, shape, p.opset, meta)
+        files.write_bytes(out / "model.tflite", tflite)
+        files.write_bytes(out / "model_int8.tflite", int8)
+        files.write_bytes(out / "model.onnx", onnx_bytes)
+        threads = self.runtime.threads
+        return {
+            "savedmodel": savedmodel_probabilities(str(saved), backends.float_batches(test, p.batch_size)),
+            "tflite": tflite_predict(tflite, backends.float_batches(test, p.batch_size), threads),
+            "tflite_int8": tflite_predict(int8, backends.float_batches(test, p.batch_size), threads),
+            "onnx": backends.onnx_probabilities(onnx_bytes, backends.float_batches(test, p.batch_size), threads),
+        }
 
 
 def build_scratch_cnn(
@@ -130,7 +204,9 @@ def schedule_value(kind: str, peak: float, total: int, warmup: float, step):
 
 
 def make_optimizer(p: FitParams, total_steps: int) -> Any:
-    """torch's optimizer semantics: AdamW's decoupled decay; Adam and SGD decay as L2 (below)."""
+    """torch's optimizer semantics. AdamW decays decoupled in both frameworks (w -= lr * wd * w
+    before the update). torch's Adam and SGD take weight_decay as L2, wd * w added to the
+    clipped gradient, where Keras' would decay decoupled: `with_l2` gives them torch's."""
     import keras
 
     lr = learning_rate(p, total_steps)
@@ -138,17 +214,27 @@ def make_optimizer(p: FitParams, total_steps: int) -> Any:
     if p.optimizer == "adamw":
         return keras.optimizers.AdamW(lr, weight_decay=p.weight_decay, epsilon=1e-8, **clip)
     if p.optimizer == "adam":
-        return keras.optimizers.Adam(lr, epsilon=1e-8, **clip)
-    return keras.optimizers.SGD(lr, momentum=p.momentum, nesterov=p.momentum > 0, **clip)
+        return with_l2(keras.optimizers.Adam)(lr, epsilon=1e-8, l2=p.weight_decay, **clip)
+    return with_l2(keras.optimizers.SGD)(lr, momentum=p.momentum, nesterov=p.momentum > 0, l2=p.weight_decay, **clip)
 
 
-@dataclass
-class KerasFit:
-    best_epoch: int
-    best_val_loss: float
-    best_val_acc: float
-    epochs_run: int
-    history: list[dict[str, float]]
+def with_l2(optimizer: type) -> type:
+    """`optimizer` with torch's coupled weight decay: g + l2 * w after clipping, before the update.
+    (With momentum, SGD still differs in one way: Keras scales the velocity by the current rate
+    when it accumulates, torch when it applies, which matters only while the rate changes.)"""
+
+    class L2(optimizer):
+        def __init__(self, *args, l2: float = 0.0, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.l2 = l2
+
+        def _backend_update_step(self, grads, trainable_variables, learning_rate):
+            if self.l2:
+                grads = [g + self.l2 * v for g, v in zip(grads, trainable_variables, strict=True)]
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+
+    L2.__name__ = f"{optimizer.__name__}L2"
+    return L2
 
 
 def batches_of(split: data.Split, p: FitParams, seed: int, training: bool) -> Any:
@@ -188,9 +274,13 @@ def shift_batch(index, batch, s: int, seed: int):
     return tf.gather(x, cols, axis=2, batch_dims=1), y
 
 
-def fit(model: keras.Model, train: data.Split, val: data.Split, p: FitParams, run: StageRun | None = None) -> KerasFit:
-    """`engine.fit` in Keras: up to p.epochs, early stopping on val loss, best weights restored."""
+def fit(model: keras.Model, train: data.Split, val: data.Split, p: FitParams, run: StageRun | None = None, desc: str = "train") -> FitResult:
+    """`engine.fit` in Keras: up to p.epochs, early stopping on val loss, best weights restored.
+
+    The split is read into memory (tf.data slices it from there): the streamed path for splits
+    larger than memory is torch's (`engine.Images`) for now."""
     import keras
+    from tqdm import tqdm
 
     steps = math.ceil(len(train) / p.batch_size)
     num_classes = train.num_classes
@@ -204,9 +294,10 @@ def fit(model: keras.Model, train: data.Split, val: data.Split, p: FitParams, ru
     model.compile(optimizer=optimizer, loss=loss, metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")])
     val_images = np.asarray(val.images, np.float32) / 255.0
     val_labels = np.asarray(val.labels, np.int64)
-    result = KerasFit(best_epoch=-1, best_val_loss=math.inf, best_val_acc=0.0, epochs_run=0, history=[])
+    result = FitResult(best_epoch=-1, best_val_loss=math.inf, best_val_acc=0.0, epochs_run=0)
     best_weights = model.get_weights()
-    for epoch in range(p.epochs):
+    bar = tqdm(range(p.epochs), desc=desc, unit="epoch", dynamic_ncols=True)
+    for epoch in bar:
         lr = float(schedule_value(p.schedule, p.lr, p.epochs * steps, p.warmup_fraction, epoch * steps))
         # a pipeline per epoch, seeded by (seed, epoch): its order and shifts differ every epoch
         train_ds = batches_of(train, p, p.seed * 1_000_003 + epoch, training=True)
@@ -219,38 +310,44 @@ def fit(model: keras.Model, train: data.Split, val: data.Split, p: FitParams, ru
         result.epochs_run = epoch + 1
         if run is not None:
             run.log_epoch(epoch, metrics)
+        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
         if val_loss < result.best_val_loss:
             result.best_epoch, result.best_val_loss, result.best_val_acc = epoch, val_loss, val_acc
             best_weights = model.get_weights()
         elif p.early_stopping_patience and epoch - result.best_epoch >= p.early_stopping_patience:
             break
+    bar.close()
     model.set_weights(best_weights)
     return result
 
 
-def predict_logits(model: keras.Model, split: data.Split, batch_size: int = 256) -> np.ndarray:
-    """Logits (N, classes) in input order, read from the split in batches (it may be memory-mapped)."""
-    out = []
-    for start in range(0, len(split), batch_size):
-        x = np.asarray(split.images[start : start + batch_size], np.float32) / 255.0
-        out.append(model(x, training=False).numpy())
+def predict_logits(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits (N, classes) in input order for uint8 (N, H, W, C) images, read in batches (the
+    array may be memory-mapped)."""
+    out = [model(x, training=False).numpy() for x in backends.float_batches(images, batch_size)]
     return np.concatenate(out) if out else np.empty((0, 0), np.float32)
 
 
 # -- saving and export: every file byte-identical on a rerun ----------------------------------
 
 
-def save_keras(model: keras.Model, path: str) -> bytes:
+def save_keras(model: keras.Model) -> bytes:
     """The `.keras` archive without what changes between identical saves: metadata.json's
-    date_saved, the zip entries' timestamps and config.json's shared_object_id (an id())."""
+    date_saved, the zip entries' timestamps and config.json's shared_object_id (an id()).
+
+    Saved uncompiled (a new Model over the same layers): the optimizer's state and the
+    training loss are not the model, and a loader would need this module to rebuild them."""
     import io
     import json
     import tempfile
     import zipfile
 
+    import keras
+
+    bare = keras.Model(model.input, model.output, name=model.name)  # .inputs would save a list structure
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "model.keras")
-        model.save(raw)
+        bare.save(raw)
         out = io.BytesIO()
         with zipfile.ZipFile(raw) as zin, zipfile.ZipFile(out, "w") as zout:
             for name in sorted(zin.namelist()):
@@ -318,16 +415,25 @@ def to_tflite(saved_model_dir: str, calibration: np.ndarray | None = None) -> by
     return converter.convert()
 
 
-def tflite_predict(model_bytes: bytes, images: np.ndarray, threads: int = 1) -> np.ndarray:
-    """Outputs of a TFLite model on float NHWC images, quantising in and out where it is int8."""
+def savedmodel_probabilities(export_dir: str, images) -> np.ndarray:
+    """The SavedModel's serving_default signature, as TF Serving calls it, on float NHWC batches."""
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(export_dir).signatures["serving_default"]
+    return np.concatenate([serve(image=tf.constant(x))["probabilities"].numpy() for x in images])
+
+
+def tflite_predict(model_bytes: bytes, images, threads: int = 1) -> np.ndarray:
+    """Outputs of a TFLite model on float NHWC images (an array or batches of it), quantising
+    in and out where it is int8. LiteRT's interpreter, not TensorFlow's deprecated one."""
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_content=model_bytes, num_threads=threads)
     interpreter.allocate_tensors()
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     results = []
-    for image in images:  # the converted graph has batch size 1
-        x = image[None]
+    for image in (row for batch in ([images] if isinstance(images, np.ndarray) else images) for row in batch):
+        x = image[None]  # the converted graph has batch size 1
         if inp["dtype"] == np.int8:
             scale, zero = inp["quantization"]
             x = np.clip(np.round(x / scale + zero), -128, 127).astype(np.int8)
@@ -341,23 +447,27 @@ def tflite_predict(model_bytes: bytes, images: np.ndarray, threads: int = 1) -> 
     return np.stack(results)
 
 
-def to_onnx(model: keras.Model, input_shape: tuple[int, int, int], opset: int) -> bytes:
-    """ONNX through Keras' own exporter (tf2onnx underneath), outputting probabilities."""
+def to_onnx(model: keras.Model, input_shape: tuple[int, int, int], opset: int, meta: dict | None = None) -> bytes:
+    """ONNX through Keras' own exporter (tf2onnx underneath), outputting probabilities, with
+    `meta` as metadata properties as torch's ONNX file has them."""
     import tempfile
 
     import keras
     import tensorflow as tf
 
-    shipped = keras.Sequential([model, keras.layers.Softmax(name="probabilities")])
-    with tempfile.TemporaryDirectory() as tmp:
+    image = keras.Input(input_shape, name="image")
+    shipped = keras.Model(image, keras.layers.Softmax(name="probabilities")(model(image)))
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # tf2onnx probes np.object, which NumPy deprecates
         path = os.path.join(tmp, "model.onnx")
         shipped.export(path, format="onnx", verbose=False, opset_version=opset,
                        input_signature=[tf.TensorSpec([None, *input_shape], tf.float32, name="image")])
         with open(path, "rb") as f:
-            return canonical_onnx(f.read())
+            proto = canonical_onnx(f.read())
+    return backends.onnx_with_metadata(proto, meta or {})
 
 
-def canonical_onnx(model_bytes: bytes) -> bytes:
+def canonical_onnx(model_bytes: bytes) -> Any:
     """tf2onnx names what it adds from a process-wide counter (Transpose__38 in one run,
     Transpose__40 in the next): rename nodes, inner tensors and constants by their first use
     in the graph, and sort the constants, so equal graphs give equal bytes."""
@@ -384,4 +494,4 @@ def canonical_onnx(model_bytes: bytes) -> bytes:
     graph.initializer.extend(ordered)
     for info in graph.value_info:
         info.name = names.get(info.name, info.name)
-    return proto.SerializeToString(deterministic=True)
+    return proto

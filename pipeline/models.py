@@ -306,9 +306,9 @@ def build(arch: str, model_args: dict[str, Any]) -> nn.Module:
     return ARCHS[arch](**args)
 
 
-def save_checkpoint(path: Path, model: nn.Module, arch: str, model_args: dict[str, Any], classes: tuple[str, ...]) -> None:
-    """Write atomically; serialised in memory first because torch.save into a named file puts
-    the file name inside the archive, and the temporary name would change the bytes."""
+def checkpoint_bytes(model: nn.Module, arch: str, model_args: dict[str, Any], classes: tuple[str, ...]) -> bytes:
+    """The checkpoint, serialised in memory: torch.save into a named file puts the file name
+    inside the archive, so a temporary name would change the bytes."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = {
         "arch": arch,
@@ -318,7 +318,11 @@ def save_checkpoint(path: Path, model: nn.Module, arch: str, model_args: dict[st
     }
     buffer = io.BytesIO()
     torch.save(blob, buffer)
-    files.write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_checkpoint(path: Path, model: nn.Module, arch: str, model_args: dict[str, Any], classes: tuple[str, ...]) -> None:
+    files.write_bytes(path, checkpoint_bytes(model, arch, model_args, classes))  # atomically
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -1,7 +1,9 @@
-"""Train the CNN from scratch.
+"""Train the CNN from scratch, in PyTorch or in Keras (`train.framework`).
 
-Reads the prepared train/val splits (`data/prepared`); writes the checkpoint
-(`models/scratch.pt`), its metrics and its per-epoch curves (`dvclive/train/`).
+Reads the prepared train/val splits (`data/prepared`); writes the model folder
+(`models/scratch/`: model.json and model.pt or model.keras), its metrics and its per-epoch
+curves (`dvclive/train/`). Both frameworks build the same network from the same params and
+train it with the same recipe (`engine.fit`, `keras_backend.fit`); only `backends` knows which.
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from pipeline import config, data, engine, models, runtime
+from pipeline import backends, config, data, engine
 from pipeline.config import check
+from pipeline.runtime import RuntimeParams
 
 
 @dataclass(frozen=True)
 class TrainParams(engine.FitParams):
+    framework: Literal["torch", "keras"] = "torch"  # keras: the same network and recipe in Keras 3 on TensorFlow
     dropout: float = 0.3
     batch_norm: bool = True
     conv3: bool = True  # the optional third conv block (128 filters)
@@ -76,25 +81,24 @@ def model_args(p: TrainParams, train: data.Split) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--out", type=Path, default=Path("models/scratch.pt"))
+    parser.add_argument("--out", type=Path, default=Path("models/scratch"), help="the model folder")
     parser.add_argument("--live", type=Path, default=Path("dvclive/train"))
     args = parser.parse_args(argv)
     p = config.load("train", TrainParams)
-    rt = config.load("runtime", runtime.RuntimeParams)
-    device = runtime.configure(rt)
-    generator = runtime.seed_everything(p.seed)
+    rt = config.load("runtime", RuntimeParams)
+    backend = backends.get(p.framework, rt, p.seed)  # seeds, threads, deterministic kernels, device
     train_set, val_set = data.load_split(args.data, "train"), data.load_split(args.data, "val")
     margs = model_args(p, train_set)
-    model = models.ScratchCNN(**margs)
+    model = backend.build("scratch_cnn", margs)
     with tracking.stage_run("train", {"train": p, "runtime": rt}, live_dir=args.live) as run:
-        run.set_tags({**runtime.describe(device, rt), **data.dataset_tags(args.data)})
+        run.set_tags({**backend.describe(), **data.dataset_tags(args.data)})
         started = time.perf_counter()
-        result = engine.fit(model, train_set, val_set, p, device, generator, run, desc="train")
+        result = backend.fit(model, train_set, val_set, p, run, desc=f"train ({p.framework})")
         seconds = time.perf_counter() - started
         run.log_summary({"best/epoch": result.best_epoch, "best/val_loss": result.best_val_loss,
                          "best/val_acc": result.best_val_acc, "epochs_run": result.epochs_run})
         run.log_timing({"fit_seconds": seconds, "images_per_second": result.epochs_run * len(train_set) / seconds})
-        models.save_checkpoint(args.out, model, "scratch_cnn", margs, train_set.classes)
+        backends.save(args.out, backend, model, "scratch_cnn", margs, train_set.classes)
         run.log_artifact(args.out, "model")
 
 

@@ -1,4 +1,4 @@
-"""The Keras scratch CNN: same architecture and recipe as torch's, deterministic across processes.
+"""The keras framework: the same network and recipe as torch's, its stages and its exports.
 
 TensorFlow runs in subprocesses here: importing torch._dynamo (any torch optimizer) after
 TensorFlow segfaults, and the rest of the suite uses torch in this process."""
@@ -9,19 +9,26 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+
+from conftest import TINY_PARAMS, run
+from pipeline import backends, data
 
 pytest.importorskip("tensorflow")
 
 SCRIPT = r"""
-import hashlib, json, sys
+import json, sys
 import numpy as np
 import torch  # before TensorFlow, always: torch._dynamo after TF segfaults
-from pipeline import data, keras_backend as kb, models, train
-check = sys.argv[1]
+from pipeline import data, models, train
+check, prepared = sys.argv[1], sys.argv[2]
 p = train.TrainParams(epochs=2, batch_size=64)
-if check == "schedule":
-    out = {}
+trn = data.load_split(prepared, "train")
+args = train.model_args(p, trn)
+if check == "unit":
+    lrs = {}
     for kind in ("onecycle", "cosine", "constant"):
         opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=p.lr)
         if kind == "onecycle":
@@ -30,52 +37,47 @@ if check == "schedule":
             sch = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50)
         else:
             sch = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
-        lrs = []
+        lrs[kind] = []
         for _ in range(50):
-            lrs.append(opt.param_groups[0]["lr"]); opt.step(); sch.step()
-        out[kind] = lrs
-    kb.configure(0, 1)
-    keras_lrs = {k: [float(kb.schedule_value(k, p.lr, 50, p.warmup_fraction, i)) for i in range(50)] for k in out}
-    print(json.dumps({"torch": out, "keras": keras_lrs}))
-    sys.exit()
-prepared = sys.argv[2]
-trn, val, tst = (data.load_split(prepared, s) for s in data.SPLITS)
-args = train.model_args(p, trn)
-torch_params = sum(q.numel() for q in models.ScratchCNN(**args).parameters())
-kb.configure(p.seed, 1)
-model = kb.build_scratch_cnn(**args)
-if check == "build":
-    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-    print(json.dumps({"trainable": trainable, "torch": torch_params, "out": list(model.output.shape[1:])}))
+            lrs[kind].append(opt.param_groups[0]["lr"]); opt.step(); sch.step()
+    # three steps of each optimizer on f(w) = sum(w^3), weight decay 0.1, a constant rate
+    start, steps = [1.0, -2.0, 0.5], {}
+    for name, make in {"adam": lambda w: torch.optim.Adam(w, lr=0.01, weight_decay=0.1),
+                       "adamw": lambda w: torch.optim.AdamW(w, lr=0.01, weight_decay=0.1),
+                       "sgd": lambda w: torch.optim.SGD(w, lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.1)}.items():
+        w = torch.nn.Parameter(torch.tensor(start, dtype=torch.float64)); opt = make([w])
+        for _ in range(3):
+            opt.zero_grad(); (w ** 3).sum().backward(); opt.step()
+        steps[name] = w.detach().tolist()
+    torch_params = sum(q.numel() for q in models.ScratchCNN(**args).parameters())
+
+    from pipeline import keras_backend as kb
+    from pipeline.config import ConfigError
+    tf = kb.configure(0, 1)
+    import keras
+    out = {"torch_lrs": lrs, "keras_lrs": {k: [float(kb.schedule_value(k, p.lr, 50, p.warmup_fraction, i)) for i in range(50)] for k in lrs}}
+    out["torch_steps"], out["keras_steps"] = steps, {}
+    for name in steps:
+        q = train.TrainParams(optimizer=name, lr=0.01, weight_decay=0.1, schedule="constant", grad_clip=0.0, momentum=0.9)
+        opt, w = kb.make_optimizer(q, 3), keras.Variable(np.array(start), dtype="float64")
+        for _ in range(3):
+            opt.apply([3 * w.value ** 2], [w])
+        out["keras_steps"][name] = np.asarray(w.value).tolist()
+    model = kb.build_scratch_cnn(**args)
+    out["trainable"], out["torch_params"] = sum(int(np.prod(v.shape)) for v in model.trainable_weights), torch_params
+    out["output"] = list(model.output.shape[1:])
+    try:
+        kb.configure(0, 1, "cuda")
+    except ConfigError as exc:
+        out["cuda_error"] = str(exc)
+    print(json.dumps(out))
 elif check == "overfit":
+    from pipeline import keras_backend as kb
+    kb.configure(0, 1)
     one = data.Split(trn.images[:32], trn.labels[:32], trn.classes)
     q = train.TrainParams(epochs=60, batch_size=32, lr=3e-3, dropout=0.0, augment_shift=0, label_smoothing=0.0, early_stopping_patience=0)
     result = kb.fit(kb.build_scratch_cnn(**{**args, "dropout": 0.0}), one, one, q)
     print(json.dumps({"loss": result.history[-1]["train/loss"], "acc": result.history[-1]["train/acc"]}))
-elif check == "export":
-    import os, tempfile
-    import keras, onnxruntime as ort
-    kb.fit(model, trn, val, train.TrainParams(epochs=1))
-    shape, x = trn.images.shape[1:], np.asarray(tst.images, np.float32) / 255
-    probs = keras.ops.softmax(model(x, training=False)).numpy()
-    files = {"keras": kb.save_keras(model, "unused")}
-    saved = os.path.join(tempfile.mkdtemp(), "1")
-    kb.save_savedmodel(model, saved, shape)
-    files["savedmodel"] = b"".join(f.encode() + open(os.path.join(r, f), "rb").read() for r, _, fs in sorted(os.walk(saved)) for f in sorted(fs))
-    files["tflite"] = kb.to_tflite(saved)
-    files["int8"] = kb.to_tflite(saved, np.asarray(trn.images[:100], np.float32) / 255)
-    files["onnx"] = kb.to_onnx(model, shape, 17)
-    session = ort.InferenceSession(files["onnx"], providers=["CPUExecutionProvider"])
-    outputs = {"tflite": kb.tflite_predict(files["tflite"], x), "int8": kb.tflite_predict(files["int8"], x),
-               "onnx": session.run(None, {"image": x})[0]}
-    print(json.dumps({"hashes": {k: hashlib.sha256(v).hexdigest() for k, v in files.items()},
-                      "max_abs_diff": {k: float(np.abs(v - probs).max()) for k, v in outputs.items()},
-                      "top1": {k: float((v.argmax(1) == probs.argmax(1)).mean()) for k, v in outputs.items()}}))
-else:
-    result = kb.fit(model, trn, val, p)
-    digest = hashlib.sha256(b"".join(w.tobytes() for w in model.get_weights())).hexdigest()
-    logits = kb.predict_logits(model, tst)
-    print(json.dumps({"digest": digest, "history": result.history, "test_acc": float((logits.argmax(1) == tst.labels).mean())}))
 """
 
 
@@ -86,16 +88,16 @@ def keras_run(repo_root, *args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_the_schedules_follow_torchs_formulas(repo_root):
-    out = keras_run(repo_root, "schedule")
-    for kind, expected in out["torch"].items():
-        assert np.allclose(out["keras"][kind], expected, rtol=1e-9, atol=1e-12), kind
-
-
-def test_the_keras_model_has_the_torch_models_shape(repo_root, prepared):
-    out = keras_run(repo_root, "build", str(prepared))
-    assert out["trainable"] == out["torch"]  # layer for layer the same parameters
-    assert out["out"] == [10]
+def test_keras_builds_torchs_network_with_torchs_schedules_and_optimizers(repo_root, prepared):
+    out = keras_run(repo_root, "unit", str(prepared))
+    for kind, expected in out["torch_lrs"].items():
+        assert np.allclose(out["keras_lrs"][kind], expected, rtol=1e-9, atol=1e-12), kind
+    # torch's weight decay: decoupled in AdamW, L2 in Adam and SGD (Keras decouples all three)
+    for name, expected in out["torch_steps"].items():
+        assert np.allclose(out["keras_steps"][name], expected, rtol=1e-6, atol=1e-9), (name, out["keras_steps"][name], expected)
+    assert out["trainable"] == out["torch_params"]  # layer for layer the same parameters
+    assert out["output"] == [10]
+    assert "runtime.device is 'cuda' but TensorFlow sees no GPU" in out["cuda_error"]
 
 
 def test_one_batch_is_learnt_by_heart(repo_root, prepared):
@@ -103,17 +105,36 @@ def test_one_batch_is_learnt_by_heart(repo_root, prepared):
     assert out["acc"] == 1.0 and out["loss"] < 0.05
 
 
-def test_keras_training_is_identical_in_two_processes(repo_root, prepared):
-    a = keras_run(repo_root, "fit", str(prepared))
-    b = keras_run(repo_root, "fit", str(prepared))
-    assert a["digest"] == b["digest"] and a["history"] == b["history"]
-    assert a["test_acc"] > 0.9  # two epochs on the tiny split already learn the digits
+def test_the_keras_stages_train_evaluate_and_export_with_parity(tmp_path, repo_root, prepared):
+    """train, evaluate and export as DVC runs them, with train.framework: keras."""
+    (tmp_path / "params.yaml").write_text(TINY_PARAMS.replace("train: {", "train: {framework: keras, "))
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    for cmd in (["pipeline.train", "--out", "models/scratch"], ["pipeline.evaluate", "--model", "scratch"],
+                ["pipeline.export", "--model", "scratch"]):
+        run([sys.executable, "-m", *cmd, "--data", str(prepared), *(["--models", "models"] if "--model" in cmd else [])], tmp_path, env)
 
+    card = backends.read_card(tmp_path / "models/scratch")
+    assert card.framework == "keras" and card.arch == "scratch_cnn" and card.classes == tuple(str(i) for i in range(10))
+    assert sorted(p.name for p in (tmp_path / "models/scratch").iterdir()) == ["model.json", "model.keras"]
+    trained = json.loads((tmp_path / "dvclive/train/metrics.json").read_text())
+    assert trained["epochs_run"] == 2 and len((tmp_path / "dvclive/train/plots/metrics/val/loss.tsv").read_text().splitlines()) == 3
+    tested = json.loads((tmp_path / "dvclive/evaluate/scratch/metrics.json").read_text())["test"]
+    assert tested["acc"] > 0.9  # two epochs on the tiny split already learn the digits
 
-def test_every_export_agrees_with_keras_and_is_byte_identical_on_rerun(repo_root, prepared):
-    a = keras_run(repo_root, "export", str(prepared))
-    b = keras_run(repo_root, "export", str(prepared))
-    assert a["hashes"] == b["hashes"]  # .keras, SavedModel, TFLite float and int8, ONNX
-    assert a["max_abs_diff"]["onnx"] < 1e-5 and a["max_abs_diff"]["tflite"] < 1e-5
-    assert a["top1"]["onnx"] == a["top1"]["tflite"] == 1.0
-    assert a["max_abs_diff"]["int8"] < 0.25 and a["top1"]["int8"] >= 0.97, a  # quantised: close, not equal
+    parity = json.loads((tmp_path / "dvclive/export/scratch/metrics.json").read_text())
+    assert set(parity) == {"savedmodel", "tflite", "tflite_int8", "onnx"}
+    for name in ("savedmodel", "tflite", "onnx"):
+        assert parity[name]["max_abs_diff"] < 1e-5 and parity[name]["top1_agreement"] == 1.0, name
+    assert parity["tflite_int8"]["max_abs_diff"] < 0.1 and parity["tflite_int8"]["top1_agreement"] >= 0.98
+
+    out = tmp_path / "exports/scratch"
+    assert {"model.json", "model.onnx", "model.tflite", "model_int8.tflite", "saved_model/1/saved_model.pb"} <= {
+        str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["framework"] == "keras" and meta["input"]["layout"] == "NHWC" and meta["input"]["shape"] == ["batch", 16, 16, 1]
+    # the ONNX file stands alone: NHWC floats in, probabilities out, the card embedded
+    embedded = {p.key: json.loads(p.value) for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert embedded["classes"] == meta["classes"] and embedded["input"]["layout"] == "NHWC"
+    x = np.asarray(data.load_split(prepared, "test").images[:5], np.float32) / 255
+    proba = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    assert proba.shape == (5, 10) and np.allclose(proba.sum(1), 1, atol=1e-5)

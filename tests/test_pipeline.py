@@ -46,7 +46,7 @@ def test_dvc_repro_twice_gives_identical_lock_and_then_has_nothing_to_do(tmp_rep
     repo, env = tmp_repo
     run(["dvc", "repro"], repo, env)
     first = (repo / "dvc.lock").read_text()
-    for out in ("models/scratch.pt", "models/finetune.pt", "exports/scratch/model.onnx", "exports/finetune/model.torchscript.pt",
+    for out in ("models/scratch/model.pt", "models/finetune/model.pt", "exports/scratch/model.onnx", "exports/finetune/model.torchscript.pt",
                 "dvclive/evaluate/finetune/plots/sklearn/confusion_matrix.json", "data/prepared/classes.json"):
         assert (repo / out).is_file(), out
 

@@ -15,26 +15,30 @@ import torch
 from PIL import Image
 
 from conftest import run
-from pipeline import data, evaluate, export, finetune, images, models, sources, train
+from pipeline import backends, data, evaluate, export, finetune, images, models, sources, train
 
 
 def test_train_stage_writes_checkpoint_metrics_and_curves_and_repeats_them_exactly(workdir, prepared):
     for name in ("a", "b"):
-        train.main(["--data", str(prepared), "--out", f"{name}/scratch.pt", "--live", f"{name}/live"])
-    assert (workdir / "a/scratch.pt").read_bytes() == (workdir / "b/scratch.pt").read_bytes()
+        train.main(["--data", str(prepared), "--out", f"{name}/scratch", "--live", f"{name}/live"])
+    for file in ("model.pt", "model.json"):
+        assert (workdir / "a/scratch" / file).read_bytes() == (workdir / "b/scratch" / file).read_bytes(), file
     assert (workdir / "a/live/metrics.json").read_bytes() == (workdir / "b/live/metrics.json").read_bytes()
     metrics = json.loads((workdir / "a/live/metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and 0 <= metrics["best"]["epoch"] <= 1
     curve = (workdir / "a/live/plots/metrics/val/loss.tsv").read_text().splitlines()
     assert curve[0] == "step\tloss" and len(curve) == 3
-    model, ckpt = models.load_checkpoint(workdir / "a/scratch.pt")
+    model, ckpt = models.load_checkpoint(workdir / "a/scratch/model.pt")
     assert ckpt["classes"] == [str(i) for i in range(10)] and ckpt["arch"] == "scratch_cnn"
+    card = backends.read_card(workdir / "a/scratch")
+    assert (card.framework, card.arch, list(card.classes)) == ("torch", "scratch_cnn", ckpt["classes"])
+    assert "tensorflow" not in sys.modules  # the torch path never pays for TensorFlow's import
 
 
 def test_finetune_stage_repeats_exactly_and_logs_both_phases(workdir, prepared, mlflow_store):
     for name in ("a", "b"):
-        finetune.main(["--data", str(prepared), "--out", f"{name}/finetune.pt", "--live", f"{name}/live"])
-    assert (workdir / "a/finetune.pt").read_bytes() == (workdir / "b/finetune.pt").read_bytes()
+        finetune.main(["--data", str(prepared), "--out", f"{name}/finetune", "--live", f"{name}/live"])
+    assert (workdir / "a/finetune/model.pt").read_bytes() == (workdir / "b/finetune/model.pt").read_bytes()
     curve = (workdir / "a/live/plots/metrics/train/loss.tsv").read_text().splitlines()
     assert len(curve) == 1 + 2  # head epoch + one unfrozen epoch, one curve
     client = mlflow.MlflowClient(mlflow_store)
@@ -60,6 +64,7 @@ def test_evaluate_reports_metrics_per_class_figures_and_a_confusion_plot(workdir
     assert run.info.run_name == "evaluate@scratch"
     assert run.data.tags["dataset_sha256"] == json.loads((trained / "data/prepared/dataset.json").read_text())["sha256"]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"confusion_matrix.png", "per_class.json"}
+    assert run.data.tags["framework"] == "torch" and "tensorflow" not in sys.modules
 
 
 def test_classification_metrics_match_hand_computed_values():
@@ -75,7 +80,7 @@ def test_a_model_trained_on_other_classes_is_refused(workdir, trained):
     other = workdir / "prepared"
     shutil.copytree(trained / "data/prepared", other)
     (other / "classes.json").write_text(json.dumps([f"c{i}" for i in range(10)]))
-    with pytest.raises(data.DataError, match=r"scratch.pt was trained on classes \['0'.*classes.json lists \['c0'"):
+    with pytest.raises(data.DataError, match=r"models/scratch was trained on classes \['0'.*classes.json lists \['c0'"):
         evaluate.main(["--model", "scratch", "--data", str(other), "--models", str(trained / "models"), "--live", "live"])
 
 
@@ -104,6 +109,7 @@ def test_export_ships_onnx_and_torchscript_that_agree_with_pytorch(workdir, trai
         assert not [n for n in names if n.endswith(".debug_pkl")]
         assert not any(str(repo_root).encode() in archive.read(n) or sys.prefix.encode() in archive.read(n) for n in names)
     assert str(repo_root).encode() not in (workdir / "out/model.onnx").read_bytes()
+    assert "tensorflow" not in sys.modules
 
     extra = {"model.json": ""}
     scripted = torch.jit.load(str(workdir / "out/model.torchscript.pt"), _extra_files=extra)
@@ -135,8 +141,36 @@ def test_export_is_byte_identical_on_rerun(workdir, trained, repo_root):
 
 def test_an_export_that_drifts_from_pytorch_is_refused():
     p = export.ExportParams(max_abs_diff=1.0e-6, min_top1_agreement=1.0)
-    export.check_parity("ONNX Runtime", {"max_abs_diff": 1.0e-7, "top1_agreement": 1.0}, p, "m.pt")
-    with pytest.raises(RuntimeError, match=r"ONNX Runtime export of m.pt disagrees.*max_abs_diff 1e-06"):
-        export.check_parity("ONNX Runtime", {"max_abs_diff": 1.0e-3, "top1_agreement": 1.0}, p, "m.pt")
+    export.check_parity("onnx", {"max_abs_diff": 1.0e-7, "top1_agreement": 1.0}, p, "models/m")
+    with pytest.raises(RuntimeError, match=r"onnx export of models/m disagrees with the torch model.*max_abs_diff 1e-06"):
+        export.check_parity("onnx", {"max_abs_diff": 1.0e-3, "top1_agreement": 1.0}, p, "models/m")
     with pytest.raises(RuntimeError, match="min_top1_agreement 1.0"):
-        export.check_parity("ONNX Runtime", {"max_abs_diff": 0.0, "top1_agreement": 0.99}, p, "m.pt")
+        export.check_parity("onnx", {"max_abs_diff": 0.0, "top1_agreement": 0.99}, p, "models/m")
+    # quantised formats answer to the int8 thresholds, looser by design, and only to them
+    q = export.ExportParams(int8_max_abs_diff=0.05, int8_min_top1_agreement=0.98)
+    export.check_parity("tflite_int8", {"max_abs_diff": 0.03, "top1_agreement": 0.99}, q, "models/m", "keras")
+    with pytest.raises(RuntimeError, match=r"tflite_int8 export .* keras model.*int8_max_abs_diff 0.05"):
+        export.check_parity("tflite_int8", {"max_abs_diff": 0.06, "top1_agreement": 1.0}, q, "models/m", "keras")
+    with pytest.raises(RuntimeError, match=r"allowed: max_abs_diff 0.0001"):
+        export.check_parity("tflite", {"max_abs_diff": 0.03, "top1_agreement": 1.0}, q, "models/m", "keras")
+
+
+def test_a_model_folder_is_checked_before_any_framework_loads(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model.json: not found; .*not a trained model folder.*old single-file layout"):
+        (tmp_path / "scratch.pt").write_bytes(b"")
+        backends.read_card(tmp_path / "scratch")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m/model.json").write_text(json.dumps({"framework": "jax", "arch": "a", "model_args": {}, "classes": []}))
+    with pytest.raises(ValueError, match=r"framework 'jax' is not known; valid: \['keras', 'torch'\]"):
+        backends.read_card(tmp_path / "m")
+
+
+def test_a_refused_export_leaves_the_previous_one_whole(workdir, trained):
+    args = ["--model", "scratch", "--data", str(trained / "data/prepared"), "--models", str(trained / "models"), "--out", "out", "--live", "live"]
+    export.main(args)
+    before = {p.name: p.read_bytes() for p in (workdir / "out").iterdir()}
+    (workdir / "params.yaml").write_text((workdir / "params.yaml").read_text().replace("export: {", "export: {max_abs_diff: 1.0e-12, "))
+    with pytest.raises(RuntimeError, match=r"export of .*models/scratch disagrees with the torch model"):
+        export.main(args)
+    assert {p.name: p.read_bytes() for p in (workdir / "out").iterdir()} == before
+    assert not [p for p in workdir.iterdir() if p.name.startswith(".out.")]  # no temporary folder left behind
