@@ -149,17 +149,29 @@ def build_scratch_cnn(
     x = layers.Rescaling(scale=scale, offset=-np.array(mean, np.float32) * scale, name="normalize")(inputs)
     widths = [32, 64, 128] if conv3 else [32, 64]
     for i, width in enumerate(widths):
-        x = layers.Conv2D(width, 3, padding="same", use_bias=not batch_norm, name=f"conv{i + 1}")(x)
+        fan_in = (in_channels if i == 0 else widths[i - 1]) * 9
+        x = layers.Conv2D(width, 3, padding="same", use_bias=not batch_norm, name=f"conv{i + 1}", **torch_init(fan_in))(x)
         if batch_norm:
             x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"bn{i + 1}")(x)
         x = layers.ReLU()(x)
         if i < 2:
             x = layers.MaxPooling2D(2)(x)
-    x = layers.Flatten()(x)
-    x = layers.Dense(hidden, activation="relu", name="hidden")(x)
+    x = layers.Flatten()(x)  # (h, w, c) order where torch's is (c, h, w): a fixed permutation of the next weights
+    x = layers.Dense(hidden, activation="relu", name="hidden", **torch_init(x.shape[-1]))(x)
     x = layers.Dropout(dropout, name="dropout")(x)
-    logits = layers.Dense(num_classes, name="logits")(x)
+    logits = layers.Dense(num_classes, name="logits", **torch_init(hidden))(x)
     return keras.Model(inputs, logits, name="scratch_cnn")
+
+
+def torch_init(fan_in: int) -> dict[str, Any]:
+    """torch's default for nn.Conv2d and nn.Linear, kaiming_uniform(a=sqrt(5)), is U(-b, b)
+    with b = 1 / sqrt(fan_in), and the bias the same; Keras' own (Glorot, zero bias) would
+    start the two frameworks from differently scaled weights."""
+    import keras
+
+    bound = 1 / math.sqrt(fan_in)
+    return {"kernel_initializer": keras.initializers.RandomUniform(-bound, bound),
+            "bias_initializer": keras.initializers.RandomUniform(-bound, bound)}
 
 
 def learning_rate(p: FitParams, total_steps: int) -> Any:
@@ -237,24 +249,30 @@ def with_l2(optimizer: type) -> type:
     return L2
 
 
-def batches_of(split: data.Split, p: FitParams, seed: int, training: bool) -> Any:
-    """A tf.data pipeline over the split: seeded reshuffle each epoch, random shifts in training."""
+def train_batches(split: data.Split, p: FitParams, seed: int) -> Any:
+    """One epoch of training batches as a tf.data pipeline: a seeded order, float input, shifts.
+
+    Each batch reads exactly its own rows from the split, usually its memory map, as
+    `engine.Images` streams them for torch: a split larger than memory trains, and nothing
+    is copied whole. The order comes from NumPy's generator seeded with `seed`, the shifts
+    from stateless draws keyed by (seed, batch index): a rerun sees the same epoch."""
     import tensorflow as tf
 
-    images = np.asarray(split.images)
+    order = np.random.default_rng(seed).permutation(len(split))
     labels = np.asarray(split.labels, np.int64)
-    ds = tf.data.Dataset.from_tensor_slices((images, labels))
-    if training:
-        ds = ds.shuffle(len(labels), seed=seed)
-    ds = ds.batch(p.batch_size if training else max(p.batch_size, 256))
 
-    def to_input(x, y):
-        x = tf.cast(x, tf.float32) / 255.0
-        return x, y
+    def rows():
+        for start in range(0, len(order), p.batch_size):
+            idx = order[start : start + p.batch_size]
+            yield split.images[idx], labels[idx]  # fancy indexing reads only these rows
 
-    ds = ds.map(to_input, num_parallel_calls=None, deterministic=True)
-    if training and p.augment_shift:
-        ds = ds.enumerate().map(lambda i, xy: shift_batch(i, xy, p.augment_shift, seed), deterministic=True)
+    side, channels = split.image_size, split.channels
+    ds = tf.data.Dataset.from_generator(rows, output_signature=(
+        tf.TensorSpec((None, side, side, channels), tf.uint8), tf.TensorSpec((None,), tf.int64)))
+    ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(len(order) / p.batch_size)))  # Keras knows the epoch's end
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y))
+    if p.augment_shift:
+        ds = ds.enumerate().map(lambda i, xy: shift_batch(i, xy, p.augment_shift, seed))
     return ds.prefetch(1)
 
 
@@ -276,9 +294,7 @@ def shift_batch(index, batch, s: int, seed: int):
 
 def fit(model: keras.Model, train: data.Split, val: data.Split, p: FitParams, run: StageRun | None = None, desc: str = "train") -> FitResult:
     """`engine.fit` in Keras: up to p.epochs, early stopping on val loss, best weights restored.
-
-    The split is read into memory (tf.data slices it from there): the streamed path for splits
-    larger than memory is torch's (`engine.Images`) for now."""
+    Both splits are read batch by batch, so they may be memory maps larger than memory."""
     import keras
     from tqdm import tqdm
 
@@ -292,7 +308,6 @@ def fit(model: keras.Model, train: data.Split, val: data.Split, p: FitParams, ru
         return keras.losses.categorical_crossentropy(onehot, logits, from_logits=True, label_smoothing=smoothing)
 
     model.compile(optimizer=optimizer, loss=loss, metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")])
-    val_images = np.asarray(val.images, np.float32) / 255.0
     val_labels = np.asarray(val.labels, np.int64)
     result = FitResult(best_epoch=-1, best_val_loss=math.inf, best_val_acc=0.0, epochs_run=0)
     best_weights = model.get_weights()
@@ -300,9 +315,9 @@ def fit(model: keras.Model, train: data.Split, val: data.Split, p: FitParams, ru
     for epoch in bar:
         lr = float(schedule_value(p.schedule, p.lr, p.epochs * steps, p.warmup_fraction, epoch * steps))
         # a pipeline per epoch, seeded by (seed, epoch): its order and shifts differ every epoch
-        train_ds = batches_of(train, p, p.seed * 1_000_003 + epoch, training=True)
+        train_ds = train_batches(train, p, p.seed * 1_000_003 + epoch)
         logs = model.fit(train_ds, epochs=epoch + 1, initial_epoch=epoch, verbose=0, shuffle=False).history
-        logits = model.predict(val_images, batch_size=max(p.batch_size, 256), verbose=0)
+        logits = predict_logits(model, val.images, max(p.batch_size, 256))
         val_loss = float(keras.ops.mean(keras.losses.sparse_categorical_crossentropy(val_labels, logits, from_logits=True)))
         val_acc = float((logits.argmax(1) == val_labels).mean())
         metrics = {"train/loss": logs["loss"][-1], "train/acc": logs["acc"][-1], "val/loss": val_loss, "val/acc": val_acc, "lr": lr}

@@ -27,7 +27,7 @@ TINY_PARAMS = """\
 runtime: {threads: 2, device: cpu}
 data: {source: digits, folder: data/sources, root: data/sources}
 prepare: {seed: 0, image_size: 16, val_fraction: 0.15, test_fraction: 0.15}
-train: {seed: 0, epochs: 2, batch_size: 64, lr: 3.0e-3}
+train: {framework: torch, seed: 0, epochs: 2, batch_size: 64, lr: 3.0e-3}
 finetune:
   seed: 0
   input_size: 16

@@ -49,7 +49,9 @@ if check == "unit":
         for _ in range(3):
             opt.zero_grad(); (w ** 3).sum().backward(); opt.step()
         steps[name] = w.detach().tolist()
-    torch_params = sum(q.numel() for q in models.ScratchCNN(**args).parameters())
+    net = models.ScratchCNN(**args)
+    torch_params = sum(q.numel() for q in net.parameters())
+    torch_bounds = [float(m.weight.abs().max()) for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
 
     from pipeline import keras_backend as kb
     from pipeline.config import ConfigError
@@ -66,6 +68,7 @@ if check == "unit":
     model = kb.build_scratch_cnn(**args)
     out["trainable"], out["torch_params"] = sum(int(np.prod(v.shape)) for v in model.trainable_weights), torch_params
     out["output"] = list(model.output.shape[1:])
+    out["bounds"] = torch_bounds, [float(np.abs(l.kernel.numpy()).max()) for l in model.layers if hasattr(l, "kernel")]
     try:
         kb.configure(0, 1, "cuda")
     except ConfigError as exc:
@@ -97,6 +100,8 @@ def test_keras_builds_torchs_network_with_torchs_schedules_and_optimizers(repo_r
         assert np.allclose(out["keras_steps"][name], expected, rtol=1e-6, atol=1e-9), (name, out["keras_steps"][name], expected)
     assert out["trainable"] == out["torch_params"]  # layer for layer the same parameters
     assert out["output"] == [10]
+    torch_bounds, keras_bounds = out["bounds"]  # torch's initial weight scale, layer by layer
+    assert len(keras_bounds) == len(torch_bounds) and np.allclose(keras_bounds, torch_bounds, rtol=0.05)
     assert "runtime.device is 'cuda' but TensorFlow sees no GPU" in out["cuda_error"]
 
 
@@ -107,7 +112,7 @@ def test_one_batch_is_learnt_by_heart(repo_root, prepared):
 
 def test_the_keras_stages_train_evaluate_and_export_with_parity(tmp_path, repo_root, prepared):
     """train, evaluate and export as DVC runs them, with train.framework: keras."""
-    (tmp_path / "params.yaml").write_text(TINY_PARAMS.replace("train: {", "train: {framework: keras, "))
+    (tmp_path / "params.yaml").write_text(TINY_PARAMS.replace("framework: torch", "framework: keras"))
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
     for cmd in (["pipeline.train", "--out", "models/scratch"], ["pipeline.evaluate", "--model", "scratch"],
                 ["pipeline.export", "--model", "scratch"]):

@@ -119,3 +119,30 @@ def test_a_dvc_tracked_image_folder_drives_ingest_and_prepare(tmp_repo, tmp_path
     reran = run(["dvc", "repro", "prepare"], repo, env).stdout
     assert "Running stage 'ingest'" in reran and "Running stage 'prepare'" in reran
     assert (repo / "data" / "ingested" / "manifest.csv").read_text() != manifest
+
+
+def test_the_keras_framework_runs_as_an_experiment_and_reruns_byte_identically(tmp_repo):
+    """Last in this module: it leaves the workspace on the keras experiment."""
+    repo, env = tmp_repo
+    if not (repo / "dvc.lock").is_file():
+        pytest.skip("needs the repro test's committed run")
+    run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
+    ran = run(["dvc", "exp", "run", "-n", "keras", "-S", "train.framework=keras"], repo, env).stdout
+    # only the scratch model's stages depend on train: finetune and its evaluation stay cached
+    assert "Running stage 'train'" in ran and "Running stage 'export@scratch'" in ran and "Running stage 'finetune'" not in ran
+    assert json.loads((repo / "models/scratch/model.json").read_text())["framework"] == "keras"
+    first = (repo / "dvc.lock").read_text()
+    run(["dvc", "repro", "-f", "-s", "train", "evaluate@scratch", "export@scratch"], repo, env)
+    assert (repo / "dvc.lock").read_text() == first  # the .keras file, exports, metrics and curves
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    revs = {exp.get("name") or rev.get("name"): rev for baseline in shown for exp in baseline.get("experiments") or [] for rev in exp["revs"]}
+    keras = revs["keras"]["data"]
+    assert keras["params"]["params.yaml"]["data"]["train"]["framework"] == "keras"
+    assert keras["metrics"]["dvclive/evaluate/scratch/metrics.json"]["data"]["test"]["acc"] > 0.9
+    assert set(keras["metrics"]["dvclive/export/scratch/metrics.json"]["data"]) == {"savedmodel", "tflite", "tflite_int8", "onnx"}
+    plots = json.loads(run(["dvc", "plots", "diff", "HEAD", "keras", "--json"], repo, env).stdout)
+    loss = plots["Scratch CNN loss"] if "Scratch CNN loss" in plots else plots
+    assert "keras" in json.dumps(loss) and "HEAD" in json.dumps(loss)  # both runs' curves in one plot
+    tags = {(r.data.tags.get("dvc_exp_name"), r.data.tags["stage"]): r.data.tags for r in mlflow_runs(repo)}
+    assert tags[("keras", "train")]["framework"] == "keras" and "tensorflow" in tags[("keras", "train")]
