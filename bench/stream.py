@@ -186,7 +186,7 @@ def bench(steps: int, repeats: int) -> list[str]:
         for _ in range(repeats):  # alternate so that machine noise hits both alike
             for name, fn in runs.items():
                 rates[name].append(fn())
-        del resident
+        resident = None  # frees the float copy (the lambdas hold the variable, not the value)
     median = {name: statistics.median(v) for name, v in rates.items()}
 
     def mib(n: int) -> str:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 # framework -> the module defining its Backend subclass as `Backend`
 MODULES = {"torch": "pipeline.torch_backend", "keras": "pipeline.keras_backend"}
 CARD = "model.json"
+INPUT_NAME, OUTPUT_NAME = "image", "probabilities"  # every exported format's input and output
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,6 @@ from pipeline.config import check
 from pipeline.evaluate import check_classes
 from pipeline.runtime import RuntimeParams
 
-INPUT_NAME, OUTPUT_NAME = "image", "probabilities"  # every format's input and output names
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ def metadata(card: backends.ModelCard, split: data.Split, preprocessing: dict, l
         "arch": card.arch,
         "framework": card.framework,
         "input": {
-            "name": INPUT_NAME,
+            "name": backends.INPUT_NAME,
             "dtype": "float32",
             "layout": layout,
             "shape": ["batch", channels, side, side] if layout == "NCHW" else ["batch", side, side, channels],
@@ -89,7 +88,7 @@ def metadata(card: backends.ModelCard, split: data.Split, preprocessing: dict, l
                 f"{side}x{side} (bilinear), divide by 255; normalisation is inside the model"
             ),
         },
-        "output": {"name": OUTPUT_NAME, "meaning": "class probabilities, softmax over classes in 'classes' order"},
+        "output": {"name": backends.OUTPUT_NAME, "meaning": "class probabilities, softmax over classes in 'classes' order"},
     }
 
 

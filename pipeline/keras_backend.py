@@ -400,8 +400,8 @@ def save_savedmodel(model: keras.Model, export_dir: str, input_shape: tuple[int,
             super().__init__()
             self.weights = [v.value for v in model.variables]  # plain tf.Variables, tracked in order
             self.serve = tf.function(
-                lambda image: {"probabilities": tf.nn.softmax(model(image, training=False))},
-                input_signature=[tf.TensorSpec([None, *input_shape], tf.float32, name="image")],
+                lambda image: {backends.OUTPUT_NAME: tf.nn.softmax(model(image, training=False))},
+                input_signature=[tf.TensorSpec([None, *input_shape], tf.float32, name=backends.INPUT_NAME)],
             )
 
     module = Serving()
@@ -435,7 +435,7 @@ def savedmodel_probabilities(export_dir: str, images) -> np.ndarray:
     import tensorflow as tf
 
     serve = tf.saved_model.load(export_dir).signatures["serving_default"]
-    return np.concatenate([serve(image=tf.constant(x))["probabilities"].numpy() for x in images])
+    return np.concatenate([serve(**{backends.INPUT_NAME: tf.constant(x)})[backends.OUTPUT_NAME].numpy() for x in images])
 
 
 def tflite_predict(model_bytes: bytes, images, threads: int = 1) -> np.ndarray:
@@ -470,13 +470,13 @@ def to_onnx(model: keras.Model, input_shape: tuple[int, int, int], opset: int, m
     import keras
     import tensorflow as tf
 
-    image = keras.Input(input_shape, name="image")
-    shipped = keras.Model(image, keras.layers.Softmax(name="probabilities")(model(image)))
+    image = keras.Input(input_shape, name=backends.INPUT_NAME)
+    shipped = keras.Model(image, keras.layers.Softmax(name=backends.OUTPUT_NAME)(model(image)))
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # tf2onnx probes np.object, which NumPy deprecates
         path = os.path.join(tmp, "model.onnx")
         shipped.export(path, format="onnx", verbose=False, opset_version=opset,
-                       input_signature=[tf.TensorSpec([None, *input_shape], tf.float32, name="image")])
+                       input_signature=[tf.TensorSpec([None, *input_shape], tf.float32, name=backends.INPUT_NAME)])
         with open(path, "rb") as f:
             proto = canonical_onnx(f.read())
     return backends.onnx_with_metadata(proto, meta or {})

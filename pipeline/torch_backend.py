@@ -24,7 +24,7 @@ from pipeline import backends, engine, files, models, runtime
 if TYPE_CHECKING:
     from pipeline.export import ExportParams
 
-INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+INPUT_NAME, OUTPUT_NAME = backends.INPUT_NAME, backends.OUTPUT_NAME
 
 
 class Backend(backends.Backend):
