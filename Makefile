@@ -30,6 +30,7 @@ bench: setup
 	$(VENV)/bin/python -m bench.pipeline
 	$(VENV)/bin/python -m bench.stream
 	$(VENV)/bin/python -m bench.data
+	$(VENV)/bin/python -m bench.frameworks
 
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --port 5000

@@ -128,3 +128,9 @@ def digit_folder(root, per_class: int = 12) -> None:
                 Image.fromarray((np.asarray(big).astype(np.uint16) * 257)).save(path.with_suffix(".tif"))  # 16-bit
             case 3:
                 big.convert("LA").save(path.with_suffix(".png"))
+
+
+def pytest_collection_finish(session) -> None:
+    """TensorFlow stays out of pytest's own process: torch._dynamo, which any torch optimizer
+    imports, segfaults once TensorFlow is loaded. Keras tests run it in subprocesses."""
+    assert "tensorflow" not in sys.modules, "a test module imported TensorFlow at collection; run it in a subprocess"

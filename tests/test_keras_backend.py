@@ -1,7 +1,8 @@
 """The keras framework: the same network and recipe as torch's, its stages and its exports.
 
-TensorFlow runs in subprocesses here: importing torch._dynamo (any torch optimizer) after
-TensorFlow segfaults, and the rest of the suite uses torch in this process."""
+TensorFlow runs in subprocesses only, never in pytest's process (not even to skip on it):
+importing torch._dynamo (any torch optimizer) after TensorFlow segfaults, and the rest of the
+suite builds torch optimizers in this process."""
 
 import json
 import os
@@ -11,12 +12,9 @@ import sys
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 
 from conftest import TINY_PARAMS, run
 from pipeline import backends, data
-
-pytest.importorskip("tensorflow")
 
 SCRIPT = r"""
 import json, sys
