@@ -9,7 +9,7 @@ A trained model is a folder, `models/<name>/`, whichever framework trained it:
 The stages hold no framework code of their own beyond what builds a network: `train` picks a
 backend by `train.framework`; `evaluate` and `export` open any model folder with `load` and
 call the same four methods on it. A backend module is imported only when its framework is
-used, so a torch run never imports TensorFlow (about 5 s here) and a keras run never builds
+used, so a torch run never imports TensorFlow (about 8 s here, with its configuration) and a keras run never builds
 a torch optimizer (importing torch._dynamo after TensorFlow crashes the process).
 """
 
