@@ -133,14 +133,14 @@ def read_card(model_dir: Path) -> ModelCard:
     return ModelCard(raw["framework"], raw["arch"], raw["model_args"], tuple(raw["classes"]))
 
 
-def load(model_dir: Path, runtime: RuntimeParams) -> tuple[Backend, Any, ModelCard]:
-    """(backend, model, card) for a model folder, with only that model's framework imported."""
-    card = read_card(model_dir)
+def load(model_dir: Path, card: ModelCard, runtime: RuntimeParams) -> tuple[Backend, Any]:
+    """(backend, model) for a model folder whose card the caller has read (and checked: the
+    classes, before any framework loads), with only that model's framework imported."""
     backend = get(card.framework, runtime)
     path = Path(model_dir) / backend.model_file
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found, but {Path(model_dir) / CARD} says the model is {card.framework}'s; rerun its stage")
-    return backend, backend.deserialize(path, card), card
+    return backend, backend.deserialize(path, card)
 
 
 def softmax64(logits: np.ndarray) -> np.ndarray:

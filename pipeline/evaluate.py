@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     live_dir = args.live or Path("dvclive/evaluate") / args.model
     model_dir = args.models / args.model
     test = data.load_split(args.data, "test")
-    check_classes(backends.read_card(model_dir).classes, test.classes, model_dir, args.data)
-    backend, model, card = backends.load(model_dir, rt)  # imports only the model's framework
+    card = backends.read_card(model_dir)
+    check_classes(card.classes, test.classes, model_dir, args.data)
+    backend, model = backends.load(model_dir, card, rt)  # imports only the model's framework
     with tracking.stage_run(f"evaluate@{args.model}", {"evaluate": p, "runtime": rt, "model": args.model}, live_dir) as run:
         proba = backend.predict_proba(model, test.images, p.batch_size)
         summary, per_class = classification_metrics(test.labels, proba, test.classes)

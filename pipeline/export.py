@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     card = backends.read_card(model_dir)
     check_classes(card.classes, test.classes, model_dir, args.data)
     # exports are traced and checked on the CPU: the files must not depend on the GPU
-    backend, model, card = backends.load(model_dir, dataclasses.replace(rt, device="cpu"))
+    backend, model = backends.load(model_dir, card, dataclasses.replace(rt, device="cpu"))
     dataset = data.read_json(args.data / "dataset.json", "the dataset description")
     meta = metadata(card, test, dataset.get("preprocessing", {}), backend.layout)
     with tracking.stage_run(f"export@{args.model}", {"export": p, "runtime": rt, "model": args.model}, live_dir) as run:
