@@ -74,7 +74,7 @@ def time_stages(work: Path, params: str) -> dict[str, float]:
     seconds = {}
     for stage in ("ingest", "prepare"):
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=work, env={**env, "PYTHONPATH": str(REPO)}, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "pipeline", stage], cwd=work, env={**env, "PYTHONPATH": str(REPO)}, check=True, capture_output=True)
         seconds[stage] = time.perf_counter() - started
     return seconds
 

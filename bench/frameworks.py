@@ -7,7 +7,7 @@ from params.yaml (all its epochs, unless `--epochs`; early stopping off, so both
 epoch, and the first epoch's one-off costs weigh the same) through `backends` (the stage's own code path, with
 its per-epoch validation pass) on the prepared train split; torch and keras alternate so
 that machine noise hits both alike. Reported per framework: the median images per second
-the cost of `backends.get` (for keras, TensorFlow's import and configuration; torch is
+the cost of `registry.get` (for keras, TensorFlow's import and configuration; torch is
 imported by the train module in both), and the keras / torch throughput ratio. Results go to stdout and bench/results/frameworks.md; nothing
 here is asserted in tests.
 """
@@ -36,9 +36,9 @@ def child(framework: str, epochs: int | None) -> dict:
     p = dataclasses.replace(p, framework=framework, epochs=epochs or p.epochs, early_stopping_patience=0)
     rt = config.load("runtime", RuntimeParams)
     started = time.perf_counter()
-    backend = backends.get(framework, rt, p.seed)
+    backend = registry.get(framework, rt, p.seed)
     startup = time.perf_counter() - started
-    trn, val = data.load_split(REPO / "data/prepared", "train"), data.load_split(REPO / "data/prepared", "val")
+    trn, val = formats.load_split(REPO / "data/prepared", "train"), formats.load_split(REPO / "data/prepared", "val")
     model = backend.build("scratch_cnn", train.model_args(p, trn))
     started = time.perf_counter()
     result = backend.fit(model, trn, val, p, None, desc=f"bench {framework}")
@@ -72,7 +72,7 @@ def main() -> None:
         f"Train params from params.yaml, {first['epochs']} epochs on {first['train_images']} training images "
         f"(each with its validation pass), {first['threads']} threads, CPU; medians of {args.repeats} "
         "fresh processes per framework, alternating.", "",
-        "| framework | images/s | backends.get (s) | last val acc |", "|---|---|---|---|",
+        "| framework | images/s | registry.get (s) | last val acc |", "|---|---|---|---|",
         *(f"| {name} | {rate[name]:,.0f} | {startup[name]:.1f} | {runs[name][-1]['val_acc']:.4f} |" for name in FRAMEWORKS),
         "", f"- keras / torch throughput: {rate['keras'] / rate['torch']:.2f}",
     ]

@@ -34,17 +34,17 @@ def weights_digest(model: torch.nn.Module) -> str:
     return hashlib.sha256(buffer.getvalue()).hexdigest()[:16]
 
 
-def test_acc(model: torch.nn.Module, test: data.Split, device: torch.device) -> float:
-    logits = engine.predict_logits(model, test.images, device)
+def test_acc(model: torch.nn.Module, test: formats.Split, device: torch.device) -> float:
+    logits = recipe.predict_logits(model, test.images, device)
     return float((logits.argmax(1).numpy() == test.labels).mean())
 
 
 def fit_scratch(prepared: Path, device: torch.device, p: train.TrainParams) -> dict:
     generator = runtime.seed_everything(p.seed)
-    tr, va, te = (data.load_split(prepared, s) for s in data.SPLITS)
-    model = models.ScratchCNN(**train.model_args(p, tr))
+    tr, va, te = (formats.load_split(prepared, s) for s in formats.SPLITS)
+    model = torch_model.ScratchCNN(**train.model_args(p, tr))
     started = time.perf_counter()
-    result = engine.fit(model, tr, va, p, device, generator, desc=f"scratch/{device.type}")
+    result = recipe.fit(model, tr, va, p, device, generator, desc=f"scratch/{device.type}")
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
@@ -54,9 +54,9 @@ def fit_scratch(prepared: Path, device: torch.device, p: train.TrainParams) -> d
 
 def fit_finetune(prepared: Path, device: torch.device, p: finetune.FinetuneParams) -> dict:
     generator = runtime.seed_everything(p.seed)
-    tr, va, te = (data.load_split(prepared, s) for s in data.SPLITS)
-    net, _ = models.load_pretrained(p.backbone, p.weights, p.weights_sha256)
-    model = models.PretrainedCNN(**finetune.model_args(p, tr), net=net)
+    tr, va, te = (formats.load_split(prepared, s) for s in formats.SPLITS)
+    net, _ = weights.load_pretrained(p.backbone, p.weights, p.weights_sha256)
+    model = torch_model.PretrainedCNN(**finetune.model_args(p, tr), net=net)
     started = time.perf_counter()
     finetune.finetune(model, tr, va, p, device, generator, None)
     seconds = time.perf_counter() - started
@@ -70,12 +70,12 @@ def main() -> None:
     args = parser.parse_args()
     tp = config.load("train", train.TrainParams)
     fp = config.load("finetune", finetune.FinetuneParams)
-    cuda = runtime.configure(runtime.RuntimeParams(device="cuda"))
+    cuda = runtime.configure(RuntimeParams(device="cuda"))
     report: dict = {"gpu": torch.cuda.get_device_name(cuda), "torch": torch.__version__}
     report["scratch_cuda"] = [fit_scratch(args.data, cuda, tp) for _ in range(2)]
-    resident_bytes, engine.RESIDENT_BYTES = engine.RESIDENT_BYTES, 0
+    resident_bytes, recipe.RESIDENT_BYTES = recipe.RESIDENT_BYTES, 0
     report["scratch_cuda_streamed"] = fit_scratch(args.data, cuda, tp)
-    engine.RESIDENT_BYTES = resident_bytes
+    recipe.RESIDENT_BYTES = resident_bytes
     report["finetune_cuda"] = [fit_finetune(args.data, cuda, fp) for _ in range(2)]
     report["scratch_cpu"] = fit_scratch(args.data, torch.device("cpu"), dataclasses.replace(tp))
     runs = report["scratch_cuda"]

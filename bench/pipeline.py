@@ -6,7 +6,7 @@
 1. `dvc repro -f` of the real dvc.yaml and params.yaml in a temporary copy of the repository,
    timed end to end, with each stage's in-process time from MLflow beside it (the difference
    is process start-up: imports of torch, MLflow, DVCLive).
-2. Training throughput (images per second) of `engine.train_one_epoch` with the train
+2. Training throughput (images per second) of `recipe.train_one_epoch` with the train
    stage's params against a bare PyTorch loop (forward, loss, backward, optimizer step) over the
    same in-memory tensors and the same model, measured side by side, alternating, in one run.
    The ratio is what counts; absolute figures depend on the machine.
@@ -83,30 +83,30 @@ def bench_throughput(repeats: int) -> list[str]:
     from pipeline import config, data, engine, models, prepare, runtime, train
 
     p = config.load("train", train.TrainParams, REPO / "params.yaml")
-    rt = config.load("runtime", runtime.RuntimeParams, REPO / "params.yaml")
+    rt = config.load("runtime", RuntimeParams, REPO / "params.yaml")
     prep = config.load("prepare", prepare.PrepareParams, REPO / "params.yaml")
     device = runtime.configure(rt)
     # The train split's shape and size without running the earlier stages: digits-sized noise.
     n = 1257
     rng = np.random.default_rng(0)
-    split = data.Split(rng.integers(0, 256, (n, prep.image_size, prep.image_size, 1), dtype=np.uint8),
+    split = formats.Split(rng.integers(0, 256, (n, prep.image_size, prep.image_size, 1), dtype=np.uint8),
                        rng.integers(0, 10, n), tuple(str(i) for i in range(10)))
-    images, labels = engine.to_tensors(split)
-    staged = engine.stage(images, device, p.channels_last)  # as fit() does once per fit
+    images, labels = recipe.to_tensors(split)
+    staged = recipe.stage(images, device, p.channels_last)  # as fit() does once per fit
 
     def fresh_model():
         torch.manual_seed(0)
-        model = models.ScratchCNN(**train.model_args(p, split))
+        model = torch_model.ScratchCNN(**train.model_args(p, split))
         return model.to(device, memory_format=torch.channels_last if p.channels_last else torch.preserve_format)
 
     def pipeline_epoch() -> float:
         model = fresh_model()
         params = [q for q in model.parameters() if q.requires_grad]
-        optimizer = engine.make_optimizer(params, p)
-        scheduler = engine.make_scheduler(optimizer, p, -(-n // p.batch_size))
+        optimizer = recipe.make_optimizer(params, p)
+        scheduler = recipe.make_scheduler(optimizer, p, -(-n // p.batch_size))
         generator = torch.Generator().manual_seed(0)
         started = time.perf_counter()
-        engine.train_one_epoch(model, staged, labels, optimizer, scheduler, p, device, generator)
+        recipe.train_one_epoch(model, staged, labels, optimizer, scheduler, p, device, generator)
         return n / (time.perf_counter() - started)
 
     def bare_epoch(recipe: bool) -> float:
@@ -123,7 +123,7 @@ def bench_throughput(repeats: int) -> list[str]:
         for idx in torch.randperm(n, generator=generator).split(p.batch_size):
             x, y = x_all[idx], labels[idx]
             if recipe:
-                x = engine.random_shift(x, p.augment_shift, generator)
+                x = recipe.random_shift(x, p.augment_shift, generator)
             loss = F.cross_entropy(model(x), y, label_smoothing=p.label_smoothing if recipe else 0.0)
             optimizer.zero_grad()
             loss.backward()

@@ -4,10 +4,10 @@
     python -m bench.stream --steps 50   # fewer training steps a run
 
 Synthetic train splits (uint8 32x32 RGB noise, written as .npy and opened with
-`data.load_split`, as the stages do) at two sizes, 8x apart on disk:
+`formats.load_split`, as the stages do) at two sizes, 8x apart on disk:
 
 1. Memory: the train stage's model arguments (`train.channel_stats`) and a fixed number of
-   `engine.train_one_epoch` steps with the train params, streamed, while a thread samples
+   `recipe.train_one_epoch` steps with the train params, streamed, while a thread samples
    anonymous memory (`RssAnon`: the heap, not the page cache that holds the mapped file). Its
    peak growth should stay flat while the data grows 8x; the resident path is shown beside it.
 2. Throughput (images per second) of the same steps streamed and resident on the smaller split,
@@ -89,28 +89,28 @@ def write_split(folder: Path, n: int, seed: int = 0) -> None:
 
 @contextlib.contextmanager
 def first_steps(steps: int) -> Iterator[None]:
-    """Cut `engine.train_one_epoch` short: its epoch yields only the first `steps` batches. The
+    """Cut `recipe.train_one_epoch` short: its epoch yields only the first `steps` batches. The
     whole shuffled order is still drawn, so the per-image index memory is counted."""
     from pipeline import engine
 
-    full = engine.batches
-    engine.batches = lambda n, batch_size, generator: itertools.islice(full(n, batch_size, generator), steps)
+    full = recipe.batches
+    recipe.batches = lambda n, batch_size, generator: itertools.islice(full(n, batch_size, generator), steps)
     try:
         yield
     finally:
-        engine.batches = full
+        recipe.batches = full
 
 
 @contextlib.contextmanager
 def resident_limit(limit: int) -> Iterator[None]:
     from pipeline import engine
 
-    default = engine.RESIDENT_BYTES
-    engine.RESIDENT_BYTES = limit
+    default = recipe.RESIDENT_BYTES
+    recipe.RESIDENT_BYTES = limit
     try:
         yield
     finally:
-        engine.RESIDENT_BYTES = default
+        recipe.RESIDENT_BYTES = default
 
 
 class Trainer:
@@ -120,7 +120,7 @@ class Trainer:
         from pipeline import config, runtime, train
 
         self.p = config.load("train", train.TrainParams, REPO / "params.yaml")
-        rt = config.load("runtime", runtime.RuntimeParams, REPO / "params.yaml")
+        rt = config.load("runtime", RuntimeParams, REPO / "params.yaml")
         self.device = runtime.configure(rt)
         self.threads, self.split, self.steps = rt.threads, split, steps
         started = time.perf_counter()
@@ -130,7 +130,7 @@ class Trainer:
     def images(self):
         from pipeline import engine
 
-        return engine.Images(self.split.images, self.device, self.p.channels_last)
+        return recipe.Images(self.split.images, self.device, self.p.channels_last)
 
     def run(self, images) -> float:
         """Images per second over `steps` training steps from a fresh model."""
@@ -139,15 +139,15 @@ class Trainer:
         from pipeline import engine, models
 
         torch.manual_seed(0)
-        model = models.ScratchCNN(**self.model_args)
+        model = torch_model.ScratchCNN(**self.model_args)
         model.to(self.device, memory_format=torch.channels_last if self.p.channels_last else torch.preserve_format)
-        optimizer = engine.make_optimizer([q for q in model.parameters() if q.requires_grad], self.p)
-        scheduler = engine.make_scheduler(optimizer, self.p, self.steps)
+        optimizer = recipe.make_optimizer([q for q in model.parameters() if q.requires_grad], self.p)
+        scheduler = recipe.make_scheduler(optimizer, self.p, self.steps)
         labels = torch.from_numpy(self.split.labels).to(self.device)
         generator = torch.Generator().manual_seed(0)
         started = time.perf_counter()
         with first_steps(self.steps):
-            engine.train_one_epoch(model, images, labels, optimizer, scheduler, self.p, self.device, generator)
+            recipe.train_one_epoch(model, images, labels, optimizer, scheduler, self.p, self.device, generator)
         return self.steps * self.p.batch_size / (time.perf_counter() - started)
 
 
@@ -163,9 +163,9 @@ def bench(steps: int, repeats: int) -> list[str]:
             started = time.perf_counter()
             write_split(folder, n)
             written = time.perf_counter() - started
-            split = data.load_split(folder, "train")
+            split = formats.load_split(folder, "train")
             if not trainers:  # warm-up: lazy imports and first-call allocations are no one's data
-                warm = Trainer(data.Split(split.images[:4096], split.labels[:4096], split.classes), 5)
+                warm = Trainer(formats.Split(split.images[:4096], split.labels[:4096], split.classes), 5)
                 warm.run(warm.images())
             with peak_anon() as stats_mem:
                 trainer = Trainer(split, steps)

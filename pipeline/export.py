@@ -17,13 +17,6 @@ thresholds in params.yaml the stage fails and the previous export stays.
 
 from __future__ import annotations
 
-from pipeline import tracking
-
-if __name__ == "__main__":
-    # MLflow's start-up (~4 s) runs in a worker process while this one imports torch & co.
-    tracking.start_worker()
-
-import argparse
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +24,12 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline import backends, config, data, files
+from pipeline import cli, config, files, tracking
 from pipeline.config import check
-from pipeline.evaluate import check_classes
-from pipeline.runtime import RuntimeParams
-
+from pipeline.data import formats
+from pipeline.frameworks import registry
+from pipeline.frameworks.card import ModelCard
+from pipeline.frameworks.interface import INPUT_NAME, OUTPUT_NAME, ExportOptions, RuntimeParams
 
 
 @dataclass(frozen=True)
@@ -62,18 +56,18 @@ class ExportParams:
         check(self.calibration_images >= 1, "calibration_images", f"must be at least 1, got {self.calibration_images}")
 
 
-def metadata(card: backends.ModelCard, split: data.Split, preprocessing: dict, layout: str) -> dict:
+def metadata(card: ModelCard, split: formats.Split, preprocessing: dict, layout: str) -> dict:
     """Everything a consumer needs to feed the model and read its output.
 
     `preprocessing` is prepare's record of how a file became a training array (resize mode,
-    alpha background...); `pipeline.images.load_for_model` repeats it for a new file."""
+    alpha background...); `pipeline.data.images.load_for_model` repeats it for a new file."""
     side, channels = split.image_size, split.channels
     return {
         "classes": list(card.classes),
         "arch": card.arch,
         "framework": card.framework,
         "input": {
-            "name": backends.INPUT_NAME,
+            "name": INPUT_NAME,
             "dtype": "float32",
             "layout": layout,
             "shape": ["batch", channels, side, side] if layout == "NCHW" else ["batch", side, side, channels],
@@ -88,7 +82,7 @@ def metadata(card: backends.ModelCard, split: data.Split, preprocessing: dict, l
                 f"{side}x{side} (bilinear), divide by 255; normalisation is inside the model"
             ),
         },
-        "output": {"name": backends.OUTPUT_NAME, "meaning": "class probabilities, softmax over classes in 'classes' order"},
+        "output": {"name": OUTPUT_NAME, "meaning": "class probabilities, softmax over classes in 'classes' order"},
     }
 
 
@@ -120,38 +114,28 @@ def check_parity(name: str, result: dict[str, float], p: ExportParams, model_pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model name: scratch or finetune")
-    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--models", type=Path, default=Path("models"))
-    parser.add_argument("--out", type=Path, default=None, help="default: exports/<model>")
-    parser.add_argument("--live", type=Path, default=None, help="default: dvclive/export/<model>")
-    args = parser.parse_args(argv)
+    args = cli.model_paths(argv, __doc__, "export", out="exports")
     p = config.load("export", ExportParams)
     rt = config.load("runtime", RuntimeParams)
-    out = args.out or Path("exports") / args.model
-    live_dir = args.live or Path("dvclive/export") / args.model
-    model_dir = args.models / args.model
-    test = data.load_split(args.data, "test")
-    card = backends.read_card(model_dir)
-    check_classes(card.classes, test.classes, model_dir, args.data)
+    test = formats.load_split(args.data, "test")
     # exports are traced and checked on the CPU: the files must not depend on the GPU
-    backend, model = backends.load(model_dir, card, dataclasses.replace(rt, device="cpu"))
-    dataset = data.read_json(args.data / "dataset.json", "the dataset description")
+    backend, model, card = registry.open_model(args.model_dir, test.classes, args.data, dataclasses.replace(rt, device="cpu"))
+    dataset = formats.read_json(args.data / "dataset.json", "the dataset description")
     meta = metadata(card, test, dataset.get("preprocessing", {}), backend.layout)
-    with tracking.stage_run(f"export@{args.model}", {"export": p, "runtime": rt, "model": args.model}, live_dir) as run:
-        run.set_tags({"model": args.model, **backend.describe(), **data.dataset_tags(args.data)})
-        reference = backend.predict_proba(model, test.images, p.batch_size)
-        train = data.load_split(args.data, "train")
+    options = ExportOptions(opset=p.opset, onnx_exporter=p.onnx_exporter, batch_size=p.batch_size)
+    with tracking.stage_run(f"export@{args.model}", {"export": p, "runtime": rt, "model": args.model}, args.live) as run:
+        run.set_tags({"model": args.model, **backend.describe(), **formats.dataset_tags(args.data)})
+        reference = backend.predict(model, test.images, p.batch_size)
+        train = formats.load_split(args.data, "train")
         calibration = train.images[calibration_rows(len(train), p.calibration_images)]
-        with files.atomic_dir(out) as tmp:  # a refused export leaves the previous one whole
-            outputs = backend.export(model, tmp, test.images, calibration, meta, p)
+        with files.atomic_dir(args.out) as tmp:  # a refused export leaves the previous one whole
+            outputs = backend.export(model, tmp, test.images, calibration, meta, options)
             results = {name: parity(reference, probs) for name, probs in outputs.items()}
             run.log_summary({f"{name}/{k}": v for name, result in results.items() for k, v in result.items()})
             for name, result in results.items():
-                check_parity(name, result, p, model_dir, card.framework)
+                check_parity(name, result, p, args.model_dir, card.framework)
             files.write_json(tmp / "model.json", meta)
-        run.log_artifact(out, "export")
+        run.log_artifact(args.out, "export")
 
 
 if __name__ == "__main__":

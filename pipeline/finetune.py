@@ -9,27 +9,27 @@ only: the backbones are timm's and torchvision's.
 
 from __future__ import annotations
 
-from pipeline import tracking
-
-if __name__ == "__main__":
-    # MLflow's start-up (~4 s) runs in a worker process while this one imports torch & co.
-    tracking.start_worker()
-
-import argparse
 import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from pipeline import backends, config, data, engine, models, runtime
+from pipeline import cli, config, tracking
 from pipeline.config import check
+from pipeline.data import formats
+from pipeline.frameworks import card
+from pipeline.frameworks.interface import RuntimeParams
+from pipeline.frameworks.recipe import FitParams, FitResult
+from pipeline.frameworks.torch import model as torch_model
+from pipeline.frameworks.torch import recipe
+from pipeline.frameworks.torch import weights as pretrained  # `weights` is a FinetuneParams field
+from pipeline.frameworks.torch.backend import TorchBackend
 
 
 @dataclass(frozen=True)
-class FinetuneParams(engine.FitParams):
-    backbone: str = models.PACKAGE_BACKBONE  # 'timm:<name>' or 'torchvision:<name>'
-    weights: str = models.PACKAGE_WEIGHTS  # the package, 'hub', 'none' or a local file
-    weights_sha256: str = models.PACKAGE_SHA256  # '' skips the check (hub weights)
+class FinetuneParams(FitParams):
+    backbone: str = pretrained.PACKAGE_BACKBONE  # 'timm:<name>' or 'torchvision:<name>'
+    weights: str = pretrained.PACKAGE_WEIGHTS  # the package, 'hub', 'none' or a local file
+    weights_sha256: str = pretrained.PACKAGE_SHA256  # '' skips the check (hub weights)
     input_size: int = 32  # the backbone's input side; images are resized inside the model
     dropout: float = 0.2
     head_epochs: int = 2
@@ -43,11 +43,11 @@ class FinetuneParams(engine.FitParams):
         check(self.head_epochs >= 0, "head_epochs", f"must be >= 0, got {self.head_epochs}")
         check(0 < self.head_lr <= 10, "head_lr", f"must be in (0, 10], got {self.head_lr}")
         check(0 <= self.unfreeze_fraction <= 1, "unfreeze_fraction", f"must be in [0, 1], got {self.unfreeze_fraction}")
-        check(self.weights != "", "weights", f"must name weights: '{models.PACKAGE_WEIGHTS}', 'hub', 'none' or a file path")
-        models.parse_backbone(self.backbone)  # fail at start-up on a malformed spec
+        check(self.weights != "", "weights", f"must name weights: '{pretrained.PACKAGE_WEIGHTS}', 'hub', 'none' or a file path")
+        torch_model.parse_backbone(self.backbone)  # fail at start-up on a malformed spec
 
 
-def model_args(p: FinetuneParams, train: data.Split) -> dict:
+def model_args(p: FinetuneParams, train: formats.Split) -> dict:
     return {
         "backbone": p.backbone,
         "num_classes": train.num_classes,
@@ -55,52 +55,47 @@ def model_args(p: FinetuneParams, train: data.Split) -> dict:
         "image_size": train.image_size,
         "input_size": p.input_size,
         "dropout": p.dropout,
-        "mean": models.IMAGENET_MEAN,
-        "std": models.IMAGENET_STD,
+        "mean": torch_model.IMAGENET_MEAN,
+        "std": torch_model.IMAGENET_STD,
     }
 
 
 def finetune(
-    model: models.PretrainedCNN, train: data.Split, val: data.Split, p: FinetuneParams,
+    model: torch_model.PretrainedCNN, train: formats.Split, val: formats.Split, p: FinetuneParams,
     device, generator, run: tracking.StageRun | None,
-) -> list[engine.FitResult]:
+) -> list[FitResult]:
     """Both phases; curves continue across them so one plot shows the whole run."""
     results = []
     if p.head_epochs:
         model.set_trainable(0.0)
         head = dataclasses.replace(p, epochs=p.head_epochs, lr=p.head_lr)
-        results.append(engine.fit(model, train, val, head, device, generator, run, desc="finetune head"))
+        results.append(recipe.fit(model, train, val, head, device, generator, run, desc="finetune head"))
     if p.epochs and p.unfreeze_fraction > 0:
         model.set_trainable(p.unfreeze_fraction)
         first = results[0].epochs_run if results else 0
-        results.append(engine.fit(model, train, val, p, device, generator, run, first_epoch=first, desc="finetune top"))
+        results.append(recipe.fit(model, train, val, p, device, generator, run, first_epoch=first, desc="finetune top"))
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--out", type=Path, default=Path("models/finetune"), help="the model folder")
-    parser.add_argument("--live", type=Path, default=Path("dvclive/finetune"))
-    args = parser.parse_args(argv)
+    args = cli.fit_paths(argv, __doc__, "finetune", "finetune")
     p = config.load("finetune", FinetuneParams)
-    rt = config.load("runtime", runtime.RuntimeParams)
-    backend = backends.get("torch", rt, p.seed)
-    device, generator = backend.device, backend.generator
-    train_set, val_set = data.load_split(args.data, "train"), data.load_split(args.data, "val")
-    net, weights_sha256 = models.load_pretrained(p.backbone, p.weights, p.weights_sha256)
+    rt = config.load("runtime", RuntimeParams)
+    backend = TorchBackend(rt, p.seed)  # seeds, threads, deterministic kernels, device
+    train_set, val_set = formats.load_split(args.data, "train"), formats.load_split(args.data, "val")
+    net, weights_sha256 = pretrained.load_pretrained(p.backbone, p.weights, p.weights_sha256)
     margs = model_args(p, train_set)
-    model = models.PretrainedCNN(**margs, net=net)
+    model = torch_model.PretrainedCNN(**margs, net=net)
     with tracking.stage_run("finetune", {"finetune": p, "runtime": rt}, live_dir=args.live) as run:
-        run.set_tags({**backend.describe(), **data.dataset_tags(args.data), "weights_sha256": weights_sha256})
+        run.set_tags({**backend.describe(), **formats.dataset_tags(args.data), "weights_sha256": weights_sha256})
         started = time.perf_counter()
-        results = finetune(model, train_set, val_set, p, device, generator, run)
+        results = finetune(model, train_set, val_set, p, backend.device, backend.generator, run)
         seconds = time.perf_counter() - started
         last = results[-1]
         run.log_summary({"best/val_loss": last.best_val_loss, "best/val_acc": last.best_val_acc,
-                         "epochs_run": sum(r.epochs_run for r in results)})
+                         "epochs_run": sum(r.epochs_run for r in results)})  # fmt: skip
         run.log_timing({"fit_seconds": seconds})
-        backends.save(args.out, backend, model, "pretrained_cnn", margs, train_set.classes)
+        card.save(args.out, backend, model, "pretrained_cnn", margs, train_set.classes)
         run.log_artifact(args.out, "model")
 
 

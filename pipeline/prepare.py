@@ -1,7 +1,7 @@
 """Prepare: split the ingested images and store them at the training size.
 
 Reads `data/ingested` (manifest, classes) and the source's images (`data.folder` or the files
-under `data.root`); writes `data/prepared` (format in `pipeline.data`): per split, uint8
+under `data.root`); writes `data/prepared` (format in `pipeline.data.formats`): per split, uint8
 arrays at `prepare.image_size` that training memory-maps, the class-to-index mapping, and
 `manifest.csv` with each image's split and row, so split membership is an output.
 `near_duplicates.csv` lists val/test images with a perceptual near-twin in an earlier split;
@@ -17,13 +17,6 @@ and written straight into the memory-mapped arrays by worker processes on every 
 
 from __future__ import annotations
 
-from pipeline import tracking
-
-if __name__ == "__main__":
-    # MLflow's start-up (~4 s) runs in a worker process while this one works.
-    tracking.start_worker()
-
-import argparse
 import hashlib
 import time
 from collections.abc import Sequence
@@ -34,8 +27,11 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from pipeline import config, data, files, images, ingest, parallel
+from pipeline import cli, config, files, tracking
 from pipeline.config import check
+from pipeline.data import formats, images, parallel, sources
+from pipeline.data.sources import DataParams, Source
+from pipeline.data.sources.candidates import Item
 
 # (split whose images are checked, split searched for a near-twin): the pairs that leak
 NEAR_DUPLICATE_PAIRS = (("val", "train"), ("test", "train"), ("test", "val"))
@@ -77,7 +73,7 @@ def assign_splits(manifest: pd.DataFrame, params: PrepareParams) -> np.ndarray:
         pool = rows[splits[rows] == "train"]
         counts = [(name, max(1, round(fraction * len(rows)))) for name, fraction in carve]
         if sum(n for _, n in counts) >= len(pool):
-            raise data.DataError(
+            raise formats.DataError(
                 f"class {label!r} has {len(pool)} train images, too few to give {dict(counts)} away and keep one "
                 "to train on; add images to it (at least 3 without fixed splits)"
             )
@@ -118,7 +114,7 @@ def near_duplicates(prepared: pd.DataFrame, max_distance: int) -> pd.DataFrame:
 class Target:
     """Where and how every image goes: the same for all tasks, sent to each worker once."""
 
-    source: ingest.Source
+    source: Source
     out: Path
     size: int
     channels: int
@@ -126,7 +122,7 @@ class Target:
 
 
 # (item, pixel sha256, split, row): small tuples, as 60,000 of them are pickled to the workers
-Task = tuple[ingest.Item, str, str, int]
+Task = tuple[Item, str, str, int]
 _TARGET: Target | None = None
 _ARRAYS: dict[str, np.ndarray] = {}  # each worker's open memory maps, by split
 
@@ -148,7 +144,7 @@ def _fill_batch(batch: Sequence[Task]) -> list[str | None]:
         except images.Rejected as rejected:
             errors.append(f"{item.path}: {rejected} (it was readable at ingest)")
             continue
-        if data.pixel_sha256(pixels) != sha256:
+        if formats.pixel_sha256(pixels) != sha256:
             errors.append(f"{item.path}: pixels differ from the ingest manifest's sha256 (the file changed since ingest)")
             continue
         if split not in _ARRAYS:
@@ -165,13 +161,13 @@ def _crashed(task: Task) -> str:
 
 
 def write_splits(
-    out: Path, prepared: pd.DataFrame, classes: tuple[str, ...], source: ingest.Source, params: PrepareParams, workers: int
+    out: Path, prepared: pd.DataFrame, classes: tuple[str, ...], source: Source, params: PrepareParams, workers: int
 ) -> None:
     """`<split>_images.npy` and `<split>_labels.npy` for every split, filled in parallel."""
     channels = channels_of(prepared)
     class_index = {name: i for i, name in enumerate(classes)}
     tasks: list[Task] = []
-    for split in data.SPLITS:
+    for split in formats.SPLITS:
         rows = prepared[prepared["split"] == split]
         shape = (len(rows), params.image_size, params.image_size, channels)
         np.lib.format.open_memmap(out / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=shape).flush()
@@ -181,7 +177,7 @@ def write_splits(
     errors = [e for e in parallel.map_batches(_fill_batch, tasks, _crashed, workers, 1024, _use_target, (target,)) if e]
     if errors:
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
-        raise data.DataError(f"{len(errors)} images could not be prepared; rerun ingest (dvc repro):\n  " + "\n  ".join(errors[:10]) + more)
+        raise formats.DataError(f"{len(errors)} images could not be prepared; rerun ingest (dvc repro):\n  " + "\n  ".join(errors[:10]) + more)
 
 
 def channels_of(prepared: pd.DataFrame) -> int:
@@ -210,9 +206,9 @@ def prepare_manifest(manifest: pd.DataFrame, params: PrepareParams) -> pd.DataFr
 def statistics(prepared: pd.DataFrame, classes: tuple[str, ...], near: pd.DataFrame) -> dict[str, int | float]:
     stats: dict[str, int | float] = {}
     counts = prepared.groupby(["split", "label"]).size()
-    for split in data.SPLITS:
+    for split in formats.SPLITS:
         stats[f"{split}/images"] = int((prepared["split"] == split).sum())
-        stats.update({f"{split}/per_class/{data.metric_key(c)}": int(counts.get((split, c), 0)) for c in classes})
+        stats.update({f"{split}/per_class/{formats.metric_key(c)}": int(counts.get((split, c), 0)) for c in classes})
     for split, other in NEAR_DUPLICATE_PAIRS:
         found = int(((near["split"] == split) & (near["nearest_split"] == other)).sum()) if len(near) else 0
         stats[f"near_duplicates/{split}_in_{other}"] = found
@@ -221,29 +217,26 @@ def statistics(prepared: pd.DataFrame, classes: tuple[str, ...], near: pd.DataFr
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ingested", type=Path, default=Path("data/ingested"))
-    parser.add_argument("--out", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--live", type=Path, default=Path("dvclive/prepare"))
-    args = parser.parse_args(argv)
-    data_params = config.load("data", ingest.DataParams)
+    args = cli.parse(argv, __doc__, cli.path("--ingested", "data/ingested"), cli.path("--out", "data/prepared"),
+                     cli.path("--live", "dvclive/prepare"))  # fmt: skip
+    data_params = config.load("data", DataParams)
     params = config.load("prepare", PrepareParams)
     with tracking.stage_run("prepare", {"data": data_params, "prepare": params}, live_dir=args.live) as run:
         started = time.perf_counter()
-        manifest = data.read_manifest(args.ingested / "manifest.csv")
-        classes = data.load_classes(args.ingested)
-        dataset = data.read_json(args.ingested / "dataset.json", "the dataset description")
+        manifest = formats.read_manifest(args.ingested / "manifest.csv")
+        classes = formats.load_classes(args.ingested)
+        dataset = formats.read_json(args.ingested / "dataset.json", "the dataset description")
         if dataset.get("source") != data_params.source:
-            raise data.DataError(f"{args.ingested} holds source {dataset.get('source')!r} but data.source is {data_params.source!r}; rerun ingest (dvc repro)")
-        source = ingest.open_source(data_params)
+            raise formats.DataError(f"{args.ingested} holds source {dataset.get('source')!r} but data.source is {data_params.source!r}; rerun ingest (dvc repro)")
+        source = sources.open_source(data_params)  # no fetch: ingest read these files
         prepared = prepare_manifest(manifest, params)
         near = near_duplicates(prepared, params.near_duplicate_distance)
         with files.atomic_dir(args.out) as tmp:
             write_splits(tmp, prepared, classes, source, params, parallel.worker_count())
             files.write_json(tmp / "classes.json", list(classes))
             files.write_json(tmp / "dataset.json", {**dataset, "preprocessing": preprocessing(prepared, params)})
-            data.write_table(tmp / "manifest.csv", prepared)
-            data.write_table(tmp / "near_duplicates.csv", near)
+            formats.write_table(tmp / "manifest.csv", prepared)
+            formats.write_table(tmp / "near_duplicates.csv", near)
         run.set_tags({"dataset_sha256": dataset["sha256"], "data_source": dataset["source"]})
         run.log_summary(statistics(prepared, classes, near))
         run.log_timing({"prepare_seconds": time.perf_counter() - started})

@@ -6,11 +6,11 @@ only. The MLflow store defaults to SQLite in the repository root; runs made by
 `dvc exp run --temp` or a queue execute in a copy under `.dvc/tmp/exps/`, so the root is
 resolved past that copy, or every such run would land in a store that DVC deletes.
 
-MLflow calls run in a worker process (`python -m pipeline.tracking`) fed JSON lines on its
+MLflow calls run in a worker process (`python -m pipeline.tracking_worker`) fed JSON lines on its
 stdin: importing MLflow and opening its store take ~4 s, which the worker spends on the other
-core while the stage imports torch and works. A stage script starts the worker before its
-heavy imports (`start_worker()` under `if __name__ == "__main__"`) and waits for it at the
-end, so the run is complete, or the stage fails, before DVC moves on.
+core while the stage imports torch and works. The entry point (`python -m pipeline <stage>`)
+starts the worker before the stage's heavy imports, and the stage waits for it at the end, so
+the run is complete, or the stage fails, before DVC moves on.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -90,7 +89,7 @@ class MlflowWorker:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
         root = repo_root()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.tracking", tracking_uri(root), os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT), str(root)],
+            [sys.executable, "-m", "pipeline.tracking_worker", tracking_uri(root), os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT), str(root)],
             stdin=subprocess.PIPE, text=True, env=env,
         )
 
@@ -216,56 +215,3 @@ def stage_run(stage: str, params: Mapping[str, Any], live_dir: Path | None = Non
             status = "FINISHED"
         finally:
             worker.close(status)
-
-
-def _experiment_id(mlflow: Any, name: str, root: Path) -> str:
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    # An absolute artifact root: the default ('./mlruns' under the current folder) would put
-    # artifacts of runs made in a temporary experiment copy into a folder DVC deletes.
-    location = (root / ARTIFACT_DIR).as_uri()
-    try:
-        return mlflow.create_experiment(name, artifact_location=location)
-    except Exception:  # a parallel stage created it first (queued experiments)
-        experiment = mlflow.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
-
-
-
-def serve(uri: str, experiment: str, root: str) -> None:
-    """The worker: open the store, then apply each JSON line from stdin to one MLflow run."""
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations log every step
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    experiment_id = _experiment_id(mlflow, experiment, Path(root))
-    run = None
-    status = "FAILED"  # a stage that dies without saying 'end' leaves a failed run
-    for line in sys.stdin:
-        msg = json.loads(line)
-        op = msg.pop("op")
-        if op == "start":
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=msg["run_name"], tags=msg["tags"])
-            mlflow.log_params(msg["params"])
-        elif op == "end":
-            status = msg["status"]
-            break
-        elif op == "log_metrics":
-            mlflow.log_metrics(msg["metrics"], step=msg["step"])
-        elif op == "set_tags":
-            mlflow.set_tags(msg["tags"])
-        elif op == "log_artifact":
-            mlflow.log_artifact(msg["path"], msg["folder"])
-        elif op == "log_artifacts":
-            mlflow.log_artifacts(msg["path"], msg["folder"])
-        else:
-            raise ValueError(f"unknown MLflow worker call {op!r}")
-    if run is not None:
-        mlflow.end_run(status)
-
-
-if __name__ == "__main__":
-    serve(*sys.argv[1:4])

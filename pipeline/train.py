@@ -3,33 +3,29 @@
 Reads the prepared train/val splits (`data/prepared`); writes the model folder
 (`models/scratch/`: model.json and model.pt or model.keras), its metrics and its per-epoch
 curves (`dvclive/train/`). Both frameworks build the same network from the same params and
-train it with the same recipe (`engine.fit`, `keras_backend.fit`); only `backends` knows which.
+train it with the same recipe (`frameworks.torch.recipe.fit`, `frameworks.keras.recipe.fit`);
+only `frameworks.registry` knows which.
 """
 
 from __future__ import annotations
 
-from pipeline import tracking
-
-if __name__ == "__main__":
-    # MLflow's start-up (~4 s) runs in a worker process while this one imports torch & co.
-    tracking.start_worker()
-
-import argparse
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from pipeline import backends, config, data, engine
+from pipeline import cli, config, tracking
 from pipeline.config import check
-from pipeline.runtime import RuntimeParams
+from pipeline.data import formats
+from pipeline.frameworks import card, registry
+from pipeline.frameworks.interface import RuntimeParams
+from pipeline.frameworks.recipe import FitParams
 
 
 @dataclass(frozen=True)
-class TrainParams(engine.FitParams):
+class TrainParams(FitParams):
     framework: Literal["torch", "keras"] = "torch"  # keras: the same network and recipe in Keras 3 on TensorFlow
     dropout: float = 0.3
     batch_norm: bool = True
@@ -42,7 +38,7 @@ class TrainParams(engine.FitParams):
         check(self.hidden >= 1, "hidden", f"must be at least 1, got {self.hidden}")
 
 
-def channel_stats(split: data.Split, chunk_bytes: int = 1 << 22) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(split: formats.Split, chunk_bytes: int = 1 << 22) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of the training images in [0, 1], for the model's normalisation.
 
     Reads the split (usually its memory map) about `chunk_bytes` of rows at a time. The sums are
@@ -63,7 +59,7 @@ def channel_stats(split: data.Split, chunk_bytes: int = 1 << 22) -> tuple[tuple[
     return tuple(round(v, 6) for v in mean), tuple(round(v, 6) for v in std)
 
 
-def model_args(p: TrainParams, train: data.Split) -> dict:
+def model_args(p: TrainParams, train: formats.Split) -> dict:
     mean, std = channel_stats(train)
     return {
         "num_classes": train.num_classes,
@@ -79,26 +75,22 @@ def model_args(p: TrainParams, train: data.Split) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--out", type=Path, default=Path("models/scratch"), help="the model folder")
-    parser.add_argument("--live", type=Path, default=Path("dvclive/train"))
-    args = parser.parse_args(argv)
+    args = cli.fit_paths(argv, __doc__, "train", "scratch")
     p = config.load("train", TrainParams)
     rt = config.load("runtime", RuntimeParams)
-    backend = backends.get(p.framework, rt, p.seed)  # seeds, threads, deterministic kernels, device
-    train_set, val_set = data.load_split(args.data, "train"), data.load_split(args.data, "val")
+    backend = registry.get(p.framework, rt, p.seed)  # seeds, threads, deterministic kernels, device
+    train_set, val_set = formats.load_split(args.data, "train"), formats.load_split(args.data, "val")
     margs = model_args(p, train_set)
     model = backend.build("scratch_cnn", margs)
     with tracking.stage_run("train", {"train": p, "runtime": rt}, live_dir=args.live) as run:
-        run.set_tags({**backend.describe(), **data.dataset_tags(args.data)})
+        run.set_tags({**backend.describe(), **formats.dataset_tags(args.data)})
         started = time.perf_counter()
         result = backend.fit(model, train_set, val_set, p, run, desc=f"train ({p.framework})")
         seconds = time.perf_counter() - started
         run.log_summary({"best/epoch": result.best_epoch, "best/val_loss": result.best_val_loss,
-                         "best/val_acc": result.best_val_acc, "epochs_run": result.epochs_run})
+                         "best/val_acc": result.best_val_acc, "epochs_run": result.epochs_run})  # fmt: skip
         run.log_timing({"fit_seconds": seconds, "images_per_second": result.epochs_run * len(train_set) / seconds})
-        backends.save(args.out, backend, model, "scratch_cnn", margs, train_set.classes)
+        card.save(args.out, backend, model, "scratch_cnn", margs, train_set.classes)
         run.log_artifact(args.out, "model")
 
 

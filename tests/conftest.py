@@ -83,7 +83,7 @@ def prepared(tmp_path_factory, _migrated_store) -> Path:
     shutil.copy(_migrated_store, work / "mlflow.db")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "PYTHONPATH": str(REPO)}
     for stage in ("ingest", "prepare"):
-        run([sys.executable, "-m", f"pipeline.{stage}"], cwd=work, env=env)
+        run([sys.executable, "-m", "pipeline", stage], cwd=work, env=env)
     return work / "data" / "prepared"
 
 
@@ -100,7 +100,7 @@ def trained(prepared) -> Path:
     work = prepared.parent.parent
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "PYTHONPATH": str(REPO)}
     for stage in ("train", "finetune"):
-        run([sys.executable, "-m", f"pipeline.{stage}"], cwd=work, env=env)
+        run([sys.executable, "-m", "pipeline", stage], cwd=work, env=env)
     return work
 
 
@@ -108,9 +108,9 @@ def digit_folder(root, per_class: int = 12) -> None:
     """The digits 0-3 as a folder of mixed formats and modes, the way users' folders are."""
     from PIL import Image
 
-    from pipeline import sources
+    from pipeline.data.sources import standard
 
-    pixels, labels = sources.read_array_dataset("digits", None, False).splits[""]
+    pixels, labels = standard.read_array_dataset("digits", None).splits[""]
     counts: dict[int, int] = {}
     for image, label in zip(pixels, labels, strict=True):
         if label > 3 or counts.get(label, 0) >= per_class:

@@ -82,11 +82,13 @@ def test_invalid_yaml_names_the_file(tmp_path):
 
 
 def test_the_repository_params_file_loads_into_every_stage(repo_root):
-    from pipeline import evaluate, export, finetune, ingest, prepare, runtime, train
+    from pipeline import evaluate, export, finetune, prepare, train
+    from pipeline.data import sources
+    from pipeline.frameworks.interface import RuntimeParams
 
     path = repo_root / "params.yaml"
     for section, cls in [
-        ("runtime", runtime.RuntimeParams), ("data", ingest.DataParams), ("prepare", prepare.PrepareParams),
+        ("runtime", RuntimeParams), ("data", sources.DataParams), ("prepare", prepare.PrepareParams),
         ("train", train.TrainParams), ("finetune", finetune.FinetuneParams),
         ("evaluate", evaluate.EvaluateParams), ("export", export.ExportParams),
     ]:

@@ -11,7 +11,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import data, images, ingest, prepare, sources
+from pipeline import ingest, prepare
+from pipeline.data import formats
+from pipeline.data import images
+from pipeline.data import sources
+from pipeline.data.sources import standard
 from pipeline.config import ConfigError
 from pipeline.prepare import PrepareParams
 
@@ -25,13 +29,13 @@ prepare: {seed: 0, image_size: 16, resize: pad, near_duplicate_distance: 4}
 
 def test_ingest_records_every_digit_in_the_manifest_and_classes(workdir):
     ingest.main(["--out", "ingested", "--live", "live"])
-    manifest = data.read_manifest(workdir / "ingested" / "manifest.csv")
-    assert list(manifest.columns) == list(data.MANIFEST_COLUMNS)
+    manifest = formats.read_manifest(workdir / "ingested" / "manifest.csv")
+    assert list(manifest.columns) == list(formats.MANIFEST_COLUMNS)
     assert len(manifest) == 1797 and set(manifest["mode"]) == {"L"}
     assert json.loads((workdir / "ingested" / "classes.json").read_text()) == [str(i) for i in range(10)]
-    pixels, labels = sources.read_array_dataset("digits", None, False).splits[""]
+    pixels, labels = standard.read_array_dataset("digits", None).splits[""]
     row = manifest.iloc[5]
-    assert row["sha256"] == data.pixel_sha256(pixels[5]) and row["label"] == str(labels[5])
+    assert row["sha256"] == formats.pixel_sha256(pixels[5]) and row["label"] == str(labels[5])
     metrics = json.loads((workdir / "live" / "metrics.json").read_text())
     assert metrics["images"] == 1797 and metrics["rejected"] == 0 and sum(metrics["per_class"].values()) == 1797
     dataset = json.loads((workdir / "ingested" / "dataset.json").read_text())
@@ -39,17 +43,17 @@ def test_ingest_records_every_digit_in_the_manifest_and_classes(workdir):
 
 
 def test_prepared_splits_are_stratified_complete_and_recorded_in_the_manifest(prepared):
-    splits = {name: data.load_split(prepared, name) for name in data.SPLITS}
+    splits = {name: formats.load_split(prepared, name) for name in formats.SPLITS}
     assert sum(len(s) for s in splits.values()) == 1797
     assert splits["train"].images.shape[1:] == (16, 16, 1)
     for name, split in splits.items():
         shares = np.bincount(split.labels, minlength=10) / len(split)
         assert np.abs(shares - 0.1).max() < 0.02, name  # each digit is ~10% of every split
-    manifest = data.read_manifest(prepared / "manifest.csv", (*data.MANIFEST_COLUMNS, "split", "index"))
+    manifest = formats.read_manifest(prepared / "manifest.csv", (*formats.MANIFEST_COLUMNS, "split", "index"))
     assert manifest.groupby("split").size().to_dict() == {name: len(s) for name, s in splits.items()}
     assert manifest["sha256"].is_unique  # one split per image: no image in two splits
     # the manifest's (split, index) is the row holding that image
-    pixels, _ = sources.read_array_dataset("digits", None, False).splits[""]
+    pixels, _ = standard.read_array_dataset("digits", None).splits[""]
     for row in manifest.sample(20, random_state=0).itertuples():
         expected = images.fit_square(pixels[int(row.path)], 16, 1)
         assert np.array_equal(splits[row.split].images[row.index], expected), row.path
@@ -89,7 +93,7 @@ def test_fixed_splits_are_kept_and_missing_ones_carved_from_train():
 
 def test_a_class_too_small_to_split_is_named():
     manifest = pd.concat([manifest_of(20, ("a",)), manifest_of(2, ("b",))], ignore_index=True)
-    with pytest.raises(data.DataError, match=r"class 'b' has 2 train images, too few"):
+    with pytest.raises(formats.DataError, match=r"class 'b' has 2 train images, too few"):
         prepare.assign_splits(manifest, PrepareParams())
 
 
@@ -99,14 +103,14 @@ def test_fractions_that_leave_nothing_to_train_on_are_refused():
 
 
 def test_a_missing_split_file_names_the_file_and_the_fix(tmp_path):
-    with pytest.raises(data.DataError, match=r"train_images.npy: missing; rerun the prepare stage"):
-        data.load_split(tmp_path, "train")
+    with pytest.raises(formats.DataError, match=r"train_images.npy: missing; rerun the prepare stage"):
+        formats.load_split(tmp_path, "train")
 
 
 def test_a_manifest_without_its_columns_is_named(tmp_path):
     (tmp_path / "m.csv").write_text("path,label\na.png,0\n")
-    with pytest.raises(data.DataError, match=r"m.csv: missing columns \['file_mode', 'height', .*rerun the ingest stage"):
-        data.read_manifest(tmp_path / "m.csv")
+    with pytest.raises(formats.DataError, match=r"m.csv: missing columns \['file_mode', 'height', .*rerun the ingest stage"):
+        formats.read_manifest(tmp_path / "m.csv")
 
 
 def test_a_folder_dataset_runs_through_both_stages_the_same_way_twice(workdir, mlflow_store):
@@ -119,13 +123,13 @@ def test_a_folder_dataset_runs_through_both_stages_the_same_way_twice(workdir, m
     for rel in ("ingested/manifest.csv", "ingested/excluded.csv", "prepared/manifest.csv", "prepared/train_images.npy",
                 "prepared/test_labels.npy", "prepared/near_duplicates.csv", "live/prepare/metrics.json"):
         assert (workdir / "a" / rel).read_bytes() == (workdir / "b" / rel).read_bytes(), rel
-    train = data.load_split(workdir / "a" / "prepared", "train")
+    train = formats.load_split(workdir / "a" / "prepared", "train")
     assert train.classes == ("digit0", "digit1", "digit2", "digit3")
     assert train.images.shape[1:] == (16, 16, 3)  # the JPEGs are RGB, so the dataset is
     excluded = pd.read_csv(workdir / "a" / "ingested" / "excluded.csv")
     assert excluded[["path", "code"]].values.tolist() == [["digit0/broken.png", "undecodable"]]
     metrics = json.loads((workdir / "a" / "live" / "prepare" / "metrics.json").read_text())
-    assert sum(metrics[s]["images"] for s in data.SPLITS) == 48
+    assert sum(metrics[s]["images"] for s in formats.SPLITS) == 48
     assert set(metrics["near_duplicates"]) >= {"test_in_train", "val_in_train", "test_in_val"}
     # the same statistics and the dataset's identity reach MLflow
     client = mlflow.MlflowClient(mlflow_store)
@@ -154,14 +158,14 @@ def test_prepare_refuses_images_that_changed_since_ingest(workdir):
     digit_folder(workdir / "images", per_class=6)
     ingest.main(["--out", "ingested", "--live", "live/ingest"])
     Image.fromarray(np.zeros((16, 24), np.uint8)).save(workdir / "images" / "digit1" / "004.png")
-    with pytest.raises(data.DataError, match=r"digit1/004.png: pixels differ from the ingest manifest"):
+    with pytest.raises(formats.DataError, match=r"digit1/004.png: pixels differ from the ingest manifest"):
         prepare.main(["--ingested", "ingested", "--out", "prepared", "--live", "live/prepare"])
     assert not (workdir / "prepared").exists()  # nothing half-written
 
 
 def test_prepared_arrays_do_not_depend_on_the_number_of_workers(tmp_path):
-    params, prep = ingest.DataParams(), PrepareParams(image_size=12, resize="crop")
-    source = ingest.open_source(params)
+    params, prep = sources.DataParams(), PrepareParams(image_size=12, resize="crop")
+    source = sources.open_source(params)
     for workers in (1, 2):
         manifest, _, _ = ingest.ingest(source, params, workers)
         prepared = prepare.prepare_manifest(manifest, prep)

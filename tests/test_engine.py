@@ -8,7 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import data, engine, models, runtime
+from pipeline.data import formats
+from pipeline.frameworks.recipe import FitParams
+from pipeline.frameworks.interface import RuntimeParams
+from pipeline.frameworks.torch import model as torch_model
+from pipeline.frameworks.torch import recipe
+from pipeline.frameworks.torch import runtime
 from pipeline.config import ConfigError
 from pipeline.train import channel_stats
 
@@ -16,7 +21,7 @@ from pipeline.train import channel_stats
 def test_random_shift_translates_each_image_and_fills_with_zeros():
     x = torch.zeros(64, 1, 8, 8)
     x[:, :, 3, 3] = 1.0  # one lit pixel per image
-    shifted = engine.random_shift(x, 2, torch.Generator().manual_seed(0))
+    shifted = recipe.random_shift(x, 2, torch.Generator().manual_seed(0))
     assert shifted.shape == x.shape
     assert torch.equal(shifted.sum((1, 2, 3)), torch.ones(64))  # 2 px from the centre never leaves the image
     positions = {tuple(torch.nonzero(img[0])[0].tolist()) for img in shifted}
@@ -26,12 +31,12 @@ def test_random_shift_translates_each_image_and_fills_with_zeros():
 
 def test_random_shift_of_zero_is_the_identity():
     x = torch.rand(4, 3, 8, 8)
-    assert torch.equal(engine.random_shift(x, 0, torch.Generator()), x)
+    assert torch.equal(recipe.random_shift(x, 0, torch.Generator()), x)
 
 
 def test_to_tensors_gives_channels_first_in_channels_last_memory():
-    split = data.Split(np.zeros((2, 5, 5, 3), np.uint8), np.array([0, 1]), ("a", "b"))
-    images, labels = engine.to_tensors(split)
+    split = formats.Split(np.zeros((2, 5, 5, 3), np.uint8), np.array([0, 1]), ("a", "b"))
+    images, labels = recipe.to_tensors(split)
     assert images.shape == (2, 3, 5, 5)
     assert images.is_contiguous(memory_format=torch.channels_last)
 
@@ -43,22 +48,22 @@ def tiny_splits():
     for i, label in enumerate(labels):  # class k lights rows 2k..2k+1: learnable in a few steps
         images[i, 2 * label : 2 * label + 2] = 200
     images = np.clip(images + rng.integers(0, 40, images.shape), 0, 255).astype(np.uint8)
-    split = data.Split(images, labels, ("a", "b", "c"))
-    return split, data.Split(images[:30], labels[:30], split.classes)
+    split = formats.Split(images, labels, ("a", "b", "c"))
+    return split, formats.Split(images[:30], labels[:30], split.classes)
 
 
 def train_once(
-    p: engine.FitParams, splits: tuple[data.Split, data.Split] | None = None,
-) -> tuple[models.ScratchCNN, engine.FitResult]:
-    runtime.configure(runtime.RuntimeParams(threads=2, device="cpu"))
+    p: FitParams, splits: tuple[formats.Split, formats.Split] | None = None,
+) -> tuple[torch_model.ScratchCNN, FitResult]:
+    runtime.configure(RuntimeParams(threads=2, device="cpu"))
     generator = runtime.seed_everything(p.seed)
-    model = models.ScratchCNN(num_classes=3, in_channels=1, image_size=8)
+    model = torch_model.ScratchCNN(num_classes=3, in_channels=1, image_size=8)
     train, val = splits or tiny_splits()
-    return model, engine.fit(model, train, val, p, torch.device("cpu"), generator)
+    return model, recipe.fit(model, train, val, p, torch.device("cpu"), generator)
 
 
 def test_fit_twice_with_one_seed_gives_identical_weights():
-    p = engine.FitParams(epochs=2, batch_size=16)
+    p = FitParams(epochs=2, batch_size=16)
     (a, _), (b, _) = train_once(p), train_once(p)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
@@ -67,16 +72,16 @@ def test_fit_twice_with_one_seed_gives_identical_weights():
 def test_streamed_and_resident_fits_are_bit_identical(tmp_path, monkeypatch, channels_last):
     train, val = tiny_splits()
     data.save_prepared(tmp_path, {"train": train, "val": val})
-    train, val = data.load_split(tmp_path, "train"), data.load_split(tmp_path, "val")  # memory maps
+    train, val = formats.load_split(tmp_path, "train"), formats.load_split(tmp_path, "val")  # memory maps
     assert isinstance(train.images, np.memmap)
-    p = engine.FitParams(epochs=2, batch_size=16, channels_last=channels_last)
+    p = FitParams(epochs=2, batch_size=16, channels_last=channels_last)
     cpu = torch.device("cpu")
     resident, resident_fit = train_once(p, (train, val))
-    resident_logits = engine.predict_logits(resident, val.images, cpu, 8, channels_last)
+    resident_logits = recipe.predict_logits(resident, val.images, cpu, 8, channels_last)
     monkeypatch.setattr(engine, "RESIDENT_BYTES", 0)  # every split streams from its map
-    assert engine.Images(train.images, cpu, channels_last).streamed is train.images
+    assert recipe.Images(train.images, cpu, channels_last).streamed is train.images
     streamed, streamed_fit = train_once(p, (train, val))
-    streamed_logits = engine.predict_logits(streamed, val.images, cpu, 8, channels_last)
+    streamed_logits = recipe.predict_logits(streamed, val.images, cpu, 8, channels_last)
     assert streamed_fit.history == resident_fit.history
     assert all(torch.equal(x, y) for x, y in zip(resident.state_dict().values(), streamed.state_dict().values()))
     assert torch.equal(streamed_logits, resident_logits)
@@ -116,15 +121,15 @@ def test_a_streamed_fit_does_not_copy_the_split_into_memory(tmp_path, monkeypatc
     del images
     np.save(tmp_path / "train_labels.npy", np.arange(n, dtype=np.int64) % 2)
     (tmp_path / "classes.json").write_text('["a", "b"]')
-    split = data.load_split(tmp_path, "train")
+    split = formats.load_split(tmp_path, "train")
     monkeypatch.setattr(engine, "RESIDENT_BYTES", 1 << 20)
-    runtime.configure(runtime.RuntimeParams(threads=2, device="cpu"))
-    p = engine.FitParams(epochs=1, batch_size=256, early_stopping_patience=0)
+    runtime.configure(RuntimeParams(threads=2, device="cpu"))
+    p = FitParams(epochs=1, batch_size=256, early_stopping_patience=0)
 
-    def fit(model: nn.Module, split: data.Split) -> None:  # the split is also the val split: evaluate streams too
-        engine.fit(model, split, split, p, torch.device("cpu"), torch.Generator().manual_seed(0))
+    def fit(model: nn.Module, split: formats.Split) -> None:  # the split is also the val split: evaluate streams too
+        recipe.fit(model, split, split, p, torch.device("cpu"), torch.Generator().manual_seed(0))
 
-    fit(MemoryProbe(2), data.Split(split.images[:2048], split.labels[:2048], split.classes))  # lazy imports: ~80 MB
+    fit(MemoryProbe(2), formats.Split(split.images[:2048], split.labels[:2048], split.classes))  # lazy imports: ~80 MB
     model = MemoryProbe(2)
     before = rss_anon()
     fit(model, split)
@@ -146,7 +151,7 @@ def rgb_noise_images() -> np.ndarray:
 @pytest.mark.parametrize("make_images", [digits_images, rgb_noise_images])
 def test_channel_stats_match_the_whole_split_formula(make_images):
     images = make_images()
-    split = data.Split(images, np.zeros(len(images), np.int64), ("a",))
+    split = formats.Split(images, np.zeros(len(images), np.int64), ("a",))
     pixels = images.astype(np.float64).reshape(-1, split.channels) / 255  # the formula before streaming
     mean, std = pixels.mean(0), np.maximum(pixels.std(0), 1e-3)
     expected = tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
@@ -156,7 +161,7 @@ def test_channel_stats_match_the_whole_split_formula(make_images):
 
 def test_fit_learns_a_separable_problem():
     # no shifts: the class is encoded by which rows are lit
-    _, result = train_once(engine.FitParams(epochs=6, batch_size=16, lr=1.0e-2, augment_shift=0))
+    _, result = train_once(FitParams(epochs=6, batch_size=16, lr=1.0e-2, augment_shift=0))
     assert result.best_val_acc == 1.0
 
 
@@ -169,7 +174,7 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_epoch(monkeyp
         return next(scripted), 0.5
 
     monkeypatch.setattr(engine, "evaluate", fake_evaluate)
-    model, result = train_once(engine.FitParams(epochs=6, batch_size=16, early_stopping_patience=2))
+    model, result = train_once(FitParams(epochs=6, batch_size=16, early_stopping_patience=2))
     assert (result.best_epoch, result.epochs_run, result.best_val_loss) == (1, 4, 0.5)
     assert all(torch.equal(v, snapshots[1][k]) for k, v in model.state_dict().items())
     assert not all(torch.equal(v, snapshots[3][k]) for k, v in model.state_dict().items())
@@ -178,25 +183,25 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_epoch(monkeyp
 @pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
 def test_every_optimizer_and_schedule_runs(optimizer, schedule):
-    _, result = train_once(engine.FitParams(epochs=1, batch_size=32, optimizer=optimizer, schedule=schedule))
+    _, result = train_once(FitParams(epochs=1, batch_size=32, optimizer=optimizer, schedule=schedule))
     assert np.isfinite(result.best_val_loss)
 
 
 def test_fit_params_reject_a_negative_learning_rate():
     with pytest.raises(ConfigError, match="lr: must be in"):
-        dataclasses.replace(engine.FitParams(), lr=-1.0)
+        dataclasses.replace(FitParams(), lr=-1.0)
 
 
 def test_configure_switches_on_deterministic_kernels_and_pins_threads():
     torch.use_deterministic_algorithms(False)
-    device = runtime.configure(runtime.RuntimeParams(threads=1, device="cpu"))
+    device = runtime.configure(RuntimeParams(threads=1, device="cpu"))
     assert device == torch.device("cpu")
     assert torch.are_deterministic_algorithms_enabled()
     assert torch.get_num_threads() == 1
-    runtime.configure(runtime.RuntimeParams(threads=2, device="cpu"))
+    runtime.configure(RuntimeParams(threads=2, device="cpu"))
 
 
 def test_asking_for_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="runtime.device is 'cuda' but torch sees no CUDA device"):
-        runtime.configure(runtime.RuntimeParams(device="cuda"))
+        runtime.configure(RuntimeParams(device="cuda"))

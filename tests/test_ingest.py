@@ -9,14 +9,18 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import data, images, ingest, sources
+from pipeline import ingest
+from pipeline.data import formats
+from pipeline.data import images
+from pipeline.data import sources
+from pipeline.data.sources import standard
 
-PARAMS = ingest.DataParams(source="folder", folder="unused", min_per_class=2, max_bad_fraction=0.5, min_side=8)
+PARAMS = sources.DataParams(source="folder", folder="unused", min_per_class=2, max_bad_fraction=0.5, min_side=8)
 
 
 def digit(index: int) -> np.ndarray:
     """A real handwritten digit, 8x8 grey, from the bundled set (distinct pixels per index)."""
-    pixels, _ = sources.read_array_dataset("digits", None, False).splits[""]
+    pixels, _ = standard.read_array_dataset("digits", None).splits[""]
     return pixels[index]
 
 
@@ -36,8 +40,8 @@ def make_folder(root, per_class: int = 4, classes=("cat", "dog"), split: str = "
 
 
 def run(folder, workers: int = 2, **overrides):
-    params = ingest.DataParams(**{**vars(PARAMS), "folder": str(folder), **overrides})
-    source = ingest.FolderSource(folder, params.limits)
+    params = sources.DataParams(**{**vars(PARAMS), "folder": str(folder), **overrides})
+    source = sources.FolderSource(folder, params.limits)
     manifest, excluded, stats = ingest.ingest(source, params, workers)
     return source, manifest, {e.path: e for e in excluded}, stats
 
@@ -55,7 +59,7 @@ def test_class_folders_become_labels_and_metadata_is_ignored(tmp_path):
     source, manifest, excluded, stats = run(tmp_path)
     assert source.classes == ("cat", "dog")
     assert manifest["path"].tolist() == [*(f"cat/{i:02d}.png" for i in range(4)), "cat/nested/deep.jpg", *(f"dog/{i:02d}.png" for i in range(4))]
-    assert list(manifest.columns) == list(data.MANIFEST_COLUMNS)
+    assert list(manifest.columns) == list(formats.MANIFEST_COLUMNS)
     deep = manifest.set_index("path").loc["cat/nested/deep.jpg"]
     assert (deep["label"], deep["mode"], deep["file_mode"], deep["width"]) == ("cat", "RGB", "RGB", 8)
     assert {p: e.status for p, e in excluded.items()} == {
@@ -78,7 +82,7 @@ def test_bad_files_are_listed_with_reasons_until_too_many(tmp_path):
         "cat/empty.png": "empty", "cat/fake.jpg": "undecodable", "dog/link.png": "broken_symlink", "dog/tiny.png": "too_small",
     }
     assert stats["rejected"] == 4 and stats["rejected_fraction"] == pytest.approx(4 / 16)
-    with pytest.raises(data.DataError) as info:
+    with pytest.raises(formats.DataError) as info:
         run(tmp_path, max_bad_fraction=0.2)
     message = str(info.value)
     assert "4 of 16 images rejected (25.0%), over data.max_bad_fraction 20.0%" in message
@@ -105,7 +109,7 @@ def test_pre_split_folders_are_kept_and_a_leak_between_them_fails(tmp_path):
     assert manifest.groupby("source_split").size().to_dict() == {"test": 4, "train": 8}
     assert manifest.set_index("path").loc["test/dog/01.png", "source_split"] == "test"
     write(tmp_path / "test" / "cat" / "leak.png", digit(2))  # train/cat/02.png again
-    with pytest.raises(data.DataError, match=r"the same image is in two splits: test/cat/leak.png and train/cat/02.png"):
+    with pytest.raises(formats.DataError, match=r"the same image is in two splits: test/cat/leak.png and train/cat/02.png"):
         run(tmp_path)
 
 
@@ -113,48 +117,48 @@ def test_standard_datasets_keep_their_official_test_copy_of_a_duplicate():
     pixels = np.stack([digit(i) for i in range(6)])
     train = (pixels, np.array([0, 1, 0, 1, 0, 1]))
     test = (pixels[[0]], np.array([0]))  # train/0 leaked into the test set
-    dataset = sources.ArrayDataset("mnist", ("0", "1"), {"train": train, "test": test}, {})
-    source = ingest.ArraySource(dataset, PARAMS.limits)
+    dataset = standard.ArrayDataset("mnist", ("0", "1"), {"train": train, "test": test}, {})
+    source = sources.ArraySource(dataset, PARAMS.limits)
     manifest, excluded, stats = ingest.ingest(source, PARAMS, 2)
     assert "train/0" not in set(manifest["path"]) and "test/0" in set(manifest["path"])
     assert [(e.path, e.status) for e in excluded] == [("train/0", "duplicate")]
 
 
 def test_layout_and_class_folder_problems_are_named(tmp_path):
-    with pytest.raises(data.DataError, match="no such folder"):
+    with pytest.raises(formats.DataError, match="no such folder"):
         run(tmp_path / "missing")
     make_folder(tmp_path / "mixed", split="train")
     make_folder(tmp_path / "mixed", classes=("bird",))
-    with pytest.raises(data.DataError, match=r"split folders \['train'\] beside \['bird'\]"):
+    with pytest.raises(formats.DataError, match=r"split folders \['train'\] beside \['bird'\]"):
         run(tmp_path / "mixed")
     make_folder(tmp_path / "one", classes=("cat",))
-    with pytest.raises(data.DataError, match=r"only one class folder \(cat\)"):
+    with pytest.raises(formats.DataError, match=r"only one class folder \(cat\)"):
         run(tmp_path / "one")
     make_folder(tmp_path / "empty")
     (tmp_path / "empty" / "fish" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "fish" / ".DS_Store").write_bytes(b"x")
-    with pytest.raises(data.DataError, match=r"empty class folders \(no image files\): .*empty/fish"):
+    with pytest.raises(formats.DataError, match=r"empty class folders \(no image files\): .*empty/fish"):
         run(tmp_path / "empty")
     make_folder(tmp_path / "case", classes=("Cat", "cat"))
-    with pytest.raises(data.DataError, match=r"differ only by case .*case/Cat vs .*case/cat"):
+    with pytest.raises(formats.DataError, match=r"differ only by case .*case/Cat vs .*case/cat"):
         run(tmp_path / "case")
     nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
     make_folder(tmp_path / "unicode", classes=(nfc, nfd))
-    with pytest.raises(data.DataError, match="Unicode normalisation"):
+    with pytest.raises(formats.DataError, match="Unicode normalisation"):
         run(tmp_path / "unicode")
 
 
 def test_classes_under_min_per_class_are_named_with_their_counts(tmp_path):
     make_folder(tmp_path, per_class=3)
     (tmp_path / "dog" / "00.png").write_bytes(b"broken")
-    with pytest.raises(data.DataError, match=r"fewer than data.min_per_class=3 usable images: .*dog: 2"):
+    with pytest.raises(formats.DataError, match=r"fewer than data.min_per_class=3 usable images: .*dog: 2"):
         run(tmp_path, min_per_class=3)
 
 
 def test_a_class_missing_from_train_is_named(tmp_path):
     make_folder(tmp_path, per_class=3, classes=("cat", "dog"), split="train")
     make_folder(tmp_path, per_class=3, classes=("bird",), split="test", start=10)
-    with pytest.raises(data.DataError, match=r"no usable image in the train split: .*test/bird"):
+    with pytest.raises(formats.DataError, match=r"no usable image in the train split: .*test/bird"):
         run(tmp_path)
 
 

@@ -14,8 +14,8 @@ import onnx
 import onnxruntime as ort
 
 from conftest import TINY_PARAMS, run
-from pipeline import backends, data
-
+from pipeline.frameworks import card
+from pipeline.data import formats
 SCRIPT = r"""
 import json, sys
 import numpy as np
@@ -23,7 +23,7 @@ import torch  # before TensorFlow, always: torch._dynamo after TF segfaults
 from pipeline import data, models, train
 check, prepared = sys.argv[1], sys.argv[2]
 p = train.TrainParams(epochs=2, batch_size=64)
-trn = data.load_split(prepared, "train")
+trn = formats.load_split(prepared, "train")
 args = train.model_args(p, trn)
 if check == "unit":
     lrs = {}
@@ -47,7 +47,7 @@ if check == "unit":
         for _ in range(3):
             opt.zero_grad(); (w ** 3).sum().backward(); opt.step()
         steps[name] = w.detach().tolist()
-    net = models.ScratchCNN(**args)
+    net = torch_model.ScratchCNN(**args)
     torch_params = sum(q.numel() for q in net.parameters())
     torch_bounds = [float(m.weight.abs().max()) for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
 
@@ -75,7 +75,7 @@ if check == "unit":
 elif check == "overfit":
     from pipeline import keras_backend as kb
     kb.configure(0, 1)
-    one = data.Split(trn.images[:32], trn.labels[:32], trn.classes)
+    one = formats.Split(trn.images[:32], trn.labels[:32], trn.classes)
     q = train.TrainParams(epochs=60, batch_size=32, lr=3e-3, dropout=0.0, augment_shift=0, label_smoothing=0.0, early_stopping_patience=0)
     result = kb.fit(kb.build_scratch_cnn(**{**args, "dropout": 0.0}), one, one, q)
     print(json.dumps({"loss": result.history[-1]["train/loss"], "acc": result.history[-1]["train/acc"]}))
@@ -116,7 +116,7 @@ def test_the_keras_stages_train_evaluate_and_export_with_parity(tmp_path, repo_r
                 ["pipeline.export", "--model", "scratch"]):
         run([sys.executable, "-m", *cmd, "--data", str(prepared), *(["--models", "models"] if "--model" in cmd else [])], tmp_path, env)
 
-    card = backends.read_card(tmp_path / "models/scratch")
+    card = card.read_card(tmp_path / "models/scratch")
     assert card.framework == "keras" and card.arch == "scratch_cnn" and card.classes == tuple(str(i) for i in range(10))
     assert sorted(p.name for p in (tmp_path / "models/scratch").iterdir()) == ["model.json", "model.keras"]
     trained = json.loads((tmp_path / "dvclive/train/metrics.json").read_text())
@@ -138,6 +138,6 @@ def test_the_keras_stages_train_evaluate_and_export_with_parity(tmp_path, repo_r
     # the ONNX file stands alone: NHWC floats in, probabilities out, the card embedded
     embedded = {p.key: json.loads(p.value) for p in onnx.load(str(out / "model.onnx")).metadata_props}
     assert embedded["classes"] == meta["classes"] and embedded["input"]["layout"] == "NHWC"
-    x = np.asarray(data.load_split(prepared, "test").images[:5], np.float32) / 255
+    x = np.asarray(formats.load_split(prepared, "test").images[:5], np.float32) / 255
     proba = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     assert proba.shape == (5, 10) and np.allclose(proba.sum(1), 1, atol=1e-5)

@@ -5,23 +5,24 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import models
+from pipeline.frameworks.torch import model as torch_model
+from pipeline.frameworks.torch import weights
 
 
 def test_scratch_cnn_maps_images_to_class_logits():
-    model = models.ScratchCNN(num_classes=10, in_channels=1, image_size=16)
+    model = torch_model.ScratchCNN(num_classes=10, in_channels=1, image_size=16)
     assert model(torch.rand(4, 1, 16, 16)).shape == (4, 10)
 
 
 def test_scratch_cnn_without_the_third_block_or_batch_norm_still_builds():
-    model = models.ScratchCNN(num_classes=3, in_channels=3, image_size=24, conv3=False, batch_norm=False)
+    model = torch_model.ScratchCNN(num_classes=3, in_channels=3, image_size=24, conv3=False, batch_norm=False)
     assert model(torch.rand(2, 3, 24, 24)).shape == (2, 3)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
 def test_model_can_overfit_one_batch():
     torch.manual_seed(0)
-    model = models.ScratchCNN(num_classes=4, in_channels=1, image_size=16, dropout=0.0)
+    model = torch_model.ScratchCNN(num_classes=4, in_channels=1, image_size=16, dropout=0.0)
     x, y = torch.rand(16, 1, 16, 16), torch.arange(16) % 4
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(60):
@@ -37,12 +38,12 @@ def test_model_can_overfit_one_batch():
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     args = {"num_classes": 3, "in_channels": 1, "image_size": 16, "mean": (0.2,), "std": (0.3,)}
-    model = models.ScratchCNN(**args).eval()
+    model = torch_model.ScratchCNN(**args).eval()
     path = tmp_path / "scratch.pt"
-    models.save_checkpoint(path, model, "scratch_cnn", args, ("a", "b", "c"))
+    torch_model.save_checkpoint(path, model, "scratch_cnn", args, ("a", "b", "c"))
     raw = torch.load(path, weights_only=True)  # plain containers only
     assert set(raw) == {"arch", "model_args", "classes", "state_dict"}
-    loaded, ckpt = models.load_checkpoint(path)
+    loaded, ckpt = torch_model.load_checkpoint(path)
     x = torch.rand(5, 1, 16, 16)
     assert torch.equal(loaded(x), model(x))
     assert ckpt["classes"] == ["a", "b", "c"]
@@ -51,9 +52,9 @@ def test_checkpoint_round_trip(tmp_path):
 def test_checkpoint_bytes_do_not_depend_on_the_file_name(tmp_path):
     torch.manual_seed(0)
     args = {"num_classes": 2, "in_channels": 1, "image_size": 16}
-    model = models.ScratchCNN(**args)
-    models.save_checkpoint(tmp_path / "a.pt", model, "scratch_cnn", args, ("x", "y"))
-    models.save_checkpoint(tmp_path / "other-name.pt", model, "scratch_cnn", args, ("x", "y"))
+    model = torch_model.ScratchCNN(**args)
+    torch_model.save_checkpoint(tmp_path / "a.pt", model, "scratch_cnn", args, ("x", "y"))
+    torch_model.save_checkpoint(tmp_path / "other-name.pt", model, "scratch_cnn", args, ("x", "y"))
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "other-name.pt").read_bytes()
 
 
@@ -61,13 +62,13 @@ def test_a_checkpoint_holding_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"arch": "scratch_cnn", "model_args": {}, "classes": [], "state_dict": {}, "x": nn.ReLU()}, path)
     with pytest.raises(Exception, match="Unsupported global|weights_only"):
-        models.load_checkpoint(path)
+        torch_model.load_checkpoint(path)
 
 
 @pytest.fixture(scope="module")
 def lite0() -> nn.Module:
-    net, sha = models.load_pretrained(models.PACKAGE_BACKBONE, models.PACKAGE_WEIGHTS, models.PACKAGE_SHA256)
-    assert sha == models.PACKAGE_SHA256
+    net, sha = weights.load_pretrained(weights.PACKAGE_BACKBONE, weights.PACKAGE_WEIGHTS, weights.PACKAGE_SHA256)
+    assert sha == weights.PACKAGE_SHA256
     return net.eval()
 
 
@@ -78,7 +79,7 @@ def test_package_weights_are_really_imagenet_weights(lite0):
 
     image = torch.from_numpy(skdata.chelsea()).permute(2, 0, 1).float().div(255)[None]
     image = nn.functional.interpolate(image, size=(224, 224), mode="bilinear", antialias=True)
-    normalize = models.Normalize(models.IMAGENET_MEAN, models.IMAGENET_STD)
+    normalize = torch_model.Normalize(torch_model.IMAGENET_MEAN, torch_model.IMAGENET_STD)
     with torch.no_grad():
         top = lite0(normalize(image)).softmax(1)[0]
     assert 281 <= int(top.argmax()) <= 285
@@ -86,73 +87,73 @@ def test_package_weights_are_really_imagenet_weights(lite0):
 
 
 def test_package_weights_with_another_pinned_hash_are_refused():
-    with pytest.raises(models.WeightsError, match="sha256 is 5793.*pins 0000.*refusing"):
-        models.load_pretrained(models.PACKAGE_BACKBONE, models.PACKAGE_WEIGHTS, "0" * 64)
+    with pytest.raises(torch_model.WeightsError, match="sha256 is 5793.*pins 0000.*refusing"):
+        weights.load_pretrained(weights.PACKAGE_BACKBONE, weights.PACKAGE_WEIGHTS, "0" * 64)
 
 
 def test_package_weights_only_fit_their_backbone():
-    with pytest.raises(models.WeightsError, match="fits only backbone 'timm:tf_efficientnet_lite0'"):
-        models.load_pretrained("timm:resnet18", models.PACKAGE_WEIGHTS, "")
+    with pytest.raises(torch_model.WeightsError, match="fits only backbone 'timm:tf_efficientnet_lite0'"):
+        weights.load_pretrained("timm:resnet18", weights.PACKAGE_WEIGHTS, "")
 
 
 def test_in_order_mapping_names_the_first_tensor_that_does_not_fit():
     source = {"a": torch.zeros(2), "b": torch.zeros(3)}
     target = {"x": torch.zeros(2), "y": torch.zeros(4)}
-    with pytest.raises(models.WeightsError, match=r"'b' has shape \(3,\).*'y', needs \(4,\)"):
-        models.map_in_order(source, target, "weights.pth")
+    with pytest.raises(torch_model.WeightsError, match=r"'b' has shape \(3,\).*'y', needs \(4,\)"):
+        weights.map_in_order(source, target, "weights.pth")
 
 
 def test_a_local_safetensors_file_loads_into_a_timm_backbone(tmp_path):
     from safetensors.torch import save_file
 
     torch.manual_seed(1)
-    source = models.create_backbone("timm:resnet10t")
+    source = torch_model.create_backbone("timm:resnet10t")
     path = tmp_path / "resnet10t.safetensors"
     save_file(source.state_dict(), str(path))
-    net, sha = models.load_pretrained("timm:resnet10t", str(path), "")
+    net, sha = weights.load_pretrained("timm:resnet10t", str(path), "")
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), source.state_dict().values()))
     assert len(sha) == 64
 
 
 def test_a_local_torch_file_loads_into_a_torchvision_backbone(tmp_path):
     torch.manual_seed(2)
-    source = models.create_backbone("torchvision:mobilenet_v3_small")
+    source = torch_model.create_backbone("torchvision:mobilenet_v3_small")
     path = tmp_path / "weights.pth"
     torch.save({"state_dict": source.state_dict()}, path)
-    net, _ = models.load_pretrained("torchvision:mobilenet_v3_small", str(path), "")
+    net, _ = weights.load_pretrained("torchvision:mobilenet_v3_small", str(path), "")
     assert torch.equal(net.features[0][0].weight, source.features[0][0].weight)
-    model = models.PretrainedCNN("torchvision:mobilenet_v3_small", num_classes=5, in_channels=1, image_size=16, input_size=32, net=net)
+    model = torch_model.PretrainedCNN("torchvision:mobilenet_v3_small", num_classes=5, in_channels=1, image_size=16, input_size=32, net=net)
     assert model(torch.rand(2, 1, 16, 16)).shape == (2, 5)
 
 
 def test_weights_for_another_architecture_are_refused_with_the_file_named(tmp_path):
     path = tmp_path / "wrong.pth"
-    torch.save(models.create_backbone("timm:resnet10t").state_dict(), path)
-    with pytest.raises(models.WeightsError, match=r"wrong.pth: does not match backbone 'timm:tf_efficientnet_lite0'"):
-        models.load_pretrained("timm:tf_efficientnet_lite0", str(path), "")
+    torch.save(torch_model.create_backbone("timm:resnet10t").state_dict(), path)
+    with pytest.raises(torch_model.WeightsError, match=r"wrong.pth: does not match backbone 'timm:tf_efficientnet_lite0'"):
+        weights.load_pretrained("timm:tf_efficientnet_lite0", str(path), "")
 
 
 def test_a_missing_weights_file_is_named():
-    with pytest.raises(models.WeightsError, match=r"nowhere.pth: weights file not found"):
-        models.load_pretrained("timm:resnet10t", "nowhere.pth", "")
+    with pytest.raises(torch_model.WeightsError, match=r"nowhere.pth: weights file not found"):
+        weights.load_pretrained("timm:resnet10t", "nowhere.pth", "")
 
 
 def test_a_malformed_backbone_spec_says_what_is_valid():
-    with pytest.raises(models.WeightsError, match="expected 'timm:<model name>' or 'torchvision:<model name>'"):
-        models.parse_backbone("efficientnet")
+    with pytest.raises(torch_model.WeightsError, match="expected 'timm:<model name>' or 'torchvision:<model name>'"):
+        torch_model.parse_backbone("efficientnet")
 
 
 def test_pretrained_cnn_takes_grayscale_at_the_prepared_size(lite0):
     import copy
 
-    model = models.PretrainedCNN(models.PACKAGE_BACKBONE, num_classes=10, in_channels=1, image_size=16, input_size=32, net=copy.deepcopy(lite0))
+    model = torch_model.PretrainedCNN(weights.PACKAGE_BACKBONE, num_classes=10, in_channels=1, image_size=16, input_size=32, net=copy.deepcopy(lite0))
     assert model.eval()(torch.rand(3, 1, 16, 16)).shape == (3, 10)
 
 
 def test_frozen_layers_get_no_gradient_and_their_batch_norm_stays_in_eval_mode(lite0):
     import copy
 
-    model = models.PretrainedCNN(models.PACKAGE_BACKBONE, num_classes=10, in_channels=1, image_size=16, input_size=32, net=copy.deepcopy(lite0))
+    model = torch_model.PretrainedCNN(weights.PACKAGE_BACKBONE, num_classes=10, in_channels=1, image_size=16, input_size=32, net=copy.deepcopy(lite0))
     model.set_trainable(0.0)
     model.train()
     assert all(p.requires_grad for p in model.head_parameters())

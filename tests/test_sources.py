@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import sources
-from pipeline.data import DataError
+from pipeline.data.formats import DataError
+from pipeline.data.sources import standard
 
 IDX_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}
 SIZES = {"train": 12, "test": 5}
@@ -122,7 +122,7 @@ def sha256(path: Path) -> str:
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "kmnist"])
 def test_idx_files_read_back_exactly_with_the_official_classes(tmp_path, name):
     expected = write_idx_dataset(tmp_path, name)
-    dataset = sources.read_array_dataset(name, tmp_path, download=False)
+    dataset = standard.read_array_dataset(name, tmp_path)
     assert dataset.name == name
     assert set(dataset.splits) == {"train", "test"}
     for split, (images, labels) in expected.items():
@@ -142,15 +142,15 @@ def test_idx_files_read_back_exactly_with_the_official_classes(tmp_path, name):
 
 def test_every_file_read_is_hashed_by_its_path_under_root(tmp_path):
     write_idx_dataset(tmp_path, "mnist")
-    dataset = sources.read_array_dataset("mnist", tmp_path, download=False)
-    assert sorted(dataset.files) == sorted(sources.required_files("mnist"))
+    dataset = standard.read_array_dataset("mnist", tmp_path)
+    assert sorted(dataset.files) == sorted(standard.required_files("mnist"))
     for rel, digest in dataset.files.items():
         assert digest == sha256(tmp_path / rel)
 
 
 def test_extracted_idx_files_are_accepted(tmp_path):
     expected = write_idx_dataset(tmp_path, "mnist", gz=False)
-    dataset = sources.read_array_dataset("mnist", tmp_path, download=False)
+    dataset = standard.read_array_dataset("mnist", tmp_path)
     np.testing.assert_array_equal(dataset.splits["test"][0], expected["test"][0])
     assert "MNIST/raw/t10k-images-idx3-ubyte" in dataset.files
 
@@ -177,7 +177,7 @@ def test_a_bad_idx_file_is_named_in_the_error(tmp_path, file, payload, message):
     path = tmp_path / "MNIST" / "raw" / file
     rewrite_idx(path, payload)
     with pytest.raises(DataError, match=message) as error:
-        sources.read_array_dataset("mnist", tmp_path, download=False)
+        standard.read_array_dataset("mnist", tmp_path)
     assert str(path) in str(error.value)
 
 
@@ -186,7 +186,7 @@ def test_a_corrupt_gzip_is_named_in_the_error(tmp_path):
     path = tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz"
     path.write_bytes(path.read_bytes()[:-8])
     with pytest.raises(DataError, match="gzip") as error:
-        sources.read_array_dataset("mnist", tmp_path, download=False)
+        standard.read_array_dataset("mnist", tmp_path)
     assert str(path) in str(error.value)
 
 
@@ -196,7 +196,7 @@ def test_a_corrupt_gzip_is_named_in_the_error(tmp_path):
 @pytest.mark.parametrize("numpy_module", ["numpy.core.multiarray", "numpy._core.multiarray"])
 def test_cifar10_pickles_read_back_as_hwc_images(tmp_path, numpy_module):
     expected = write_cifar10(tmp_path, numpy_module=numpy_module)
-    dataset = sources.read_array_dataset("cifar10", tmp_path, download=False)
+    dataset = standard.read_array_dataset("cifar10", tmp_path)
     assert dataset.classes == tuple(n.decode() for n in CIFAR_NAMES)
     for split, (images, labels) in expected.items():
         got_images, got_labels = dataset.splits[split]
@@ -210,7 +210,7 @@ def test_cifar10_pickles_read_back_as_hwc_images(tmp_path, numpy_module):
 
 def test_cifar10_without_meta_uses_the_official_class_names(tmp_path):
     write_cifar10(tmp_path, meta=False)
-    dataset = sources.read_array_dataset("cifar10", tmp_path, download=False)
+    dataset = standard.read_array_dataset("cifar10", tmp_path)
     assert dataset.classes == tuple(n.decode() for n in CIFAR_NAMES)
     assert "cifar-10-batches-py/batches.meta" not in dataset.files
 
@@ -230,7 +230,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_not_run(tmp_path):
     path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     path.write_bytes(payload)
     with pytest.raises(DataError, match=r"refused to unpickle the global \w+\.system") as error:
-        sources.read_array_dataset("cifar10", tmp_path, download=False)
+        standard.read_array_dataset("cifar10", tmp_path)
     assert str(path) in str(error.value)
     assert not sentinel.exists()
     pickle.loads(payload)  # the payload is live: an ordinary unpickler does run the command
@@ -242,7 +242,7 @@ def test_a_batch_that_is_not_a_uint8_array_is_named_in_the_error(tmp_path):
     path = tmp_path / "cifar-10-batches-py" / "test_batch"
     path.write_bytes(py2_pickle({b"data": np.zeros((5, 3072), np.float32), b"labels": [0] * 5}))
     with pytest.raises(DataError, match=r"uint8 array of shape \(N, 3072\)") as error:
-        sources.read_array_dataset("cifar10", tmp_path, download=False)
+        standard.read_array_dataset("cifar10", tmp_path)
     assert str(path) in str(error.value)
 
 
@@ -253,9 +253,9 @@ def test_missing_files_without_download_are_listed_with_absolute_paths(tmp_path,
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sources, "download", lambda name, root: pytest.fail("download must not be called"))
     with pytest.raises(DataError) as error:
-        sources.read_array_dataset("fashion_mnist", Path("data/external"), download=False)
+        standard.read_array_dataset("fashion_mnist", Path("data/external"), download=False)
     message = str(error.value)
-    for rel in sources.required_files("fashion_mnist"):
+    for rel in standard.required_files("fashion_mnist"):
         assert str(tmp_path / "data" / "external" / rel) in message
     assert "data.download: true" in message
 
@@ -266,7 +266,7 @@ def test_a_failed_download_gives_one_error_with_the_reason(tmp_path, monkeypatch
 
     monkeypatch.setattr(sources, "download", no_network)
     with pytest.raises(DataError) as error:
-        sources.read_array_dataset("cifar10", tmp_path, download=True)
+        standard.read_array_dataset("cifar10", tmp_path, download=True)
     message = str(error.value)
     assert "Temporary failure in name resolution" in message
     assert str(tmp_path / "cifar-10-batches-py" / "data_batch_1") in message
@@ -281,7 +281,7 @@ def test_downloaded_files_are_read(tmp_path, monkeypatch):
         write_idx_dataset(root, name)
 
     monkeypatch.setattr(sources, "download", fake_download)
-    dataset = sources.read_array_dataset("kmnist", tmp_path, download=True)
+    dataset = standard.read_array_dataset("kmnist", tmp_path, download=True)
     assert calls == [("kmnist", tmp_path)]
     assert len(dataset.splits["train"][1]) == SIZES["train"]
 
@@ -289,7 +289,7 @@ def test_downloaded_files_are_read(tmp_path, monkeypatch):
 def test_present_files_are_not_downloaded_again(tmp_path, monkeypatch):
     write_idx_dataset(tmp_path, "mnist")
     monkeypatch.setattr(sources, "download", lambda name, root: pytest.fail("download must not be called"))
-    assert len(sources.read_array_dataset("mnist", tmp_path, download=True).splits["test"][0]) == SIZES["test"]
+    assert len(standard.read_array_dataset("mnist", tmp_path, download=True).splits["test"][0]) == SIZES["test"]
 
 
 def test_download_uses_torchvision_for_both_splits_with_a_short_timeout(tmp_path, monkeypatch):
@@ -306,14 +306,14 @@ def test_download_uses_torchvision_for_both_splits_with_a_short_timeout(tmp_path
     monkeypatch.setitem(sys.modules, "torchvision", torchvision)
     monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
     before = socket.getdefaulttimeout()
-    sources.download("cifar10", tmp_path)
+    standard.download("cifar10", tmp_path)
     assert calls == [(str(tmp_path), True, True, 15), (str(tmp_path), False, True, 15)]
     assert socket.getdefaulttimeout() == before
 
 
 def test_an_unknown_dataset_is_an_error_naming_the_valid_ones():
     with pytest.raises(DataError, match="cifar10"):
-        sources.required_files("svhn")
+        standard.required_files("svhn")
 
 
 # --- digits ---------------------------------------------------------------------------------
@@ -327,7 +327,7 @@ def test_digits_are_the_bundled_csv_scaled_to_0_255():
     table = np.array(rows)
     expected = np.rint(table[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)  # ingest's formula
 
-    dataset = sources.read_array_dataset("digits", Path("unused"), download=True)
+    dataset = standard.read_array_dataset("digits", Path("unused"), download=True)
     assert dataset.classes == tuple("0123456789")
     assert list(dataset.splits) == [""]
     assert dataset.files == {}

@@ -15,7 +15,14 @@ import torch
 from PIL import Image
 
 from conftest import run
-from pipeline import backends, data, evaluate, export, finetune, images, models, sources, train
+from pipeline import evaluate, export, finetune, train
+from pipeline.frameworks import card
+from pipeline.frameworks import registry
+from pipeline.data import formats
+from pipeline.data import images
+from pipeline.data.sources import standard
+from pipeline.frameworks.torch import model as torch_model
+from pipeline.frameworks.torch import weights
 
 
 def test_train_stage_writes_checkpoint_metrics_and_curves_and_repeats_them_exactly(workdir, prepared):
@@ -28,9 +35,9 @@ def test_train_stage_writes_checkpoint_metrics_and_curves_and_repeats_them_exact
     assert metrics["epochs_run"] == 2 and 0 <= metrics["best"]["epoch"] <= 1
     curve = (workdir / "a/live/plots/metrics/val/loss.tsv").read_text().splitlines()
     assert curve[0] == "step\tloss" and len(curve) == 3
-    model, ckpt = models.load_checkpoint(workdir / "a/scratch/model.pt")
+    model, ckpt = torch_model.load_checkpoint(workdir / "a/scratch/model.pt")
     assert ckpt["classes"] == [str(i) for i in range(10)] and ckpt["arch"] == "scratch_cnn"
-    card = backends.read_card(workdir / "a/scratch")
+    card = card.read_card(workdir / "a/scratch")
     assert (card.framework, card.arch, list(card.classes)) == ("torch", "scratch_cnn", ckpt["classes"])
     assert "tensorflow" not in sys.modules  # the torch path never pays for TensorFlow's import
 
@@ -43,7 +50,7 @@ def test_finetune_stage_repeats_exactly_and_logs_both_phases(workdir, prepared, 
     assert len(curve) == 1 + 2  # head epoch + one unfrozen epoch, one curve
     client = mlflow.MlflowClient(mlflow_store)
     runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id])
-    assert {r.data.tags["weights_sha256"] for r in runs} == {models.PACKAGE_SHA256}
+    assert {r.data.tags["weights_sha256"] for r in runs} == {weights.PACKAGE_SHA256}
     dataset = json.loads((prepared / "dataset.json").read_text())
     assert {(r.data.tags["dataset_sha256"], r.data.tags["data_source"]) for r in runs} == {(dataset["sha256"], "digits")}
     assert all(r.data.params["finetune.backbone"] == "timm:tf_efficientnet_lite0" for r in runs)
@@ -53,7 +60,7 @@ def test_evaluate_reports_metrics_per_class_figures_and_a_confusion_plot(workdir
     evaluate.main(["--model", "scratch", "--data", str(trained / "data/prepared"), "--models", str(trained / "models"), "--live", "live"])
     metrics = json.loads((workdir / "live/metrics.json").read_text())["test"]
     assert set(metrics) == {"acc", "precision_macro", "recall_macro", "f1_macro", "loss", "images"}
-    assert metrics["images"] == len(data.load_split(trained / "data/prepared", "test"))
+    assert metrics["images"] == len(formats.load_split(trained / "data/prepared", "test"))
     per_class = json.loads((workdir / "live/per_class.json").read_text())
     assert sorted(per_class) == [str(i) for i in range(10)]
     assert sum(c["support"] for c in per_class.values()) == metrics["images"]
@@ -80,7 +87,7 @@ def test_a_model_trained_on_other_classes_is_refused(workdir, trained):
     other = workdir / "prepared"
     shutil.copytree(trained / "data/prepared", other)
     (other / "classes.json").write_text(json.dumps([f"c{i}" for i in range(10)]))
-    with pytest.raises(data.DataError, match=r"models/scratch was trained on classes \['0'.*classes.json lists \['c0'"):
+    with pytest.raises(formats.DataError, match=r"models/scratch was trained on classes \['0'.*classes.json lists \['c0'"):
         evaluate.main(["--model", "scratch", "--data", str(other), "--models", str(trained / "models"), "--live", "live"])
 
 
@@ -97,7 +104,7 @@ def test_export_ships_onnx_and_torchscript_that_agree_with_pytorch(workdir, trai
     onnx_model = onnx.load(str(workdir / "out/model.onnx"))
     embedded = {p.key: json.loads(p.value) for p in onnx_model.metadata_props}
     assert embedded["classes"] == meta["classes"] and embedded["input"]["layout"] == "NCHW"
-    test = data.load_split(prepared, "test")
+    test = formats.load_split(prepared, "test")
     x = np.array(test.images[:7]).transpose(0, 3, 1, 2).astype(np.float32) / 255
     session = ort.InferenceSession(str(workdir / "out/model.onnx"), providers=["CPUExecutionProvider"])
     proba = session.run(None, {"image": x})[0]  # a batch size the export never saw
@@ -119,9 +126,9 @@ def test_export_ships_onnx_and_torchscript_that_agree_with_pytorch(workdir, trai
 
     # A new image file, read as model.json says, is exactly the array the model was tested on.
     pre = meta["preprocessing"]
-    manifest = data.read_manifest(prepared / "manifest.csv", ("path", "split", "index"))
+    manifest = formats.read_manifest(prepared / "manifest.csv", ("path", "split", "index"))
     row = manifest[manifest["split"] == "test"].iloc[3]
-    digit = sources.read_array_dataset("digits", None, False).splits[""][0][int(row["path"])]
+    digit = standard.read_array_dataset("digits", None).splits[""][0][int(row["path"])]
     Image.fromarray(digit).convert("LA").save(workdir / "new.png")  # another mode, the same pixels
     served = images.load_for_model(workdir / "new.png", pre["image_size"], pre["channels"], pre["resize"])
     assert np.array_equal(served, test.images[row["index"]])
@@ -158,11 +165,11 @@ def test_an_export_that_drifts_from_pytorch_is_refused():
 def test_a_model_folder_is_checked_before_any_framework_loads(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model.json: not found; .*not a trained model folder.*old single-file layout"):
         (tmp_path / "scratch.pt").write_bytes(b"")
-        backends.read_card(tmp_path / "scratch")
+        card.read_card(tmp_path / "scratch")
     (tmp_path / "m").mkdir()
     (tmp_path / "m/model.json").write_text(json.dumps({"framework": "jax", "arch": "a", "model_args": {}, "classes": []}))
     with pytest.raises(ValueError, match=r"framework 'jax' is not known; valid: \['keras', 'torch'\]"):
-        backends.read_card(tmp_path / "m")
+        card.read_card(tmp_path / "m")
 
 
 def test_a_refused_export_leaves_the_previous_one_whole(workdir, trained):

@@ -1,4 +1,4 @@
-"""Seeding, determinism switches and device choice, shared by every stage that runs torch.
+"""Seeding, determinism switches and device choice for torch (params.yaml `runtime`).
 
 Byte-identical reruns need three things pinned: every random generator's seed, the choice of
 deterministic kernels, and the intra-op thread count (a different number of threads sums
@@ -10,22 +10,12 @@ from __future__ import annotations
 import os
 import random
 import sys
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError, check
-
-
-@dataclass(frozen=True)
-class RuntimeParams:
-    threads: int = 2  # intra-op CPU threads; results are reproducible for a fixed count
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-
-    def __post_init__(self) -> None:
-        check(self.threads >= 1, "threads", f"must be at least 1, got {self.threads}")
+from pipeline.config import ConfigError
+from pipeline.frameworks.interface import RuntimeParams
 
 
 def seed_everything(seed: int) -> torch.Generator:

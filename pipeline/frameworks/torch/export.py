@@ -1,9 +1,5 @@
-"""The `torch` framework behind `backends.Backend`: the default for every stage.
-
-Training is `engine.fit`; a model file is `models.save_checkpoint`'s checkpoint; the exports
-are TorchScript and ONNX (`model.torchscript.pt`, `model.onnx`), both taking float32
-(N, C, H, W) images in [0, 1] and returning probabilities, the model card embedded in each.
-"""
+"""torch models as shipped files: TorchScript and ONNX, both taking float32 (N, C, H, W) images
+in [0, 1] and returning probabilities, byte-identical on every rerun."""
 
 from __future__ import annotations
 
@@ -12,65 +8,14 @@ import io
 import json
 import warnings
 import zipfile
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline import backends, engine, files, models, runtime
-
-if TYPE_CHECKING:
-    from pipeline.export import ExportParams
-
-INPUT_NAME, OUTPUT_NAME = backends.INPUT_NAME, backends.OUTPUT_NAME
-
-
-class Backend(backends.Backend):
-    framework = "torch"
-    model_file = "model.pt"
-    layout = "NCHW"
-
-    def __init__(self, rt: runtime.RuntimeParams, seed: int = 0) -> None:
-        self.runtime = rt
-        self.device = runtime.configure(rt)
-        self.generator = runtime.seed_everything(seed)  # data order and augmentation
-
-    def describe(self) -> dict[str, str]:
-        return {"framework": self.framework, **runtime.describe(self.device, self.runtime)}
-
-    def build(self, arch: str, model_args: dict[str, Any]) -> nn.Module:
-        return models.build(arch, model_args)
-
-    def fit(self, model, train, val, p, run=None, desc="train") -> engine.FitResult:
-        return engine.fit(model, train, val, p, self.device, self.generator, run, desc=desc)
-
-    def serialize(self, model: nn.Module, card: backends.ModelCard) -> bytes:
-        return models.checkpoint_bytes(model.cpu(), card.arch, card.model_args, card.classes)
-
-    def deserialize(self, path: Path, card: backends.ModelCard) -> nn.Module:
-        model, _ = models.load_checkpoint(path)
-        return model.to(self.device)
-
-    def predict_proba(self, model: nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
-        logits = engine.predict_logits(model.to(self.device), images, self.device, batch_size)  # streamed when large
-        return backends.softmax64(logits.numpy())
-
-    def export(self, model: nn.Module, out: Path, test: np.ndarray, calibration: np.ndarray, meta: dict, p: ExportParams) -> dict[str, np.ndarray]:
-        # traced on the CPU: the files must not depend on the GPU
-        cpu = torch.device("cpu")
-        shipped = WithSoftmax(model.to(cpu)).eval()
-        example = torch.from_numpy(next(backends.float_batches(test[:2], 2, "NCHW")))
-        with torch.no_grad():
-            script = to_torchscript(shipped, example, meta)
-            onnx_bytes = to_onnx(shipped, example, meta, p.opset, p.onnx_exporter)
-            scripted = load_torchscript(script)
-            script_out = np.concatenate([scripted(torch.from_numpy(x)).numpy() for x in backends.float_batches(test, p.batch_size, "NCHW")])
-        files.write_bytes(out / "model.torchscript.pt", script)
-        files.write_bytes(out / "model.onnx", onnx_bytes)
-        onnx_out = backends.onnx_probabilities(onnx_bytes, backends.float_batches(test, p.batch_size, "NCHW"), self.runtime.threads)
-        return {"torchscript": script_out, "onnx": onnx_out}
+from pipeline.frameworks import onnx_format
+from pipeline.frameworks.interface import INPUT_NAME, OUTPUT_NAME
 
 
 class WithSoftmax(nn.Module):
@@ -128,7 +73,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor, meta: dict, opset: int, exp
     if exporter == "dynamo":
         program = torch.onnx.export(
             model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
-            dynamic_shapes={"image": {0: torch.export.Dim("batch")}}, dynamo=True, verbose=False,
+            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}}, dynamo=True, verbose=False,
         )
         proto = program.model_proto
     else:
@@ -140,4 +85,11 @@ def to_onnx(model: nn.Module, example: torch.Tensor, meta: dict, opset: int, exp
                 opset_version=opset, dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, dynamo=False,
             )
         proto = onnx.load_from_string(buffer.getvalue())
-    return backends.onnx_with_metadata(proto, meta)
+    return onnx_format.with_metadata(proto, meta)
+
+
+def predict_torchscript(blob: bytes, images: Iterable[np.ndarray]) -> np.ndarray:
+    """The TorchScript file's outputs on batches of float32 NCHW input, loaded as a server loads it."""
+    scripted = load_torchscript(blob)
+    with torch.no_grad():
+        return np.concatenate([scripted(torch.from_numpy(x)).numpy() for x in images])

@@ -1,4 +1,4 @@
-"""The dataset formats that stages hand to each other, and nothing that needs torch.
+"""The dataset formats that stages hand to each other; nothing here needs a framework.
 
 Ingested data (ingest's output) is a manifest CSV with one row per usable image
 (`MANIFEST_COLUMNS`), `classes.json` and `dataset.json`; the pixels stay in the source.
@@ -109,18 +109,6 @@ def dataset_tags(prepared: Path) -> dict[str, str]:
     """The dataset's identity, for every stage's MLflow run."""
     info = read_json(Path(prepared) / "dataset.json", "the dataset description")
     return {"dataset_sha256": str(info.get("sha256")), "data_source": str(info.get("source"))}
-
-
-def save_prepared(out: Path, splits: dict[str, Split]) -> None:
-    """Write every split and the class list into `out`, replacing it whole."""
-    classes = {s.classes for s in splits.values()}
-    if len(classes) != 1:
-        raise DataError("all splits must share one class list")
-    with files.atomic_dir(out) as tmp:
-        for name, split in splits.items():
-            np.save(tmp / f"{name}_images.npy", np.ascontiguousarray(split.images))
-            np.save(tmp / f"{name}_labels.npy", split.labels.astype(np.int64))
-        files.write_json(tmp / "classes.json", list(classes.pop()))
 
 
 def load_classes(prepared: Path) -> tuple[str, ...]:

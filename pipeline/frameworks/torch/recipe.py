@@ -1,11 +1,11 @@
-"""train_one_epoch / evaluate / fit, shared by the train and finetune stages.
+"""The recipe in PyTorch: train_one_epoch / evaluate / fit, for the train and finetune stages.
 
 Batches are cut by index from `Images`, which holds a split one of two ways:
 
 - resident: when the split's float copy fits `RESIDENT_BYTES`, it is converted to model input
   once and kept on the device for the whole fit, so epochs skip the conversion. On MNIST-sized
   data a DataLoader's per-sample collation costs more than the model.
-- streamed: a larger split stays the memory map that `data.load_split` opened, and each batch
+- streamed: a larger split stays the memory map that `formats.load_split` opened, and each batch
   reads exactly its own rows from it and converts them. Only the page cache holds the file,
   so a split larger than memory still trains; what stays in memory per image is its label and
   its place in the epoch's order (16 bytes).
@@ -20,68 +20,18 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from pipeline.config import check
-from pipeline.data import Split
-from pipeline.tracking import StageRun
+from pipeline.data.formats import Split
+from pipeline.frameworks.recipe import FitParams, FitResult, fit_epochs
 
-
-@dataclass(frozen=True)
-class FitParams:
-    """The training recipe; the train and finetune params extend it."""
-
-    seed: int = 0
-    epochs: int = 15
-    batch_size: int = 64
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = 3.0e-3  # the peak rate under onecycle
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 1.0e-4
-    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
-    warmup_fraction: float = 0.25  # onecycle: share of steps spent rising to lr
-    label_smoothing: float = 0.1
-    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
-    augment_shift: int = 2  # random translation of up to this many pixels; 0 turns it off
-    early_stopping_patience: int = 5  # epochs without a better val loss; 0 turns it off
-    channels_last: bool = True
-
-    def __post_init__(self) -> None:
-        check(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
-        check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
-        check(0 < self.lr <= 10, "lr", f"must be in (0, 10], got {self.lr}")
-        check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
-        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        check(0 < self.warmup_fraction < 1, "warmup_fraction", f"must be in (0, 1), got {self.warmup_fraction}")
-        check(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
-        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
-        check(self.augment_shift >= 0, "augment_shift", f"must be >= 0 (0 = off), got {self.augment_shift}")
-        check(self.early_stopping_patience >= 0, "early_stopping_patience", f"must be >= 0 (0 = off), got {self.early_stopping_patience}")
-
-
-@dataclass
-class FitResult:
-    best_epoch: int  # 0-based, in this fit's own count
-    best_val_loss: float
-    best_val_acc: float
-    epochs_run: int
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
-def to_tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (N, H, W, C) array -> uint8 (N, C, H, W) tensor in channels_last strides, and labels.
-
-    The split is read into memory here (a writable copy of the memory-mapped file); stages
-    that may meet large splits use `Images` instead."""
-    images = torch.from_numpy(np.array(split.images)).permute(0, 3, 1, 2)
-    return images, torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
+if TYPE_CHECKING:
+    from pipeline.tracking import StageRun
 
 
 def as_input(batch: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -261,24 +211,14 @@ def fit(
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = make_optimizer(params, p)
     scheduler = make_scheduler(optimizer, p, math.ceil(len(train_y) / p.batch_size))
-    result = FitResult(best_epoch=-1, best_val_loss=math.inf, best_val_acc=0.0, epochs_run=0)
-    best_state = copy.deepcopy(model.state_dict())
-    bar = tqdm(range(p.epochs), desc=desc, unit="epoch", dynamic_ncols=True)
-    for epoch in bar:
+
+    def run_epoch(epoch: int) -> dict[str, float]:
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = train_one_epoch(model, train_x, train_y, optimizer, scheduler, p, device, generator)
         val_loss, val_acc = evaluate(model, val_x, val_y, device, p)
-        metrics = {"train/loss": train_loss, "train/acc": train_acc, "val/loss": val_loss, "val/acc": val_acc, "lr": lr}
-        result.history.append(metrics)
-        result.epochs_run = epoch + 1
-        if run is not None:
-            run.log_epoch(first_epoch + epoch, metrics)
-        bar.set_postfix(loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
-        if val_loss < result.best_val_loss:
-            result.best_epoch, result.best_val_loss, result.best_val_acc = epoch, val_loss, val_acc
-            best_state = copy.deepcopy(model.state_dict())
-        elif p.early_stopping_patience and epoch - result.best_epoch >= p.early_stopping_patience:
-            break
-    bar.close()
-    model.load_state_dict(best_state)
-    return result
+        return {"train/loss": train_loss, "train/acc": train_acc, "val/loss": val_loss, "val/acc": val_acc, "lr": lr}
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return copy.deepcopy(model.state_dict())
+
+    return fit_epochs(p, run_epoch, snapshot, model.load_state_dict, run, first_epoch, desc)

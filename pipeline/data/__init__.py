@@ -1,0 +1,6 @@
+"""The data layer: what stages hand to each other and how images get there; no framework.
+
+`formats` (ingested and prepared data on disk), `images` (safe decoding, pixel conversion,
+perceptual hashes, resizing), `sources` (where the candidate images come from: an image folder
+or an array dataset) and `parallel` (crash-proof worker pools).
+"""

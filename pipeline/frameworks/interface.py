@@ -1,0 +1,105 @@
+"""The interface every framework implements (`Backend`), and what it is handed.
+
+Nothing here imports a framework: stages and the model-folder code use these names whichever
+framework is installed or chosen.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+
+from pipeline.config import check
+
+if TYPE_CHECKING:
+    from pipeline.data.formats import Split
+    from pipeline.frameworks.card import ModelCard
+    from pipeline.frameworks.recipe import FitParams, FitResult
+    from pipeline.tracking import StageRun
+
+INPUT_NAME, OUTPUT_NAME = "image", "probabilities"  # every exported format's input and output
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    """params.yaml `runtime`: where and how a framework computes."""
+
+    threads: int = 2  # intra-op CPU threads; results are reproducible for a fixed count
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        check(self.threads >= 1, "threads", f"must be at least 1, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What a backend's export needs of the export stage's params."""
+
+    opset: int
+    onnx_exporter: str  # torch: 'torchscript' or 'dynamo'
+    batch_size: int
+
+
+class Backend(ABC):
+    """One framework's half of the pipeline. Constructing a backend configures the framework
+    for deterministic work (seeds, threads, deterministic kernels, the device)."""
+
+    framework: ClassVar[str]
+    model_file: ClassVar[str]  # the weights' file name inside the model folder
+    layout: ClassVar[str]  # the exports' input layout: "NCHW" or "NHWC"
+
+    @abstractmethod
+    def __init__(self, runtime: RuntimeParams, seed: int) -> None: ...
+
+    @abstractmethod
+    def describe(self) -> dict[str, str]:
+        """What the run ran on (versions, device, threads), for MLflow tags only."""
+
+    @abstractmethod
+    def build(self, arch: str, model_args: dict[str, Any]) -> Any:
+        """A fresh, randomly initialised network (seeded by the constructor)."""
+
+    @abstractmethod
+    def fit(self, model: Any, train: Split, val: Split, p: FitParams, run: StageRun | None, desc: str) -> FitResult:
+        """The recipe in `p`; early-stops on the unsmoothed val loss and restores the best weights."""
+
+    @abstractmethod
+    def serialize(self, model: Any, card: ModelCard) -> bytes:
+        """The model file's bytes: equal for equal weights, whenever and wherever saved."""
+
+    @abstractmethod
+    def deserialize(self, path: Path, card: ModelCard) -> Any:
+        """The model from its file, in inference mode; never runs code stored in the file."""
+
+    @abstractmethod
+    def predict(self, model: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
+        """Float64 class probabilities (N, classes) for a split's uint8 (N, H, W, C) images,
+        read in batches (the array may be a memory map larger than memory)."""
+
+    @abstractmethod
+    def export(
+        self, model: Any, out: Path, test: np.ndarray, calibration: np.ndarray, meta: dict, options: ExportOptions
+    ) -> dict[str, np.ndarray]:
+        """Write the shipped files into `out` (a fresh folder) and return each format's
+        probabilities on `test` (uint8 NHWC) as its own runtime computes them, for the parity
+        check. `calibration` (uint8 NHWC training images) calibrates quantisation; formats
+        named '*int8' are quantised and checked against export's int8 thresholds."""
+
+
+def softmax64(logits: np.ndarray) -> np.ndarray:
+    """Probabilities in float64 whose rows sum to 1, from float32 logits (the same maths for both frameworks)."""
+    z = np.asarray(logits, np.float64)
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def float_batches(images: np.ndarray, batch_size: int, layout: str = "NHWC") -> Iterator[np.ndarray]:
+    """Float32 [0, 1] batches of a uint8 (N, H, W, C) array, read a batch at a time."""
+    for start in range(0, len(images), batch_size):
+        batch = np.asarray(images[start : start + batch_size], np.float32) / 255
+        yield np.ascontiguousarray(batch.transpose(0, 3, 1, 2)) if layout == "NCHW" else batch

@@ -1,0 +1,120 @@
+"""The `keras` framework behind `frameworks.interface.Backend`: Keras 3 on TensorFlow.
+
+The same scratch CNN and recipe as torch's, from the same params (`model`, `recipe`), and its
+exports (`export`): a SavedModel for TensorFlow Serving (`saved_model/1/`, signature
+serving_default: float32 NHWC `image` in [0, 1] -> `probabilities`), TFLite in float32 and
+full-integer int8 (`model.tflite`, `model_int8.tflite`) and ONNX (`model.onnx`, through
+tf2onnx). Every file is byte-identical on a rerun; see each writer for what that took.
+
+`frameworks.registry` imports this module only for `train.framework: keras` or a keras model
+folder, so the torch stages never import TensorFlow (about 8 s here, with its
+configuration), and nothing here imports torch. `configure` runs before anything else
+touches TensorFlow: it fixes the environment TensorFlow reads once, at import.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline import files
+from pipeline.config import ConfigError
+from pipeline.frameworks import interface, onnx_format
+from pipeline.frameworks.card import ModelCard
+from pipeline.frameworks.interface import ExportOptions, RuntimeParams, float_batches
+from pipeline.frameworks.keras import export, model, recipe
+
+if TYPE_CHECKING:
+    import keras
+
+
+def configure(seed: int, threads: int, device: str = "cpu") -> Any:
+    """Deterministic TensorFlow: fixed threads, deterministic ops, seeds, the device; returns the module.
+
+    oneDNN is switched off explicitly: TensorFlow turns it on by itself on AVX-512 CPUs, and
+    its kernels change results. The thread count changes float sums, so it is pinned."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no C++ start-up chatter in stage logs
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import keras
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if device == "cuda" and not gpus:
+        raise ConfigError(
+            "params.yaml: runtime.device is 'cuda' but TensorFlow sees no GPU (the pinned tensorflow-cpu "
+            "has no GPU support); use 'auto' or 'cpu' for train.framework keras, or install a CUDA build of TensorFlow 2.21"
+        )
+    try:
+        if device == "cpu" and gpus:
+            tf.config.set_visible_devices([], "GPU")
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # already initialised in this process (tests): the first setting stands
+        pass
+    tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(seed)
+    return tf
+
+
+class KerasBackend(interface.Backend):
+    """Keras 3 on TensorFlow; builds the scratch CNN only (the pretrained backbones are
+    timm's and torchvision's, so `finetune` stays torch)."""
+
+    framework = "keras"
+    model_file = "model.keras"
+    layout = "NHWC"
+
+    def __init__(self, rt: RuntimeParams, seed: int = 0) -> None:
+        self.runtime = rt
+        self.tf = configure(seed, rt.threads, rt.device)
+
+    def describe(self) -> dict[str, str]:
+        import keras
+
+        gpu = bool(self.tf.config.get_visible_devices("GPU"))
+        return {"framework": self.framework, "tensorflow": self.tf.__version__, "keras": keras.__version__,
+                "device": "gpu" if gpu else "cpu", "threads": str(self.runtime.threads), "deterministic": "true"}  # fmt: skip
+
+    def build(self, arch: str, model_args: dict[str, Any]) -> keras.Model:
+        if arch != "scratch_cnn":
+            raise ConfigError(f"the keras framework builds 'scratch_cnn' only, not {arch!r}; use train.framework torch")
+        return model.build_scratch_cnn(**{k: tuple(v) if isinstance(v, list) else v for k, v in model_args.items()})
+
+    def fit(self, net, train, val, p, run=None, desc="train") -> recipe.FitResult:
+        return recipe.fit(net, train, val, p, run, desc)
+
+    def serialize(self, net: keras.Model, card: ModelCard) -> bytes:
+        return model.save_keras(net)
+
+    def deserialize(self, path: Path, card: ModelCard) -> keras.Model:
+        import keras
+
+        # safe_mode (the default, stated): a Lambda layer's pickled code would be refused
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+
+    def predict(self, net: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
+        return interface.softmax64(recipe.predict_logits(net, images, batch_size))
+
+    def export(
+        self, net: keras.Model, out: Path, test: np.ndarray, calibration: np.ndarray, meta: dict, options: ExportOptions
+    ) -> dict[str, np.ndarray]:
+        shape = tuple(test.shape[1:])
+        saved = str(out / "saved_model" / "1")  # <model>/<version>/ is the folder TF Serving watches
+        export.save_savedmodel(net, saved, shape)
+        calibration = np.asarray(calibration, np.float32) / 255
+        tflite, int8 = export.to_tflite(saved), export.to_tflite(saved, calibration)
+        onnx_bytes = export.to_onnx(net, shape, options.opset, meta)
+        files.write_bytes(out / "model.tflite", tflite)
+        files.write_bytes(out / "model_int8.tflite", int8)
+        files.write_bytes(out / "model.onnx", onnx_bytes)
+        size, threads = options.batch_size, self.runtime.threads
+        return {
+            "savedmodel": export.predict_savedmodel(saved, float_batches(test, size)),
+            "tflite": export.predict_tflite(tflite, float_batches(test, size), threads),
+            "tflite_int8": export.predict_tflite(int8, float_batches(test, size), threads),
+            "onnx": onnx_format.predict_onnx(onnx_bytes, float_batches(test, size), threads),
+        }

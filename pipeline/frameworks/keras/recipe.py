@@ -1,0 +1,179 @@
+"""The recipe in Keras, from the same params as torch's: AdamW / Adam / SGD with torch's
+semantics, the one-cycle / cosine / constant schedules with torch's formulas, label smoothing,
+global gradient clipping, random shifts, and `frameworks.recipe.fit_epochs`' early stopping
+on the unsmoothed validation loss with the best weights restored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.data.formats import Split
+from pipeline.frameworks.interface import float_batches
+from pipeline.frameworks.recipe import FitParams, FitResult, fit_epochs
+
+if TYPE_CHECKING:
+    import keras
+
+    from pipeline.tracking import StageRun
+
+def learning_rate(p: FitParams, total_steps: int) -> Any:
+    """The schedule with torch's formulas (OneCycleLR: cosine, div 25, final div 1e4)."""
+    import keras
+
+    @keras.saving.register_keras_serializable(package="pipeline")
+    class TorchSchedule(keras.optimizers.schedules.LearningRateSchedule):
+        def __init__(self, kind: str, peak: float, total: int, warmup: float) -> None:
+            self.kind, self.peak, self.total, self.warmup = kind, peak, total, warmup
+
+        def __call__(self, step):
+            import tensorflow as tf
+
+            return tf.cast(schedule_value(self.kind, self.peak, self.total, self.warmup, step), tf.float32)
+
+        def get_config(self) -> dict:
+            return {"kind": self.kind, "peak": self.peak, "total": self.total, "warmup": self.warmup}
+
+    return TorchSchedule(p.schedule, p.lr, total_steps, p.warmup_fraction)
+
+
+def schedule_value(kind: str, peak: float, total: int, warmup: float, step):
+    """The learning rate at `step` (a number or a tensor), as torch's schedulers compute it."""
+    import tensorflow as tf
+
+    step = tf.cast(step, tf.float64)
+    if kind == "constant":
+        return tf.constant(peak, tf.float64)
+    if kind == "cosine":  # CosineAnnealingLR(T_max=total, eta_min=0)
+        return peak * (1 + tf.cos(math.pi * step / total)) / 2
+    initial, final = peak / 25, peak / 25 / 1e4
+    rise_end = float(warmup * total) - 1  # torch's phase boundary: pct_start * total_steps - 1
+    fall_end = float(total - 1)
+
+    def anneal(start, end, fraction):
+        return end + (start - end) / 2 * (1 + tf.cos(math.pi * fraction))
+
+    rising = anneal(initial, peak, step / rise_end)
+    falling = anneal(peak, final, (step - rise_end) / (fall_end - rise_end))
+    return tf.where(step <= rise_end, rising, falling)
+
+
+def make_optimizer(p: FitParams, total_steps: int) -> Any:
+    """torch's optimizer semantics. AdamW decays decoupled in both frameworks (w -= lr * wd * w
+    before the update). torch's Adam and SGD take weight_decay as L2, wd * w added to the
+    clipped gradient, where Keras' would decay decoupled: `with_l2` gives them torch's."""
+    import keras
+
+    lr = learning_rate(p, total_steps)
+    clip = {"global_clipnorm": p.grad_clip} if p.grad_clip else {}
+    if p.optimizer == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=p.weight_decay, epsilon=1e-8, **clip)
+    if p.optimizer == "adam":
+        return with_l2(keras.optimizers.Adam)(lr, epsilon=1e-8, l2=p.weight_decay, **clip)
+    return with_l2(keras.optimizers.SGD)(lr, momentum=p.momentum, nesterov=p.momentum > 0, l2=p.weight_decay, **clip)
+
+
+def with_l2(optimizer: type) -> type:
+    """`optimizer` with torch's coupled weight decay: g + l2 * w after clipping, before the update.
+    (With momentum, SGD still differs in one way: Keras scales the velocity by the current rate
+    when it accumulates, torch when it applies, which matters only while the rate changes.)"""
+
+    class L2(optimizer):
+        def __init__(self, *args, l2: float = 0.0, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.l2 = l2
+
+        def _backend_update_step(self, grads, trainable_variables, learning_rate):
+            if self.l2:
+                grads = [g + self.l2 * v for g, v in zip(grads, trainable_variables, strict=True)]
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+
+    L2.__name__ = f"{optimizer.__name__}L2"
+    return L2
+
+
+def train_batches(split: Split, p: FitParams, seed: int) -> Any:
+    """One epoch of training batches as a tf.data pipeline: a seeded order, float input, shifts.
+
+    Each batch reads exactly its own rows from the split, usually its memory map, as
+    `frameworks.torch.recipe.Images` streams them for torch: a split larger than memory trains, and nothing
+    is copied whole. The order comes from NumPy's generator seeded with `seed`, the shifts
+    from stateless draws keyed by (seed, batch index): a rerun sees the same epoch."""
+    import tensorflow as tf
+
+    order = np.random.default_rng(seed).permutation(len(split))
+    labels = np.asarray(split.labels, np.int64)
+
+    def rows():
+        for start in range(0, len(order), p.batch_size):
+            idx = order[start : start + p.batch_size]
+            yield split.images[idx], labels[idx]  # fancy indexing reads only these rows
+
+    side, channels = split.image_size, split.channels
+    ds = tf.data.Dataset.from_generator(rows, output_signature=(
+        tf.TensorSpec((None, side, side, channels), tf.uint8), tf.TensorSpec((None,), tf.int64)))
+    ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(len(order) / p.batch_size)))  # Keras knows the epoch's end
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y))
+    if p.augment_shift:
+        ds = ds.enumerate().map(lambda i, xy: shift_batch(i, xy, p.augment_shift, seed))
+    return ds.prefetch(1)
+
+
+def shift_batch(index, batch, s: int, seed: int):
+    """Each image moved by its own offset in [-s, s], zero-filled; the draw depends on
+    (seed, batch index) only, so every rerun sees the same shifts."""
+    import tensorflow as tf
+
+    x, y = batch
+    n, h, w = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
+    padded = tf.pad(x, [[0, 0], [s, s], [s, s], [0, 0]])
+    offsets = tf.random.stateless_uniform([n, 2], seed=tf.stack([tf.constant(seed, tf.int64), index]),
+                                          minval=0, maxval=2 * s + 1, dtype=tf.int32)
+    rows = offsets[:, :1] + tf.range(h)[None]  # (N, H) source rows of each output row
+    cols = offsets[:, 1:] + tf.range(w)[None]  # (N, W)
+    x = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(x, cols, axis=2, batch_dims=1), y
+
+
+def fit(
+    model: keras.Model, train: Split, val: Split, p: FitParams, run: StageRun | None = None, desc: str = "train"
+) -> FitResult:
+    """`frameworks.torch.recipe.fit` in Keras: up to p.epochs, early stopping on val loss, the
+    best weights restored. Both splits are read batch by batch, so they may be memory maps
+    larger than memory."""
+    import keras
+
+    steps = math.ceil(len(train) / p.batch_size)
+    num_classes = train.num_classes
+    optimizer = make_optimizer(p, p.epochs * steps)
+    smoothing = p.label_smoothing
+
+    def loss(y_true, logits):  # sparse labels with torch's label smoothing
+        onehot = keras.ops.one_hot(keras.ops.cast(y_true, "int32"), num_classes)
+        return keras.losses.categorical_crossentropy(onehot, logits, from_logits=True, label_smoothing=smoothing)
+
+    model.compile(optimizer=optimizer, loss=loss, metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")])
+    val_labels = np.asarray(val.labels, np.int64)
+
+    def run_epoch(epoch: int) -> dict[str, float]:
+        lr = float(schedule_value(p.schedule, p.lr, p.epochs * steps, p.warmup_fraction, epoch * steps))
+        # a pipeline per epoch, seeded by (seed, epoch): its order and shifts differ every epoch
+        train_ds = train_batches(train, p, p.seed * 1_000_003 + epoch)
+        logs = model.fit(train_ds, epochs=epoch + 1, initial_epoch=epoch, verbose=0, shuffle=False).history
+        logits = predict_logits(model, val.images, max(p.batch_size, 256))
+        val_losses = keras.losses.sparse_categorical_crossentropy(val_labels, logits, from_logits=True)
+        val_loss, val_acc = float(keras.ops.mean(val_losses)), float((logits.argmax(1) == val_labels).mean())
+        return {"train/loss": logs["loss"][-1], "train/acc": logs["acc"][-1], "val/loss": val_loss, "val/acc": val_acc,
+                "lr": lr}  # fmt: skip
+
+    return fit_epochs(p, run_epoch, model.get_weights, model.set_weights, run, desc=desc)
+
+
+def predict_logits(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits (N, classes) in input order for uint8 (N, H, W, C) images, read in batches (the
+    array may be memory-mapped)."""
+    out = [model(x, training=False).numpy() for x in float_batches(images, batch_size)]
+    return np.concatenate(out) if out else np.empty((0, 0), np.float32)

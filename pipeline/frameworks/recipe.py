@@ -1,0 +1,95 @@
+"""The training recipe both frameworks follow: its params, its result, and the epoch loop
+(early stopping on the unsmoothed validation loss, the best weights restored).
+
+Free of any framework: `train` and `finetune` extend `FitParams` with their own knobs, and
+each framework's fit hands `fit_epochs` one function that runs an epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from tqdm import tqdm
+
+from pipeline.config import check
+
+if TYPE_CHECKING:
+    from pipeline.tracking import StageRun
+
+
+@dataclass(frozen=True)
+class FitParams:
+    """The training recipe; the train and finetune params extend it."""
+
+    seed: int = 0
+    epochs: int = 15
+    batch_size: int = 64
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 3.0e-3  # the peak rate under onecycle
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 1.0e-4
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup_fraction: float = 0.25  # onecycle: share of steps spent rising to lr
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    augment_shift: int = 2  # random translation of up to this many pixels; 0 turns it off
+    early_stopping_patience: int = 5  # epochs without a better val loss; 0 turns it off
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
+        check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+        check(0 < self.lr <= 10, "lr", f"must be in (0, 10], got {self.lr}")
+        check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(0 < self.warmup_fraction < 1, "warmup_fraction", f"must be in (0, 1), got {self.warmup_fraction}")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        check(self.augment_shift >= 0, "augment_shift", f"must be >= 0 (0 = off), got {self.augment_shift}")
+        patience = self.early_stopping_patience
+        check(patience >= 0, "early_stopping_patience", f"must be >= 0 (0 = off), got {patience}")
+
+
+@dataclass
+class FitResult:
+    best_epoch: int  # 0-based, in this fit's own count
+    best_val_loss: float
+    best_val_acc: float
+    epochs_run: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def fit_epochs(
+    p: FitParams,
+    run_epoch: Callable[[int], dict[str, float]],
+    snapshot: Callable[[], Any],
+    restore: Callable[[Any], None],
+    run: StageRun | None = None,
+    first_epoch: int = 0,
+    desc: str = "train",
+) -> FitResult:
+    """Up to p.epochs of `run_epoch(epoch)`, which trains one epoch and returns its metrics
+    (train/loss, train/acc, val/loss, val/acc, lr); stops early after p.early_stopping_patience
+    epochs without a lower val/loss, and `restore`s the weights `snapshot` took at the best one."""
+    result = FitResult(best_epoch=-1, best_val_loss=math.inf, best_val_acc=0.0, epochs_run=0)
+    best = snapshot()
+    bar = tqdm(range(p.epochs), desc=desc, unit="epoch", dynamic_ncols=True)
+    for epoch in bar:
+        metrics = run_epoch(epoch)
+        result.history.append(metrics)
+        result.epochs_run = epoch + 1
+        if run is not None:
+            run.log_epoch(first_epoch + epoch, metrics)
+        val_loss, val_acc = metrics["val/loss"], metrics["val/acc"]
+        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
+        if val_loss < result.best_val_loss:
+            result.best_epoch, result.best_val_loss, result.best_val_acc = epoch, val_loss, val_acc
+            best = snapshot()
+        elif p.early_stopping_patience and epoch - result.best_epoch >= p.early_stopping_patience:
+            break
+    bar.close()
+    restore(best)
+    return result

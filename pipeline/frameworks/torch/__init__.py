@@ -1,0 +1,3 @@
+"""The `torch` framework: `backend` (the `Backend`), `model` (the networks and checkpoints),
+`weights` (pretrained backbones' files), `recipe` (train_one_epoch / evaluate / fit),
+`export` (TorchScript and ONNX) and `runtime` (seeds, deterministic kernels, threads, device)."""

@@ -1,0 +1,69 @@
+"""The `torch` framework behind `frameworks.interface.Backend`: the default for every stage.
+
+Training is `recipe.fit`; a model file is `model.checkpoint_bytes`' checkpoint; the exports
+are `export`'s TorchScript and ONNX files (`model.torchscript.pt`, `model.onnx`), the model
+card embedded in each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import files
+from pipeline.frameworks import interface, onnx_format
+from pipeline.frameworks.card import ModelCard
+from pipeline.frameworks.interface import ExportOptions, RuntimeParams, float_batches
+from pipeline.frameworks.torch import export, model, recipe, runtime
+
+
+class TorchBackend(interface.Backend):
+    framework = "torch"
+    model_file = "model.pt"
+    layout = "NCHW"
+
+    def __init__(self, rt: RuntimeParams, seed: int = 0) -> None:
+        self.runtime = rt
+        self.device = runtime.configure(rt)
+        self.generator = runtime.seed_everything(seed)  # data order and augmentation
+
+    def describe(self) -> dict[str, str]:
+        return {"framework": self.framework, **runtime.describe(self.device, self.runtime)}
+
+    def build(self, arch: str, model_args: dict[str, Any]) -> nn.Module:
+        return model.build(arch, model_args)
+
+    def fit(self, net, train, val, p, run=None, desc="train") -> recipe.FitResult:
+        return recipe.fit(net, train, val, p, self.device, self.generator, run, desc=desc)
+
+    def serialize(self, net: nn.Module, card: ModelCard) -> bytes:
+        return model.checkpoint_bytes(net.cpu(), card.arch, card.model_args, card.classes)
+
+    def deserialize(self, path: Path, card: ModelCard) -> nn.Module:
+        net, _ = model.load_checkpoint(path)
+        return net.to(self.device)
+
+    def predict(self, net: nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:
+        logits = recipe.predict_logits(net.to(self.device), images, self.device, batch_size)  # streamed when large
+        return interface.softmax64(logits.numpy())
+
+    def export(
+        self, net: nn.Module, out: Path, test: np.ndarray, calibration: np.ndarray, meta: dict, options: ExportOptions
+    ) -> dict[str, np.ndarray]:
+        # traced on the CPU: the files must not depend on the GPU
+        shipped = export.WithSoftmax(net.to(torch.device("cpu"))).eval()
+        example = torch.from_numpy(next(float_batches(test[:2], 2, "NCHW")))
+        with torch.no_grad():
+            script = export.to_torchscript(shipped, example, meta)
+            onnx_bytes = export.to_onnx(shipped, example, meta, options.opset, options.onnx_exporter)
+        files.write_bytes(out / "model.torchscript.pt", script)
+        files.write_bytes(out / "model.onnx", onnx_bytes)
+        size, threads = options.batch_size, self.runtime.threads
+        return {
+            "torchscript": export.predict_torchscript(script, float_batches(test, size, "NCHW")),
+            "onnx": onnx_format.predict_onnx(onnx_bytes, float_batches(test, size, "NCHW"), threads),
+        }

@@ -1,0 +1,167 @@
+"""The house's shape, read from the code (ast), so it cannot erode: the layers import downwards
+only, and dvc.yaml lists exactly the pipeline code each stage runs.
+
+A stage's code is the import closure of what its cmd runs (`python -m pipeline <stage>`: the
+package, `pipeline/__main__.py` and `pipeline/<stage>.py`). Every `import` counts, also one
+inside a function (a lazy import still shapes the outputs), except those under
+`if TYPE_CHECKING:` (never run). dvc.yaml lists that closure, less the modules that hold only
+a docstring, naming a folder where every module of it with code is in the closure and every
+other module by its path.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from functools import cache
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "pipeline"
+STAGES = ("ingest", "prepare", "train", "finetune", "evaluate", "export")
+FRAMEWORK_LIBRARIES = ("torch", "torchvision", "timm", "tensorflow", "keras", "tf2onnx", "ai_edge_litert", "onnxruntime")
+
+
+def module_path(name: str) -> Path | None:
+    """pipeline.a.b -> pipeline/a/b.py or pipeline/a/b/__init__.py; None outside the package."""
+    if name != "pipeline" and not name.startswith("pipeline."):
+        return None
+    base = REPO.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(n) for child in node.body for n in ast.walk(child))
+    return skipped
+
+
+@cache
+def imports(path: Path, run_time_only: bool = True) -> frozenset[str]:
+    """Every module name `path` imports (with its parent packages), absolute."""
+    tree = ast.parse(path.read_text())
+    skipped = _type_checking_only(tree) if run_time_only else set()
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import; use absolute imports"
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            found.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+    return frozenset(found)
+
+
+def closure(roots: list[Path]) -> set[Path]:
+    seen: set[Path] = set()
+    todo = list(roots)
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo += [p for name in imports(path) if (p := module_path(name)) is not None]
+    return seen
+
+
+def stage_closure(stage: str) -> set[Path]:
+    return closure([PACKAGE / "__init__.py", PACKAGE / "__main__.py", PACKAGE / f"{stage}.py"])
+
+
+def has_code(path: Path) -> bool:
+    """False for a module that is only its docstring (a package's __init__.py, say): it shapes nothing."""
+    body = ast.parse(path.read_text()).body
+    return bool(body[1:] if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) else body)
+
+
+def as_deps(paths: set[Path]) -> set[str]:
+    """The closure as dvc.yaml lists it: the modules with code, as whole folders where every
+    such module in the folder is in it."""
+    deps = {p.relative_to(REPO).as_posix() for p in paths if has_code(p)}
+    folders = sorted({p.parent for p in paths if p.parent != PACKAGE}, key=lambda f: len(f.parts))
+    for folder in folders:
+        contents = {p.relative_to(REPO).as_posix() for p in folder.rglob("*.py") if has_code(p)}
+        if contents <= deps:
+            rel = folder.relative_to(REPO).as_posix()
+            deps = {d for d in deps if not d.startswith(rel + "/")} | {rel}
+    return deps
+
+
+def dvc_stages() -> dict[str, dict]:
+    return YAML(typ="safe", pure=True).load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def layer_of(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).parts
+    if len(rel) == 1 and path.stem in STAGES:
+        return "stage"
+    return {"data": "data", "frameworks": "frameworks"}.get(rel[0], "shared") if len(rel) > 1 else "shared"
+
+
+def all_modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_dvc_yaml_lists_exactly_the_code_each_stage_runs(stage):
+    spec = dvc_stages()[stage]
+    spec = spec.get("do", spec)  # foreach stages keep theirs under do:
+    assert re.search(rf"python -m pipeline {stage}(\s|$)", spec["cmd"]), f"{stage}: cmd should be `python -m pipeline {stage} ...`"
+    listed = {d for d in spec["deps"] if d.startswith("pipeline")}
+    expected = as_deps(stage_closure(stage))
+    assert not expected - listed, f"dvc.yaml stage '{stage}' misses deps {sorted(expected - listed)}"
+    assert not listed - expected, f"dvc.yaml stage '{stage}' lists deps its code never imports {sorted(listed - expected)}"
+
+
+def test_every_stage_module_is_a_stage_in_dvc_yaml():
+    assert set(dvc_stages()) == set(STAGES)
+    assert {p.stem for p in all_modules() if layer_of(p) == "stage"} == set(STAGES)
+
+
+@pytest.mark.parametrize("path", all_modules(), ids=lambda p: p.relative_to(REPO).as_posix())
+def test_imports_point_down_the_layers(path):
+    """A stage imports no stage; the shared layers import no stage (nor the entry point); the
+    data layer imports no framework, ours or a library."""
+    names = imports(path, run_time_only=False)
+    layer = layer_of(path)
+    stages = {n for n in names if n in {f"pipeline.{s}" for s in STAGES} | {"pipeline.__main__"}}
+    if layer == "stage":
+        assert stages - {f"pipeline.{path.stem}"} == set(), f"{path.name} imports another stage: {sorted(stages)}"
+    elif path.name != "__main__.py":
+        assert not stages, f"{path.relative_to(REPO)} ({layer} layer) imports a stage: {sorted(stages)}"
+    if layer == "data":
+        frameworks = {n for n in names if n.split(".")[0] in FRAMEWORK_LIBRARIES or n.startswith("pipeline.frameworks")}
+        assert not frameworks, f"{path.relative_to(REPO)} (data layer) imports a framework: {sorted(frameworks)}"
+    if layer == "frameworks":
+        parts = path.relative_to(PACKAGE / "frameworks").parts
+        own = parts[0] if len(parts) > 1 else None  # torch/ or keras/, else the framework-free modules
+        for library, package in (("torch", "torch"), ("tensorflow", "keras"), ("keras", "keras")):
+            if own != package:
+                assert library not in names, f"{path.relative_to(REPO)} imports {library}, which only frameworks/{package}/ may"
+
+
+def test_the_closure_sees_lazy_imports_and_skips_type_checking_ones():
+    train = {p.relative_to(REPO).as_posix() for p in stage_closure("train")}
+    assert "pipeline/frameworks/keras/backend.py" in train  # imported inside registry.backend_class
+    finetune = {p.relative_to(REPO).as_posix() for p in stage_closure("finetune")}
+    assert not any(p.startswith("pipeline/frameworks/keras") for p in finetune)
+    assert "pipeline/tracking_worker.py" not in train  # a separate process that writes only to MLflow
