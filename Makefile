@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Stages and tests find the venv's dvc and python first.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-fast bench mlflow-ui clean
+.PHONY: setup run lint test test-fast bench mlflow-ui clean
 
 setup: $(STAMP)
 
@@ -20,7 +20,10 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 run: setup
 	dvc repro
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(VENV)/bin/python -m pytest
 
 test-fast: setup

@@ -7,7 +7,7 @@ Two layouts of the same synthetic MNIST-sized data (real digits, upscaled to 28x
 and noised so that every image is distinct):
 1. `data.source: mnist` from IDX .gz files in torchvision's layout;
 2. `data.source: folder`, one PNG file per image in ten class folders.
-Each stage runs as its own process (`python -m pipeline.<stage>`), timed end to end, with
+Each stage runs as its own process (`python -m pipeline <stage>`), timed end to end, with
 the workers the machine has. Results go to stdout and bench/results/data.md; nothing here is
 asserted in tests.
 """
@@ -29,12 +29,13 @@ from PIL import Image
 
 from bench import REPO, report
 from bench.pipeline import bench_env
-from pipeline import parallel, sources
+from pipeline.data import parallel
+from pipeline.data.sources import standard
 
 
 def synthetic_digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """n distinct 28x28 uint8 digits: the bundled 8x8 ones upscaled, shifted and noised."""
-    pixels, labels = sources.read_array_dataset("digits", Path("."), False).splits[""]
+    pixels, labels = standard.read_array_dataset("digits", Path("."), False).splits[""]
     big = np.stack([np.asarray(Image.fromarray(p).resize((20, 20), Image.Resampling.BILINEAR)) for p in pixels])
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, len(big), n)
@@ -74,7 +75,10 @@ def time_stages(work: Path, params: str) -> dict[str, float]:
     seconds = {}
     for stage in ("ingest", "prepare"):
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pipeline", stage], cwd=work, env={**env, "PYTHONPATH": str(REPO)}, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "pipeline", stage],
+            cwd=work, env={**env, "PYTHONPATH": str(REPO)}, check=True, capture_output=True,
+        )
         seconds[stage] = time.perf_counter() - started
     return seconds
 
@@ -98,7 +102,9 @@ def main() -> None:
         for name, data_params in layouts.items():
             seconds = time_stages(work, data_params + prepare)
             total = sum(seconds.values())
-            lines.append(f"| {name} | {seconds['ingest']:.1f} | {seconds['prepare']:.1f} | {total:.1f} | {args.n / total:,.0f} |")
+            lines.append(
+                f"| {name} | {seconds['ingest']:.1f} | {seconds['prepare']:.1f} | {total:.1f} | {args.n / total:,.0f} |"
+            )
             print(lines[-1], flush=True)
     lines += ["", "Each stage is a fresh process: the figures include Python start-up, imports and MLflow logging."]
     report("Data benchmark", lines, "data")

@@ -8,8 +8,8 @@ epoch, and the first epoch's one-off costs weigh the same) through `backends` (t
 its per-epoch validation pass) on the prepared train split; torch and keras alternate so
 that machine noise hits both alike. Reported per framework: the median images per second
 the cost of `registry.get` (for keras, TensorFlow's import and configuration; torch is
-imported by the train module in both), and the keras / torch throughput ratio. Results go to stdout and bench/results/frameworks.md; nothing
-here is asserted in tests.
+imported by the train module in both), and the keras / torch throughput ratio. Results go to stdout and
+bench/results/frameworks.md; nothing here is asserted in tests.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ FRAMEWORKS = ("torch", "keras")
 
 def child(framework: str, epochs: int | None) -> dict:
     """One fit in this process; returns its figures."""
-    from pipeline import backends, config, data, train
-    from pipeline.runtime import RuntimeParams
+    from pipeline import config, train
+    from pipeline.data import formats
+    from pipeline.frameworks import registry
+    from pipeline.frameworks.interface import RuntimeParams
 
     p = config.load("train", train.TrainParams)
     p = dataclasses.replace(p, framework=framework, epochs=epochs or p.epochs, early_stopping_patience=0)
@@ -43,8 +45,9 @@ def child(framework: str, epochs: int | None) -> dict:
     started = time.perf_counter()
     result = backend.fit(model, trn, val, p, None, desc=f"bench {framework}")
     seconds = time.perf_counter() - started
-    return {"images_per_second": result.epochs_run * len(trn) / seconds, "epochs": result.epochs_run, "startup_seconds": startup,
-            "val_acc": result.history[-1]["val/acc"], "train_images": len(trn), "threads": rt.threads}
+    return {"images_per_second": result.epochs_run * len(trn) / seconds, "epochs": result.epochs_run,
+            "startup_seconds": startup, "val_acc": result.history[-1]["val/acc"], "train_images": len(trn),
+            "threads": rt.threads}
 
 
 def main() -> None:
@@ -73,7 +76,10 @@ def main() -> None:
         f"(each with its validation pass), {first['threads']} threads, CPU; medians of {args.repeats} "
         "fresh processes per framework, alternating.", "",
         "| framework | images/s | registry.get (s) | last val acc |", "|---|---|---|---|",
-        *(f"| {name} | {rate[name]:,.0f} | {startup[name]:.1f} | {runs[name][-1]['val_acc']:.4f} |" for name in FRAMEWORKS),
+        *(
+            f"| {name} | {rate[name]:,.0f} | {startup[name]:.1f} | {runs[name][-1]['val_acc']:.4f} |"
+            for name in FRAMEWORKS
+        ),
         "", f"- keras / torch throughput: {rate['keras'] / rate['torch']:.2f}",
     ]
     report("Keras against PyTorch: scratch CNN training throughput", lines, "frameworks")

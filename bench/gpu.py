@@ -25,7 +25,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline import config, data, engine, finetune, models, runtime, train
+from pipeline import config, finetune, train
+from pipeline.data import formats
+from pipeline.frameworks.interface import RuntimeParams
+from pipeline.frameworks.torch import model as torch_model
+from pipeline.frameworks.torch import recipe, runtime, weights
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -29,15 +29,20 @@ from pathlib import Path
 from bench import REPO, report
 
 
-
 def copy_repo(dest: Path) -> None:
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for rel in tracked:
-        if rel.startswith(("pipeline/", ".dvc/", "data/sources/")) or rel in {"dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"}:
+        if rel.startswith(("pipeline/", ".dvc/", "data/sources/")) or rel in {
+            "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore",
+        }:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO / rel, dest / rel)
     env = bench_env(dest)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"],
+    ):
         subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
 
 
@@ -64,7 +69,9 @@ def bench_repro() -> list[str]:
         if done.returncode:
             sys.exit(f"dvc repro failed:\n{done.stdout}\n{done.stderr}")
         client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
-        runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id], order_by=["start_time ASC"])
+        runs = client.search_runs(
+            [client.get_experiment_by_name("cnn-pipeline").experiment_id], order_by=["start_time ASC"],
+        )
         lines += [f"- whole `dvc repro -f`: **{total:.0f} s** (target: under 180 s, aim 90 s)", "",
                   "| stage | in-process s |", "|---|---|"]
         for r in runs:
@@ -80,7 +87,11 @@ def bench_throughput(repeats: int) -> list[str]:
     import torch
     import torch.nn.functional as F
 
-    from pipeline import config, data, engine, models, prepare, runtime, train
+    from pipeline import config, prepare, train
+    from pipeline.data import formats
+    from pipeline.frameworks.interface import RuntimeParams
+    from pipeline.frameworks.torch import model as torch_model
+    from pipeline.frameworks.torch import recipe, runtime
 
     p = config.load("train", train.TrainParams, REPO / "params.yaml")
     rt = config.load("runtime", RuntimeParams, REPO / "params.yaml")
@@ -91,7 +102,8 @@ def bench_throughput(repeats: int) -> list[str]:
     rng = np.random.default_rng(0)
     split = formats.Split(rng.integers(0, 256, (n, prep.image_size, prep.image_size, 1), dtype=np.uint8),
                        rng.integers(0, 10, n), tuple(str(i) for i in range(10)))
-    images, labels = recipe.to_tensors(split)
+    images = torch.from_numpy(np.array(split.images)).permute(0, 3, 1, 2)  # uint8 (N, C, H, W), in memory
+    labels = torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
     staged = recipe.stage(images, device, p.channels_last)  # as fit() does once per fit
 
     def fresh_model():
@@ -109,32 +121,38 @@ def bench_throughput(repeats: int) -> list[str]:
         recipe.train_one_epoch(model, staged, labels, optimizer, scheduler, p, device, generator)
         return n / (time.perf_counter() - started)
 
-    def bare_epoch(recipe: bool) -> float:
-        """The training maths written out inline: with `recipe`, the same augmentation, label
+    def bare_epoch(same_recipe: bool) -> float:
+        """The training maths written out inline: with `same_recipe`, the same augmentation, label
         smoothing, clipping and schedule as the train params; without, plain AdamW steps."""
         model = fresh_model()
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
         steps = -(-n // p.batch_size)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=p.lr, total_steps=p.epochs * steps, pct_start=p.warmup_fraction, cycle_momentum=False)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=p.lr, total_steps=p.epochs * steps, pct_start=p.warmup_fraction, cycle_momentum=False,
+        )
         generator = torch.Generator().manual_seed(0)
         x_all = images.float().div(255).contiguous(memory_format=torch.channels_last)  # the same in-memory tensors
         started = time.perf_counter()
         for idx in torch.randperm(n, generator=generator).split(p.batch_size):
             x, y = x_all[idx], labels[idx]
-            if recipe:
+            if same_recipe:
                 x = recipe.random_shift(x, p.augment_shift, generator)
-            loss = F.cross_entropy(model(x), y, label_smoothing=p.label_smoothing if recipe else 0.0)
+            loss = F.cross_entropy(model(x), y, label_smoothing=p.label_smoothing if same_recipe else 0.0)
             optimizer.zero_grad()
             loss.backward()
-            if recipe:
+            if same_recipe:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
             optimizer.step()
-            if recipe:
+            if same_recipe:
                 scheduler.step()
         return n / (time.perf_counter() - started)
 
-    runs = {"pipeline": pipeline_epoch, "bare, same recipe": lambda: bare_epoch(True), "bare, plain AdamW": lambda: bare_epoch(False)}
+    runs = {
+        "pipeline": pipeline_epoch,
+        "bare, same recipe": lambda: bare_epoch(True),
+        "bare, plain AdamW": lambda: bare_epoch(False),
+    }
     for fn in runs.values():
         fn()  # warm-up: first-call allocations and kernel selection
     rates: dict[str, list[float]] = {name: [] for name in runs}

@@ -91,7 +91,7 @@ def write_split(folder: Path, n: int, seed: int = 0) -> None:
 def first_steps(steps: int) -> Iterator[None]:
     """Cut `recipe.train_one_epoch` short: its epoch yields only the first `steps` batches. The
     whole shuffled order is still drawn, so the per-image index memory is counted."""
-    from pipeline import engine
+    from pipeline.frameworks.torch import recipe
 
     full = recipe.batches
     recipe.batches = lambda n, batch_size, generator: itertools.islice(full(n, batch_size, generator), steps)
@@ -103,7 +103,7 @@ def first_steps(steps: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def resident_limit(limit: int) -> Iterator[None]:
-    from pipeline import engine
+    from pipeline.frameworks.torch import recipe
 
     default = recipe.RESIDENT_BYTES
     recipe.RESIDENT_BYTES = limit
@@ -117,7 +117,9 @@ class Trainer:
     """The train stage's model and recipe on one split, run for a fixed number of steps."""
 
     def __init__(self, split, steps: int) -> None:
-        from pipeline import config, runtime, train
+        from pipeline import config, train
+        from pipeline.frameworks.interface import RuntimeParams
+        from pipeline.frameworks.torch import runtime
 
         self.p = config.load("train", train.TrainParams, REPO / "params.yaml")
         rt = config.load("runtime", RuntimeParams, REPO / "params.yaml")
@@ -128,7 +130,7 @@ class Trainer:
         self.stats_seconds = time.perf_counter() - started
 
     def images(self):
-        from pipeline import engine
+        from pipeline.frameworks.torch import recipe
 
         return recipe.Images(self.split.images, self.device, self.p.channels_last)
 
@@ -136,7 +138,8 @@ class Trainer:
         """Images per second over `steps` training steps from a fresh model."""
         import torch
 
-        from pipeline import engine, models
+        from pipeline.frameworks.torch import model as torch_model
+        from pipeline.frameworks.torch import recipe
 
         torch.manual_seed(0)
         model = torch_model.ScratchCNN(**self.model_args)
@@ -152,7 +155,7 @@ class Trainer:
 
 
 def bench(steps: int, repeats: int) -> list[str]:
-    from pipeline import data
+    from pipeline.data import formats
 
     rows, trainers = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:

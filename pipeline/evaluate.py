@@ -1,9 +1,9 @@
 """Evaluate one trained model on the held-out test split.
 
 Reads the model folder `models/<model>/` (either framework) and the prepared test split;
-writes `dvclive/evaluate/<model>/`: metrics.json (accuracy, macro precision/recall/F1, loss), the confusion matrix as a DVC plot
-and `per_class.json` (precision, recall, F1 and support per class). dvc.yaml runs it for each
-model (`foreach`: scratch, finetune).
+writes `dvclive/evaluate/<model>/`: metrics.json (accuracy, macro precision/recall/F1, loss),
+the confusion matrix as a DVC plot and `per_class.json` (precision, recall, F1 and support per
+class). dvc.yaml runs it for each model (`foreach`: scratch, finetune).
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def classification_metrics(labels: np.ndarray, proba: np.ndarray, classes: tuple
 
     predicted = proba.argmax(1)
     indices = list(range(len(classes)))
-    precision, recall, f1, _ = precision_recall_fscore_support(labels, predicted, labels=indices, average="macro", zero_division=0)
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, predicted, labels=indices, average="macro", zero_division=0
+    )
     summary = {
         "test/acc": float(accuracy_score(labels, predicted)),
         "test/precision_macro": float(precision),
@@ -42,7 +44,9 @@ def classification_metrics(labels: np.ndarray, proba: np.ndarray, classes: tuple
         "test/loss": float(log_loss(labels, proba, labels=indices)),
         "test/images": len(labels),
     }
-    report = classification_report(labels, predicted, labels=indices, target_names=list(classes), output_dict=True, zero_division=0)
+    report = classification_report(
+        labels, predicted, labels=indices, target_names=list(classes), output_dict=True, zero_division=0
+    )
     per_class = {name: {k: round(float(v), 6) for k, v in report[name].items()} for name in classes}
     return summary, per_class
 
@@ -67,7 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     rt = config.load("runtime", RuntimeParams)
     test = formats.load_split(args.data, "test")
     backend, model, _ = registry.open_model(args.model_dir, test.classes, args.data, rt)  # only its framework loads
-    with tracking.stage_run(f"evaluate@{args.model}", {"evaluate": p, "runtime": rt, "model": args.model}, args.live) as run:
+    with tracking.stage_run(
+        f"evaluate@{args.model}", {"evaluate": p, "runtime": rt, "model": args.model}, args.live
+    ) as run:
         proba = backend.predict(model, test.images, p.batch_size)
         summary, per_class = classification_metrics(test.labels, proba, test.classes)
         predicted = proba.argmax(1)

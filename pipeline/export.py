@@ -50,9 +50,11 @@ class ExportParams:
         check(17 <= self.opset <= 23, "opset", f"must be in 17..23, got {self.opset}")
         check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
         check(self.max_abs_diff > 0, "max_abs_diff", f"must be > 0, got {self.max_abs_diff}")
-        check(0 <= self.min_top1_agreement <= 1, "min_top1_agreement", f"must be in [0, 1], got {self.min_top1_agreement}")
+        check(0 <= self.min_top1_agreement <= 1, "min_top1_agreement", "must be in [0, 1], got "
+                                                                       f"{self.min_top1_agreement}")
         check(self.int8_max_abs_diff > 0, "int8_max_abs_diff", f"must be > 0, got {self.int8_max_abs_diff}")
-        check(0 <= self.int8_min_top1_agreement <= 1, "int8_min_top1_agreement", f"must be in [0, 1], got {self.int8_min_top1_agreement}")
+        check(0 <= self.int8_min_top1_agreement <= 1, "int8_min_top1_agreement", "must be in [0, 1], "
+                                                                                 f"got {self.int8_min_top1_agreement}")
         check(self.calibration_images >= 1, "calibration_images", f"must be at least 1, got {self.calibration_images}")
 
 
@@ -99,7 +101,9 @@ def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     }
 
 
-def check_parity(name: str, result: dict[str, float], p: ExportParams, model_path: Path, framework: str = "torch") -> None:
+def check_parity(
+    name: str, result: dict[str, float], p: ExportParams, model_path: Path, framework: str = "torch"
+) -> None:
     """Refuse to ship an export that does not reproduce the model it came from. Quantised
     formats ('*int8') answer to the int8 thresholds: rounding to 256 levels moves outputs."""
     quantised = name.endswith("int8")
@@ -119,11 +123,15 @@ def main(argv: list[str] | None = None) -> None:
     rt = config.load("runtime", RuntimeParams)
     test = formats.load_split(args.data, "test")
     # exports are traced and checked on the CPU: the files must not depend on the GPU
-    backend, model, card = registry.open_model(args.model_dir, test.classes, args.data, dataclasses.replace(rt, device="cpu"))
+    backend, model, card = registry.open_model(
+        args.model_dir, test.classes, args.data, dataclasses.replace(rt, device="cpu")
+    )
     dataset = formats.read_json(args.data / "dataset.json", "the dataset description")
     meta = metadata(card, test, dataset.get("preprocessing", {}), backend.layout)
     options = ExportOptions(opset=p.opset, onnx_exporter=p.onnx_exporter, batch_size=p.batch_size)
-    with tracking.stage_run(f"export@{args.model}", {"export": p, "runtime": rt, "model": args.model}, args.live) as run:
+    with tracking.stage_run(
+        f"export@{args.model}", {"export": p, "runtime": rt, "model": args.model}, args.live
+    ) as run:
         run.set_tags({"model": args.model, **backend.describe(), **formats.dataset_tags(args.data)})
         reference = backend.predict(model, test.images, p.batch_size)
         train = formats.load_split(args.data, "train")

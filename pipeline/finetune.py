@@ -43,7 +43,8 @@ class FinetuneParams(FitParams):
         check(self.head_epochs >= 0, "head_epochs", f"must be >= 0, got {self.head_epochs}")
         check(0 < self.head_lr <= 10, "head_lr", f"must be in (0, 10], got {self.head_lr}")
         check(0 <= self.unfreeze_fraction <= 1, "unfreeze_fraction", f"must be in [0, 1], got {self.unfreeze_fraction}")
-        check(self.weights != "", "weights", f"must name weights: '{pretrained.PACKAGE_WEIGHTS}', 'hub', 'none' or a file path")
+        check(self.weights != "", "weights", f"must name weights: '{pretrained.PACKAGE_WEIGHTS}', 'hub', "
+                                             "'none' or a file path")
         torch_model.parse_backbone(self.backbone)  # fail at start-up on a malformed spec
 
 

@@ -29,8 +29,7 @@ import pandas as pd
 
 from pipeline import cli, config, files, tracking
 from pipeline.data import formats, images, parallel, sources
-from pipeline.data.sources import ArraySource, DataParams, Source
-from pipeline.data.sources import standard
+from pipeline.data.sources import ArraySource, DataParams, Source, standard
 from pipeline.data.sources.candidates import Excluded, Item
 
 REJECT_CODES = (
@@ -76,7 +75,9 @@ def inspect_all(source: Source, items: list[Item], workers: int) -> list[tuple]:
 # -- the rules: duplicates, rejections, class sizes ------------------------------------------
 
 
-def build_manifest(items: list[Item], results: list[tuple], fixed_split_source: bool) -> tuple[pd.DataFrame, list[Excluded]]:
+def build_manifest(
+    items: list[Item], results: list[tuple], fixed_split_source: bool
+) -> tuple[pd.DataFrame, list[Excluded]]:
     """Kept images as a manifest, and the rejected and duplicate ones.
 
     Exact duplicates (same decoded pixels) keep the first path in sorted order. Copies under
@@ -99,21 +100,28 @@ def build_manifest(items: list[Item], results: list[tuple], fixed_split_source: 
         if group["label"].nunique() > 1:
             listing = ", ".join(f"{p} ({lab})" for p, lab in zip(paths, group["label"], strict=True))
             for p in paths:
-                excluded.append(Excluded(p, "rejected", "label_conflict", f"same pixels under different labels: {listing}"))
+                excluded.append(
+                    Excluded(p, "rejected", "label_conflict", f"same pixels under different labels: {listing}")
+                )
             drop.update(group.index)
             continue
         splits = group["source_split"]
         if splits.nunique() > 1:
             if not fixed_split_source:
                 a, b = group.drop_duplicates("source_split")["path"].tolist()[:2]
-                raise formats.DataError(f"the same image is in two splits: {a} and {b}; remove one copy (a test image seen in training inflates accuracy)")
+                raise formats.DataError(
+                    f"the same image is in two splits: {a} and {b}; remove one copy "
+                    "(a test image seen in training inflates accuracy)"
+                )
             keep = group.index[splits == "test"][0] if (splits == "test").any() else group.index[0]
         else:
             keep = group.index[0]
         kept_path = manifest.at[keep, "path"]
         for index in group.index:
             if index != keep:
-                excluded.append(Excluded(manifest.at[index, "path"], "duplicate", "duplicate", f"same pixels as {kept_path}"))
+                excluded.append(
+                    Excluded(manifest.at[index, "path"], "duplicate", "duplicate", f"same pixels as {kept_path}")
+                )
                 drop.add(index)
     manifest = manifest.drop(index=sorted(drop)).reset_index(drop=True)
     return manifest, sorted(excluded, key=lambda e: e.path)
@@ -127,7 +135,8 @@ def check_rejections(candidates: int, excluded: list[Excluded], max_bad_fraction
         more = f"\n  ... and {len(rejected) - 10} more" if len(rejected) > 10 else ""
         raise formats.DataError(
             f"{len(rejected)} of {candidates} images rejected ({len(rejected) / candidates:.1%}), over "
-            f"data.max_bad_fraction {max_bad_fraction:.1%}; by reason: {dict(sorted(by_code.items()))}\n{examples}{more}"
+            f"data.max_bad_fraction {max_bad_fraction:.1%}; by reason: {dict(sorted(by_code.items()))}\n"
+            f"{examples}{more}"
         )
 
 
@@ -150,7 +159,9 @@ def dataset_hash(manifest: pd.DataFrame) -> str:
     return formats.pixel_sha256(np.frombuffer("\n".join(" ".join(r) for r in rows).encode(), np.uint8))
 
 
-def statistics(manifest: pd.DataFrame, classes: tuple[str, ...], excluded: list[Excluded], candidates: int) -> dict[str, float | int]:
+def statistics(
+    manifest: pd.DataFrame, classes: tuple[str, ...], excluded: list[Excluded], candidates: int
+) -> dict[str, float | int]:
     rejected = Counter(e.code for e in excluded if e.status == "rejected")
     counts = manifest["label"].value_counts()
     stats: dict[str, float | int] = {
@@ -167,7 +178,9 @@ def statistics(manifest: pd.DataFrame, classes: tuple[str, ...], excluded: list[
     return stats
 
 
-def ingest(source: Source, params: DataParams, workers: int) -> tuple[pd.DataFrame, list[Excluded], dict[str, float | int]]:
+def ingest(
+    source: Source, params: DataParams, workers: int
+) -> tuple[pd.DataFrame, list[Excluded], dict[str, float | int]]:
     items, excluded = source.scan()
     candidates = len(items) + sum(e.status == "rejected" for e in excluded)  # + what the scan itself rejected
     results = inspect_all(source, items, workers)

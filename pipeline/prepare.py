@@ -52,8 +52,13 @@ class PrepareParams:
             value = getattr(self, name)
             check(0 < value < 1, name, f"must be between 0 and 1 (exclusive), got {value}")
         total = self.val_fraction + self.test_fraction
-        check(total < 0.9, "val_fraction", f"val_fraction + test_fraction must leave at least 10% to train, got {total}")
-        check(0 <= self.near_duplicate_distance <= 64, "near_duplicate_distance", f"must be in 0..64 bits, got {self.near_duplicate_distance}")
+        check(total < 0.9, "val_fraction", "val_fraction + test_fraction must leave at least 10% to "
+                                           f"train, got {total}")
+        check(
+            0 <= self.near_duplicate_distance <= 64,
+            "near_duplicate_distance",
+            f"must be in 0..64 bits, got {self.near_duplicate_distance}",
+        )
 
 
 def split_rank(seed: int, pixel_sha256: str) -> str:
@@ -64,8 +69,11 @@ def assign_splits(manifest: pd.DataFrame, params: PrepareParams) -> np.ndarray:
     """The split of every manifest row: the source's where it fixes one, else by rank."""
     fixed = manifest["source_split"].to_numpy(dtype=object)
     splits = np.where(fixed == "", "train", fixed).astype(object)
-    carve = [(name, fraction) for name, fraction in (("test", params.test_fraction), ("val", params.val_fraction))
-             if not (fixed == name).any()]
+    carve = [
+        (name, fraction)
+        for name, fraction in (("test", params.test_fraction), ("val", params.val_fraction))
+        if not (fixed == name).any()
+    ]
     if not carve:
         return splits
     ranks = np.array([split_rank(params.seed, h) for h in manifest["sha256"]], dtype=object)
@@ -102,13 +110,23 @@ def near_duplicates(prepared: pd.DataFrame, max_distance: int) -> pd.DataFrame:
             nearest = distance.argmin(1)  # the first of equally near ones: deterministic
             best = distance[np.arange(len(block)), nearest]
             hit = best <= max_distance
-            found.append(pd.DataFrame({"split": split, "path": paths[block[hit]], "nearest_split": other,
-                                       "nearest_path": paths[b_rows[nearest[hit]]], "distance": best[hit].astype(int)}))
+            found.append(
+                pd.DataFrame(
+                    {
+                        "split": split,
+                        "path": paths[block[hit]],
+                        "nearest_split": other,
+                        "nearest_path": paths[b_rows[nearest[hit]]],
+                        "distance": best[hit].astype(int),
+                    }
+                )
+            )
     columns = ["split", "path", "nearest_split", "nearest_path", "distance"]
     return pd.concat(found, ignore_index=True)[columns] if found else pd.DataFrame(columns=columns)
 
 
 # -- pixels: written by worker processes straight into the memory-mapped arrays -------------
+
 
 @dataclass(frozen=True)
 class Target:
@@ -145,7 +163,9 @@ def _fill_batch(batch: Sequence[Task]) -> list[str | None]:
             errors.append(f"{item.path}: {rejected} (it was readable at ingest)")
             continue
         if formats.pixel_sha256(pixels) != sha256:
-            errors.append(f"{item.path}: pixels differ from the ingest manifest's sha256 (the file changed since ingest)")
+            errors.append(
+                f"{item.path}: pixels differ from the ingest manifest's sha256 (the file changed since ingest)"
+            )
             continue
         if split not in _ARRAYS:
             _ARRAYS[split] = np.load(t.out / f"{split}_images.npy", mmap_mode="r+")
@@ -177,7 +197,11 @@ def write_splits(
     errors = [e for e in parallel.map_batches(_fill_batch, tasks, _crashed, workers, 1024, _use_target, (target,)) if e]
     if errors:
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
-        raise formats.DataError(f"{len(errors)} images could not be prepared; rerun ingest (dvc repro):\n  " + "\n  ".join(errors[:10]) + more)
+        raise formats.DataError(
+            f"{len(errors)} images could not be prepared; rerun ingest (dvc repro):\n  "
+            + "\n  ".join(errors[:10])
+            + more
+        )
 
 
 def channels_of(prepared: pd.DataFrame) -> int:
@@ -227,7 +251,10 @@ def main(argv: list[str] | None = None) -> None:
         classes = formats.load_classes(args.ingested)
         dataset = formats.read_json(args.ingested / "dataset.json", "the dataset description")
         if dataset.get("source") != data_params.source:
-            raise formats.DataError(f"{args.ingested} holds source {dataset.get('source')!r} but data.source is {data_params.source!r}; rerun ingest (dvc repro)")
+            raise formats.DataError(
+                f"{args.ingested} holds source {dataset.get('source')!r} but "
+                f"data.source is {data_params.source!r}; rerun ingest (dvc repro)"
+            )
         source = sources.open_source(data_params)  # no fetch: ingest read these files
         prepared = prepare_manifest(manifest, params)
         near = near_duplicates(prepared, params.near_duplicate_distance)

@@ -86,11 +86,23 @@ class MlflowWorker:
     """The child process that makes this stage's MLflow calls, in order."""
 
     def __init__(self) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])),
+        }
         root = repo_root()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.tracking_worker", tracking_uri(root), os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT), str(root)],
-            stdin=subprocess.PIPE, text=True, env=env,
+            [
+                sys.executable,
+                "-m",
+                "pipeline.tracking_worker",
+                tracking_uri(root),
+                os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT),
+                str(root),
+            ],
+            stdin=subprocess.PIPE,
+            text=True,
+            env=env,
         )
 
     def call(self, op: str, **kwargs: Any) -> None:
@@ -197,8 +209,12 @@ def stage_run(stage: str, params: Mapping[str, Any], live_dir: Path | None = Non
     status = "FAILED"
     with tempfile.TemporaryDirectory(prefix=f"{stage.replace('@', '-')}-mlflow-") as scratch:
         try:
-            worker.call("start", run_name=stage, tags={"stage": stage, **git_tags(Path.cwd())},
-                        params={k: str(v) for k, v in flatten(params).items()})
+            worker.call(
+                "start",
+                run_name=stage,
+                tags={"stage": stage, **git_tags(Path.cwd())},
+                params={k: str(v) for k, v in flatten(params).items()},
+            )
             live = None
             if live_dir is not None:
                 from dvclive import Live

@@ -54,7 +54,7 @@ def channel_stats(split: formats.Split, chunk_bytes: int = 1 << 22) -> tuple[tup
     n = split.images.size // channels
     # Python ints: n * squares overflows int64 on large splits; int / int rounds correctly to float
     mean = [int(s) / (255 * n) for s in total]
-    var = [(n * int(q) - int(s) ** 2) / (255**2 * n * n) for s, q in zip(total, squares)]
+    var = [(n * int(q) - int(s) ** 2) / (255**2 * n * n) for s, q in zip(total, squares, strict=True)]
     std = [max(math.sqrt(v), 1e-3) for v in var]  # a blank channel must not divide by zero
     return tuple(round(v, 6) for v in mean), tuple(round(v, 6) for v in std)
 

@@ -90,7 +90,9 @@ def prepared(tmp_path_factory, _migrated_store) -> Path:
 def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run a command; on failure show its stdout and stderr in the assertion."""
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(cmd)} exited {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+    assert done.returncode == 0, (
+        f"{' '.join(cmd)} exited {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+    )
     return done
 
 
@@ -125,9 +127,31 @@ def digit_folder(root, per_class: int = 12) -> None:
             case 1:
                 big.convert("RGB").save(path.with_suffix(".jpg"), quality=95)
             case 2:
-                Image.fromarray((np.asarray(big).astype(np.uint16) * 257)).save(path.with_suffix(".tif"))  # 16-bit
+                Image.fromarray(np.asarray(big).astype(np.uint16) * 257).save(path.with_suffix(".tif"))  # 16-bit
             case 3:
                 big.convert("LA").save(path.with_suffix(".png"))
+
+
+def save_splits(out: Path, splits: dict) -> None:
+    """Prepared data as prepare writes it (`<split>_images.npy`, `<split>_labels.npy`,
+    `classes.json`), from in-memory `formats.Split`s: the engine tests' own small data."""
+    from pipeline import files
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, split in splits.items():
+        np.save(out / f"{name}_images.npy", np.ascontiguousarray(split.images))
+        np.save(out / f"{name}_labels.npy", split.labels.astype(np.int64))
+    files.write_json(out / "classes.json", list(next(iter(splits.values())).classes))
+
+
+# Fixtures that run pipeline stages in subprocesses: a test using one is slow (make test-fast skips it).
+STAGE_FIXTURES = {"prepared", "trained"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if STAGE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_collection_finish(session) -> None:

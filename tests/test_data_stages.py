@@ -9,17 +9,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import digit_folder
 from PIL import Image
 
 from pipeline import ingest, prepare
-from pipeline.data import formats
-from pipeline.data import images
-from pipeline.data import sources
-from pipeline.data.sources import standard
 from pipeline.config import ConfigError
+from pipeline.data import formats, images, sources
+from pipeline.data.sources import standard
 from pipeline.prepare import PrepareParams
-
-from conftest import digit_folder
 
 FOLDER_PARAMS = """\
 data: {source: folder, folder: images, min_per_class: 5, max_bad_fraction: 0.1}
@@ -61,7 +58,11 @@ def test_prepared_splits_are_stratified_complete_and_recorded_in_the_manifest(pr
 
 
 def manifest_of(n_per_class: int, classes=("a", "b", "c"), start: int = 0) -> pd.DataFrame:
-    rows = [(f"{c}/{i:04d}", c, "", f"{hash((c, i)) & (2**64 - 1):064x}") for c in classes for i in range(start, start + n_per_class)]
+    rows = [
+        (f"{c}/{i:04d}", c, "", f"{hash((c, i)) & (2**64 - 1):064x}")
+        for c in classes
+        for i in range(start, start + n_per_class)
+    ]
     frame = pd.DataFrame(rows, columns=["path", "label", "source_split", "sha256"])
     return frame
 
@@ -109,7 +110,9 @@ def test_a_missing_split_file_names_the_file_and_the_fix(tmp_path):
 
 def test_a_manifest_without_its_columns_is_named(tmp_path):
     (tmp_path / "m.csv").write_text("path,label\na.png,0\n")
-    with pytest.raises(formats.DataError, match=r"m.csv: missing columns \['file_mode', 'height', .*rerun the ingest stage"):
+    with pytest.raises(
+        formats.DataError, match=r"m.csv: missing columns \['file_mode', 'height', .*rerun the ingest stage",
+    ):
         formats.read_manifest(tmp_path / "m.csv")
 
 
@@ -133,7 +136,8 @@ def test_a_folder_dataset_runs_through_both_stages_the_same_way_twice(workdir, m
     assert set(metrics["near_duplicates"]) >= {"test_in_train", "val_in_train", "test_in_val"}
     # the same statistics and the dataset's identity reach MLflow
     client = mlflow.MlflowClient(mlflow_store)
-    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id])}
+    experiment_id = client.get_experiment_by_name("cnn-pipeline").experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([experiment_id])}
     assert runs["ingest"].data.metrics["rejected"] == 1 and runs["ingest"].data.metrics["per_class/digit2"] == 12
     assert runs["prepare"].data.metrics["test/images"] == metrics["test"]["images"]
     dataset = json.loads((workdir / "a" / "ingested" / "dataset.json").read_text())
@@ -142,7 +146,10 @@ def test_a_folder_dataset_runs_through_both_stages_the_same_way_twice(workdir, m
 
 def test_near_duplicates_across_splits_are_reported(tmp_path):
     rng = np.random.default_rng(0)
-    smooth = [np.asarray(Image.fromarray(rng.integers(0, 255, (4, 4), np.uint8)).resize((32, 32), Image.Resampling.BICUBIC)) for _ in range(3)]
+    smooth = [
+        np.asarray(Image.fromarray(rng.integers(0, 255, (4, 4), np.uint8)).resize((32, 32), Image.Resampling.BICUBIC))
+        for _ in range(3)
+    ]
     rows = [(f"p{i}", "a", "", f"{i:064x}", images.phash(p)) for i, p in enumerate(smooth)]
     rows.append(("p9", "a", "", f"{9:064x}", images.phash(np.asarray(Image.fromarray(smooth[0]).resize((30, 30))))))
     frame = pd.DataFrame(rows, columns=["path", "label", "source_split", "sha256", "phash"])
@@ -175,6 +182,7 @@ def test_prepared_arrays_do_not_depend_on_the_number_of_workers(tmp_path):
         assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
 
 
+@pytest.mark.slow  # both stages in a subprocess
 def test_data_stages_run_without_importing_torch(workdir, repo_root):
     # importing torch costs seconds; ingest and prepare have no use for it
     code = (

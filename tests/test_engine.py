@@ -6,15 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save_splits
 from torch import nn
 
-from pipeline.data import formats
-from pipeline.frameworks.recipe import FitParams
-from pipeline.frameworks.interface import RuntimeParams
-from pipeline.frameworks.torch import model as torch_model
-from pipeline.frameworks.torch import recipe
-from pipeline.frameworks.torch import runtime
 from pipeline.config import ConfigError
+from pipeline.data import formats
+from pipeline.frameworks.interface import RuntimeParams
+from pipeline.frameworks.recipe import FitParams, FitResult
+from pipeline.frameworks.torch import model as torch_model
+from pipeline.frameworks.torch import recipe, runtime
 from pipeline.train import channel_stats
 
 
@@ -34,10 +34,10 @@ def test_random_shift_of_zero_is_the_identity():
     assert torch.equal(recipe.random_shift(x, 0, torch.Generator()), x)
 
 
-def test_to_tensors_gives_channels_first_in_channels_last_memory():
-    split = formats.Split(np.zeros((2, 5, 5, 3), np.uint8), np.array([0, 1]), ("a", "b"))
-    images, labels = recipe.to_tensors(split)
-    assert images.shape == (2, 3, 5, 5)
+def test_a_resident_split_is_channels_first_floats_in_channels_last_memory():
+    split = formats.Split(np.full((2, 5, 5, 3), 255, np.uint8), np.array([0, 1]), ("a", "b"))
+    images = recipe.Images(split.images, torch.device("cpu"), channels_last=True).resident
+    assert images.shape == (2, 3, 5, 5) and images.dtype == torch.float32 and images.max() == 1.0
     assert images.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -65,25 +65,28 @@ def train_once(
 def test_fit_twice_with_one_seed_gives_identical_weights():
     p = FitParams(epochs=2, batch_size=16)
     (a, _), (b, _) = train_once(p), train_once(p)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_streamed_and_resident_fits_are_bit_identical(tmp_path, monkeypatch, channels_last):
     train, val = tiny_splits()
-    data.save_prepared(tmp_path, {"train": train, "val": val})
+    save_splits(tmp_path, {"train": train, "val": val})
     train, val = formats.load_split(tmp_path, "train"), formats.load_split(tmp_path, "val")  # memory maps
     assert isinstance(train.images, np.memmap)
     p = FitParams(epochs=2, batch_size=16, channels_last=channels_last)
     cpu = torch.device("cpu")
     resident, resident_fit = train_once(p, (train, val))
     resident_logits = recipe.predict_logits(resident, val.images, cpu, 8, channels_last)
-    monkeypatch.setattr(engine, "RESIDENT_BYTES", 0)  # every split streams from its map
+    monkeypatch.setattr(recipe, "RESIDENT_BYTES", 0)  # every split streams from its map
     assert recipe.Images(train.images, cpu, channels_last).streamed is train.images
     streamed, streamed_fit = train_once(p, (train, val))
     streamed_logits = recipe.predict_logits(streamed, val.images, cpu, 8, channels_last)
     assert streamed_fit.history == resident_fit.history
-    assert all(torch.equal(x, y) for x, y in zip(resident.state_dict().values(), streamed.state_dict().values()))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(resident.state_dict().values(), streamed.state_dict().values(), strict=True)
+    )
     assert torch.equal(streamed_logits, resident_logits)
 
 
@@ -122,7 +125,7 @@ def test_a_streamed_fit_does_not_copy_the_split_into_memory(tmp_path, monkeypatc
     np.save(tmp_path / "train_labels.npy", np.arange(n, dtype=np.int64) % 2)
     (tmp_path / "classes.json").write_text('["a", "b"]')
     split = formats.load_split(tmp_path, "train")
-    monkeypatch.setattr(engine, "RESIDENT_BYTES", 1 << 20)
+    monkeypatch.setattr(recipe, "RESIDENT_BYTES", 1 << 20)
     runtime.configure(RuntimeParams(threads=2, device="cpu"))
     p = FitParams(epochs=1, batch_size=256, early_stopping_patience=0)
 
@@ -173,7 +176,7 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_epoch(monkeyp
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
         return next(scripted), 0.5
 
-    monkeypatch.setattr(engine, "evaluate", fake_evaluate)
+    monkeypatch.setattr(recipe, "evaluate", fake_evaluate)
     model, result = train_once(FitParams(epochs=6, batch_size=16, early_stopping_patience=2))
     assert (result.best_epoch, result.epochs_run, result.best_val_loss) == (1, 4, 0.5)
     assert all(torch.equal(v, snapshots[1][k]) for k, v in model.state_dict().items())

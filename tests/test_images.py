@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import images
+from pipeline.data import images
 
 LIMITS = images.Limits(max_pixels=10_000_000, min_side=8)
 
@@ -133,7 +133,9 @@ def png_bomb(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b"")
+    )
 
 
 def test_a_decompression_bomb_is_rejected_from_its_header_without_decoding(tmp_path, monkeypatch):
@@ -163,7 +165,9 @@ def test_broken_symlinks_and_unreadable_files_are_rejected(tmp_path, monkeypatch
     locked.chmod(0)
     try:
         if os.geteuid() == 0:  # root reads it anyway: make the open fail as it would for a user
-            monkeypatch.setattr(Image, "open", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+            monkeypatch.setattr(
+                Image, "open", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")),
+            )
         error = rejected(locked)
         assert error.code == "unreadable" and "permission denied" in str(error)
     finally:
@@ -181,7 +185,9 @@ def test_ignore_rules():
 def test_phash_matches_imagehash_and_finds_near_twins():
     imagehash = pytest.importorskip("imagehash")
     rng = np.random.default_rng(0)
-    for pixels in [rng.integers(0, 255, (28, 28), np.uint8) for _ in range(20)] + [rng.integers(0, 255, (20, 33, 3), np.uint8)]:
+    samples = [rng.integers(0, 255, (28, 28), np.uint8) for _ in range(20)]
+    samples += [rng.integers(0, 255, (20, 33, 3), np.uint8)]
+    for pixels in samples:
         assert images.phash(pixels) == str(imagehash.phash(Image.fromarray(pixels)))
     # a smooth picture (random 4x4 blobs upscaled); its near-twins are it resized and re-encoded
     rng = np.random.default_rng(1)
@@ -189,7 +195,9 @@ def test_phash_matches_imagehash_and_finds_near_twins():
     buffer = io.BytesIO()
     base.save(buffer, "JPEG", quality=70)
     twins = [np.asarray(base.resize((24, 24), Image.Resampling.BILINEAR)), np.asarray(Image.open(buffer))]
-    other = np.asarray(Image.fromarray(rng.integers(0, 255, (4, 4), np.uint8)).resize((32, 32), Image.Resampling.BICUBIC))
+    other = np.asarray(
+        Image.fromarray(rng.integers(0, 255, (4, 4), np.uint8)).resize((32, 32), Image.Resampling.BICUBIC),
+    )
     pictures = [np.asarray(base), *twins, other, np.asarray(base).T[::-1]]
     hashes = images.hashes_to_uint64([images.phash(p) for p in pictures])
     distance = images.hamming(hashes, hashes)[0]

@@ -10,9 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline import ingest
-from pipeline.data import formats
-from pipeline.data import images
-from pipeline.data import sources
+from pipeline.data import formats, images, sources
 from pipeline.data.sources import standard
 
 PARAMS = sources.DataParams(source="folder", folder="unused", min_per_class=2, max_bad_fraction=0.5, min_side=8)
@@ -58,7 +56,9 @@ def test_class_folders_become_labels_and_metadata_is_ignored(tmp_path):
     (tmp_path / "dog" / "alias").symlink_to(tmp_path / "cat")  # a loop waiting to happen
     source, manifest, excluded, stats = run(tmp_path)
     assert source.classes == ("cat", "dog")
-    assert manifest["path"].tolist() == [*(f"cat/{i:02d}.png" for i in range(4)), "cat/nested/deep.jpg", *(f"dog/{i:02d}.png" for i in range(4))]
+    assert manifest["path"].tolist() == [
+        *(f"cat/{i:02d}.png" for i in range(4)), "cat/nested/deep.jpg", *(f"dog/{i:02d}.png" for i in range(4)),
+    ]
     assert list(manifest.columns) == list(formats.MANIFEST_COLUMNS)
     deep = manifest.set_index("path").loc["cat/nested/deep.jpg"]
     assert (deep["label"], deep["mode"], deep["file_mode"], deep["width"]) == ("cat", "RGB", "RGB", 8)
@@ -79,7 +79,8 @@ def test_bad_files_are_listed_with_reasons_until_too_many(tmp_path):
     _, manifest, excluded, stats = run(tmp_path)
     assert len(manifest) == 12
     assert {p: e.code for p, e in excluded.items()} == {
-        "cat/empty.png": "empty", "cat/fake.jpg": "undecodable", "dog/link.png": "broken_symlink", "dog/tiny.png": "too_small",
+        "cat/empty.png": "empty", "cat/fake.jpg": "undecodable",
+        "dog/link.png": "broken_symlink", "dog/tiny.png": "too_small",
     }
     assert stats["rejected"] == 4 and stats["rejected_fraction"] == pytest.approx(4 / 16)
     with pytest.raises(formats.DataError) as info:
@@ -109,7 +110,9 @@ def test_pre_split_folders_are_kept_and_a_leak_between_them_fails(tmp_path):
     assert manifest.groupby("source_split").size().to_dict() == {"test": 4, "train": 8}
     assert manifest.set_index("path").loc["test/dog/01.png", "source_split"] == "test"
     write(tmp_path / "test" / "cat" / "leak.png", digit(2))  # train/cat/02.png again
-    with pytest.raises(formats.DataError, match=r"the same image is in two splits: test/cat/leak.png and train/cat/02.png"):
+    with pytest.raises(
+        formats.DataError, match=r"the same image is in two splits: test/cat/leak.png and train/cat/02.png",
+    ):
         run(tmp_path)
 
 

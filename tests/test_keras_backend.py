@@ -12,15 +12,21 @@ import sys
 import numpy as np
 import onnx
 import onnxruntime as ort
-
+import pytest
 from conftest import TINY_PARAMS, run
-from pipeline.frameworks import card
+
 from pipeline.data import formats
+from pipeline.frameworks import card
+
+pytestmark = pytest.mark.slow  # TensorFlow starts in a subprocess in every test here
+
 SCRIPT = r"""
 import json, sys
 import numpy as np
 import torch  # before TensorFlow, always: torch._dynamo after TF segfaults
-from pipeline import data, models, train
+from pipeline import train
+from pipeline.data import formats
+from pipeline.frameworks.torch import model as torch_model
 check, prepared = sys.argv[1], sys.argv[2]
 p = train.TrainParams(epochs=2, batch_size=64)
 trn = formats.load_split(prepared, "train")
@@ -30,7 +36,9 @@ if check == "unit":
     for kind in ("onecycle", "cosine", "constant"):
         opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=p.lr)
         if kind == "onecycle":
-            sch = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=50, pct_start=p.warmup_fraction, cycle_momentum=False)
+            sch = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=p.lr, total_steps=50, pct_start=p.warmup_fraction, cycle_momentum=False,
+            )
         elif kind == "cosine":
             sch = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50)
         else:
@@ -42,42 +50,53 @@ if check == "unit":
     start, steps = [1.0, -2.0, 0.5], {}
     for name, make in {"adam": lambda w: torch.optim.Adam(w, lr=0.01, weight_decay=0.1),
                        "adamw": lambda w: torch.optim.AdamW(w, lr=0.01, weight_decay=0.1),
-                       "sgd": lambda w: torch.optim.SGD(w, lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.1)}.items():
+                       "sgd": lambda w: torch.optim.SGD(
+                           w, lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.1,
+                       )}.items():
         w = torch.nn.Parameter(torch.tensor(start, dtype=torch.float64)); opt = make([w])
         for _ in range(3):
             opt.zero_grad(); (w ** 3).sum().backward(); opt.step()
         steps[name] = w.detach().tolist()
     net = torch_model.ScratchCNN(**args)
     torch_params = sum(q.numel() for q in net.parameters())
-    torch_bounds = [float(m.weight.abs().max()) for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    torch_bounds = [
+        float(m.weight.abs().max()) for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
 
-    from pipeline import keras_backend as kb
+    from pipeline.frameworks.keras import backend as kb_backend, model as kb_model, recipe as kb_recipe
     from pipeline.config import ConfigError
-    tf = kb.configure(0, 1)
+    tf = kb_backend.configure(0, 1)
     import keras
-    out = {"torch_lrs": lrs, "keras_lrs": {k: [float(kb.schedule_value(k, p.lr, 50, p.warmup_fraction, i)) for i in range(50)] for k in lrs}}
+    out = {"torch_lrs": lrs, "keras_lrs": {
+        k: [float(kb_recipe.schedule_value(k, p.lr, 50, p.warmup_fraction, i)) for i in range(50)] for k in lrs
+    }}
     out["torch_steps"], out["keras_steps"] = steps, {}
     for name in steps:
-        q = train.TrainParams(optimizer=name, lr=0.01, weight_decay=0.1, schedule="constant", grad_clip=0.0, momentum=0.9)
-        opt, w = kb.make_optimizer(q, 3), keras.Variable(np.array(start), dtype="float64")
+        q = train.TrainParams(
+            optimizer=name, lr=0.01, weight_decay=0.1, schedule="constant", grad_clip=0.0, momentum=0.9,
+        )
+        opt, w = kb_recipe.make_optimizer(q, 3), keras.Variable(np.array(start), dtype="float64")
         for _ in range(3):
             opt.apply([3 * w.value ** 2], [w])
         out["keras_steps"][name] = np.asarray(w.value).tolist()
-    model = kb.build_scratch_cnn(**args)
+    model = kb_model.build_scratch_cnn(**args)
     out["trainable"], out["torch_params"] = sum(int(np.prod(v.shape)) for v in model.trainable_weights), torch_params
     out["output"] = list(model.output.shape[1:])
     out["bounds"] = torch_bounds, [float(np.abs(l.kernel.numpy()).max()) for l in model.layers if hasattr(l, "kernel")]
     try:
-        kb.configure(0, 1, "cuda")
+        kb_backend.configure(0, 1, "cuda")
     except ConfigError as exc:
         out["cuda_error"] = str(exc)
     print(json.dumps(out))
 elif check == "overfit":
-    from pipeline import keras_backend as kb
-    kb.configure(0, 1)
+    from pipeline.frameworks.keras import backend as kb_backend, model as kb_model, recipe as kb_recipe
+    kb_backend.configure(0, 1)
     one = formats.Split(trn.images[:32], trn.labels[:32], trn.classes)
-    q = train.TrainParams(epochs=60, batch_size=32, lr=3e-3, dropout=0.0, augment_shift=0, label_smoothing=0.0, early_stopping_patience=0)
-    result = kb.fit(kb.build_scratch_cnn(**{**args, "dropout": 0.0}), one, one, q)
+    q = train.TrainParams(
+        epochs=60, batch_size=32, lr=3e-3, dropout=0.0, augment_shift=0, label_smoothing=0.0,
+        early_stopping_patience=0,
+    )
+    result = kb_recipe.fit(kb_model.build_scratch_cnn(**{**args, "dropout": 0.0}), one, one, q)
     print(json.dumps({"loss": result.history[-1]["train/loss"], "acc": result.history[-1]["train/acc"]}))
 """
 
@@ -95,7 +114,9 @@ def test_keras_builds_torchs_network_with_torchs_schedules_and_optimizers(repo_r
         assert np.allclose(out["keras_lrs"][kind], expected, rtol=1e-9, atol=1e-12), kind
     # torch's weight decay: decoupled in AdamW, L2 in Adam and SGD (Keras decouples all three)
     for name, expected in out["torch_steps"].items():
-        assert np.allclose(out["keras_steps"][name], expected, rtol=1e-6, atol=1e-9), (name, out["keras_steps"][name], expected)
+        assert np.allclose(out["keras_steps"][name], expected, rtol=1e-6, atol=1e-9), (
+            name, out["keras_steps"][name], expected,
+        )
     assert out["trainable"] == out["torch_params"]  # layer for layer the same parameters
     assert out["output"] == [10]
     torch_bounds, keras_bounds = out["bounds"]  # torch's initial weight scale, layer by layer
@@ -108,19 +129,31 @@ def test_one_batch_is_learnt_by_heart(repo_root, prepared):
     assert out["acc"] == 1.0 and out["loss"] < 0.05
 
 
+KERAS_STAGES = r"""
+import sys
+from pipeline.__main__ import main
+data = ["--data", sys.argv[1]]
+for argv in (["train", *data], ["evaluate", "--model", "scratch", *data], ["export", "--model", "scratch", *data]):
+    main(argv)
+print("torch modules loaded:", sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+
+
 def test_the_keras_stages_train_evaluate_and_export_with_parity(tmp_path, repo_root, prepared):
     """train, evaluate and export as DVC runs them, with train.framework: keras."""
     (tmp_path / "params.yaml").write_text(TINY_PARAMS.replace("framework: torch", "framework: keras"))
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
-    for cmd in (["pipeline.train", "--out", "models/scratch"], ["pipeline.evaluate", "--model", "scratch"],
-                ["pipeline.export", "--model", "scratch"]):
-        run([sys.executable, "-m", *cmd, "--data", str(prepared), *(["--models", "models"] if "--model" in cmd else [])], tmp_path, env)
+    # the three stages in one process, through the entry point dvc.yaml runs: a keras run never imports torch
+    done = run([sys.executable, "-c", KERAS_STAGES, str(prepared)], tmp_path, env)
+    assert done.stdout.strip().splitlines()[-1] == "torch modules loaded: []"
 
-    card = card.read_card(tmp_path / "models/scratch")
-    assert card.framework == "keras" and card.arch == "scratch_cnn" and card.classes == tuple(str(i) for i in range(10))
+    model_card = card.read_card(tmp_path / "models/scratch")
+    assert model_card.framework == "keras" and model_card.arch == "scratch_cnn"
+    assert model_card.classes == tuple(str(i) for i in range(10))
     assert sorted(p.name for p in (tmp_path / "models/scratch").iterdir()) == ["model.json", "model.keras"]
     trained = json.loads((tmp_path / "dvclive/train/metrics.json").read_text())
-    assert trained["epochs_run"] == 2 and len((tmp_path / "dvclive/train/plots/metrics/val/loss.tsv").read_text().splitlines()) == 3
+    loss_rows = (tmp_path / "dvclive/train/plots/metrics/val/loss.tsv").read_text().splitlines()
+    assert trained["epochs_run"] == 2 and len(loss_rows) == 3
     tested = json.loads((tmp_path / "dvclive/evaluate/scratch/metrics.json").read_text())["test"]
     assert tested["acc"] > 0.9  # two epochs on the tiny split already learn the digits
 
@@ -134,7 +167,10 @@ def test_the_keras_stages_train_evaluate_and_export_with_parity(tmp_path, repo_r
     assert {"model.json", "model.onnx", "model.tflite", "model_int8.tflite", "saved_model/1/saved_model.pb"} <= {
         str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     meta = json.loads((out / "model.json").read_text())
-    assert meta["framework"] == "keras" and meta["input"]["layout"] == "NHWC" and meta["input"]["shape"] == ["batch", 16, 16, 1]
+    assert (
+        meta["framework"] == "keras" and meta["input"]["layout"] == "NHWC"
+        and meta["input"]["shape"] == ["batch", 16, 16, 1]
+    )
     # the ONNX file stands alone: NHWC floats in, probabilities out, the card embedded
     embedded = {p.key: json.loads(p.value) for p in onnx.load(str(out / "model.onnx")).metadata_props}
     assert embedded["classes"] == meta["classes"] and embedded["input"]["layout"] == "NHWC"

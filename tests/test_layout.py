@@ -22,7 +22,9 @@ from ruamel.yaml import YAML
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "pipeline"
 STAGES = ("ingest", "prepare", "train", "finetune", "evaluate", "export")
-FRAMEWORK_LIBRARIES = ("torch", "torchvision", "timm", "tensorflow", "keras", "tf2onnx", "ai_edge_litert", "onnxruntime")
+FRAMEWORK_LIBRARIES = (
+    "torch", "torchvision", "timm", "tensorflow", "keras", "tf2onnx", "ai_edge_litert", "onnxruntime",
+)
 
 
 def module_path(name: str) -> Path | None:
@@ -90,7 +92,8 @@ def stage_closure(stage: str) -> set[Path]:
 def has_code(path: Path) -> bool:
     """False for a module that is only its docstring (a package's __init__.py, say): it shapes nothing."""
     body = ast.parse(path.read_text()).body
-    return bool(body[1:] if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) else body)
+    has_docstring = bool(body) and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+    return bool(body[1:] if has_docstring else body)
 
 
 def as_deps(paths: set[Path]) -> set[str]:
@@ -125,11 +128,15 @@ def all_modules() -> list[Path]:
 def test_dvc_yaml_lists_exactly_the_code_each_stage_runs(stage):
     spec = dvc_stages()[stage]
     spec = spec.get("do", spec)  # foreach stages keep theirs under do:
-    assert re.search(rf"python -m pipeline {stage}(\s|$)", spec["cmd"]), f"{stage}: cmd should be `python -m pipeline {stage} ...`"
+    assert re.search(rf"python -m pipeline {stage}(\s|$)", spec["cmd"]), (
+        f"{stage}: cmd should be `python -m pipeline {stage} ...`"
+    )
     listed = {d for d in spec["deps"] if d.startswith("pipeline")}
     expected = as_deps(stage_closure(stage))
     assert not expected - listed, f"dvc.yaml stage '{stage}' misses deps {sorted(expected - listed)}"
-    assert not listed - expected, f"dvc.yaml stage '{stage}' lists deps its code never imports {sorted(listed - expected)}"
+    assert not listed - expected, (
+        f"dvc.yaml stage '{stage}' lists deps its code never imports {sorted(listed - expected)}"
+    )
 
 
 def test_every_stage_module_is_a_stage_in_dvc_yaml():
@@ -156,7 +163,9 @@ def test_imports_point_down_the_layers(path):
         own = parts[0] if len(parts) > 1 else None  # torch/ or keras/, else the framework-free modules
         for library, package in (("torch", "torch"), ("tensorflow", "keras"), ("keras", "keras")):
             if own != package:
-                assert library not in names, f"{path.relative_to(REPO)} imports {library}, which only frameworks/{package}/ may"
+                assert library not in names, (
+                    f"{path.relative_to(REPO)} imports {library}, which only frameworks/{package}/ may"
+                )
 
 
 def test_the_closure_sees_lazy_imports_and_skips_type_checking_ones():

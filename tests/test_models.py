@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline import files
 from pipeline.frameworks.torch import model as torch_model
 from pipeline.frameworks.torch import weights
 
@@ -40,7 +41,7 @@ def test_checkpoint_round_trip(tmp_path):
     args = {"num_classes": 3, "in_channels": 1, "image_size": 16, "mean": (0.2,), "std": (0.3,)}
     model = torch_model.ScratchCNN(**args).eval()
     path = tmp_path / "scratch.pt"
-    torch_model.save_checkpoint(path, model, "scratch_cnn", args, ("a", "b", "c"))
+    files.write_bytes(path, torch_model.checkpoint_bytes(model, "scratch_cnn", args, ("a", "b", "c")))
     raw = torch.load(path, weights_only=True)  # plain containers only
     assert set(raw) == {"arch", "model_args", "classes", "state_dict"}
     loaded, ckpt = torch_model.load_checkpoint(path)
@@ -53,8 +54,8 @@ def test_checkpoint_bytes_do_not_depend_on_the_file_name(tmp_path):
     torch.manual_seed(0)
     args = {"num_classes": 2, "in_channels": 1, "image_size": 16}
     model = torch_model.ScratchCNN(**args)
-    torch_model.save_checkpoint(tmp_path / "a.pt", model, "scratch_cnn", args, ("x", "y"))
-    torch_model.save_checkpoint(tmp_path / "other-name.pt", model, "scratch_cnn", args, ("x", "y"))
+    files.write_bytes(tmp_path / "a.pt", torch_model.checkpoint_bytes(model, "scratch_cnn", args, ("x", "y")))
+    files.write_bytes(tmp_path / "other-name.pt", torch_model.checkpoint_bytes(model, "scratch_cnn", args, ("x", "y")))
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "other-name.pt").read_bytes()
 
 
@@ -111,7 +112,7 @@ def test_a_local_safetensors_file_loads_into_a_timm_backbone(tmp_path):
     path = tmp_path / "resnet10t.safetensors"
     save_file(source.state_dict(), str(path))
     net, sha = weights.load_pretrained("timm:resnet10t", str(path), "")
-    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), source.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), source.state_dict().values(), strict=True))
     assert len(sha) == 64
 
 
@@ -122,14 +123,18 @@ def test_a_local_torch_file_loads_into_a_torchvision_backbone(tmp_path):
     torch.save({"state_dict": source.state_dict()}, path)
     net, _ = weights.load_pretrained("torchvision:mobilenet_v3_small", str(path), "")
     assert torch.equal(net.features[0][0].weight, source.features[0][0].weight)
-    model = torch_model.PretrainedCNN("torchvision:mobilenet_v3_small", num_classes=5, in_channels=1, image_size=16, input_size=32, net=net)
+    model = torch_model.PretrainedCNN(
+        "torchvision:mobilenet_v3_small", num_classes=5, in_channels=1, image_size=16, input_size=32, net=net,
+    )
     assert model(torch.rand(2, 1, 16, 16)).shape == (2, 5)
 
 
 def test_weights_for_another_architecture_are_refused_with_the_file_named(tmp_path):
     path = tmp_path / "wrong.pth"
     torch.save(torch_model.create_backbone("timm:resnet10t").state_dict(), path)
-    with pytest.raises(torch_model.WeightsError, match=r"wrong.pth: does not match backbone 'timm:tf_efficientnet_lite0'"):
+    with pytest.raises(
+        torch_model.WeightsError, match=r"wrong.pth: does not match backbone 'timm:tf_efficientnet_lite0'",
+    ):
         weights.load_pretrained("timm:tf_efficientnet_lite0", str(path), "")
 
 
@@ -146,14 +151,18 @@ def test_a_malformed_backbone_spec_says_what_is_valid():
 def test_pretrained_cnn_takes_grayscale_at_the_prepared_size(lite0):
     import copy
 
-    model = torch_model.PretrainedCNN(weights.PACKAGE_BACKBONE, num_classes=10, in_channels=1, image_size=16, input_size=32, net=copy.deepcopy(lite0))
+    model = torch_model.PretrainedCNN(
+        weights.PACKAGE_BACKBONE, num_classes=10, in_channels=1, image_size=16, input_size=32, net=copy.deepcopy(lite0),
+    )
     assert model.eval()(torch.rand(3, 1, 16, 16)).shape == (3, 10)
 
 
 def test_frozen_layers_get_no_gradient_and_their_batch_norm_stays_in_eval_mode(lite0):
     import copy
 
-    model = torch_model.PretrainedCNN(weights.PACKAGE_BACKBONE, num_classes=10, in_channels=1, image_size=16, input_size=32, net=copy.deepcopy(lite0))
+    model = torch_model.PretrainedCNN(
+        weights.PACKAGE_BACKBONE, num_classes=10, in_channels=1, image_size=16, input_size=32, net=copy.deepcopy(lite0),
+    )
     model.set_trainable(0.0)
     model.train()
     assert all(p.requires_grad for p in model.head_parameters())

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
 from conftest import TINY_PARAMS, digit_folder, run
 
 pytestmark = pytest.mark.slow
@@ -19,9 +18,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tmp_repo(tmp_path_factory, repo_root, _migrated_store) -> tuple[Path, dict]:
-    """A git + DVC repository holding this project's tracked files and the tiny params."""
+    """A git + DVC repository holding this project's tracked files and the tiny params, with
+    one `dvc repro` committed: every test here starts from it, in any order or alone."""
     repo = tmp_path_factory.mktemp("repo")
-    tracked = subprocess.run(["git", "ls-files"], cwd=repo_root, capture_output=True, text=True, check=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=repo_root, capture_output=True, text=True, check=True,
+    ).stdout.split()
     for rel in tracked:
         if rel.startswith(("pipeline/", ".dvc/", "data/sources/")) or rel in {"dvc.yaml", ".dvcignore", ".gitignore"}:
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -33,6 +35,9 @@ def tmp_repo(tmp_path_factory, repo_root, _migrated_store) -> tuple[Path, dict]:
     run(["git", "init", "-q", "-b", "main"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "baseline"], repo, env)
+    run(["dvc", "repro"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "default run"], repo, env)
     return repo, env
 
 
@@ -44,9 +49,9 @@ def mlflow_runs(repo: Path) -> list:
 
 def test_dvc_repro_twice_gives_identical_lock_and_then_has_nothing_to_do(tmp_repo):
     repo, env = tmp_repo
-    run(["dvc", "repro"], repo, env)
-    first = (repo / "dvc.lock").read_text()
-    for out in ("models/scratch/model.pt", "models/finetune/model.pt", "exports/scratch/model.onnx", "exports/finetune/model.torchscript.pt",
+    first = run(["git", "show", "HEAD:dvc.lock"], repo, env).stdout  # the fixture's committed run
+    for out in ("models/scratch/model.pt", "models/finetune/model.pt", "exports/scratch/model.onnx",
+                "exports/finetune/model.torchscript.pt",
                 "dvclive/evaluate/finetune/plots/sklearn/confusion_matrix.json", "data/prepared/classes.json"):
         assert (repo / out).is_file(), out
 
@@ -62,15 +67,14 @@ def test_dvc_repro_twice_gives_identical_lock_and_then_has_nothing_to_do(tmp_rep
     assert "Scratch CNN loss" in plots and "confusion" in plots
     # every stage reported to the store in the repository root, each run tagged with its stage
     stages = {r.data.tags["stage"] for r in mlflow_runs(repo)}
-    assert stages == {"ingest", "prepare", "train", "finetune", "evaluate@scratch", "evaluate@finetune", "export@scratch", "export@finetune"}
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "default run"], repo, env)
+    assert stages == {
+        "ingest", "prepare", "train", "finetune",
+        "evaluate@scratch", "evaluate@finetune", "export@scratch", "export@finetune",
+    }
 
 
 def test_experiments_appear_in_dvc_exp_show_and_in_the_root_mlflow_store(tmp_repo):
     repo, env = tmp_repo
-    if not (repo / "dvc.lock").is_file():
-        pytest.skip("needs the repro test's committed run")
     run(["dvc", "exp", "run", "-n", "fast-lr", "-S", "train.lr=0.01"], repo, env)
     # --temp runs in .dvc/tmp/exps/...; its MLflow runs must still reach <repo>/mlflow.db
     run(["dvc", "exp", "run", "--temp", "-n", "one-epoch", "-S", "train.epochs=1"], repo, env)
@@ -96,7 +100,9 @@ def test_a_dvc_tracked_image_folder_drives_ingest_and_prepare(tmp_repo, tmp_path
     repo, env = tmp_repo
     folder = repo / "data" / "sources" / "digits"
     digit_folder(folder, per_class=15)
-    params = (repo / "params.yaml").read_text().replace("source: digits, folder: data/sources,", "source: folder, folder: data/sources/digits,")
+    params = (repo / "params.yaml").read_text().replace(
+        "source: digits, folder: data/sources,", "source: folder, folder: data/sources/digits,",
+    )
     (repo / "params.yaml").write_text(params)
     run(["dvc", "add", "data/sources/digits"], repo, env)
     run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], repo, env)
@@ -124,23 +130,30 @@ def test_a_dvc_tracked_image_folder_drives_ingest_and_prepare(tmp_repo, tmp_path
 def test_the_keras_framework_runs_as_an_experiment_and_reruns_byte_identically(tmp_repo):
     """Last in this module: it leaves the workspace on the keras experiment."""
     repo, env = tmp_repo
-    if not (repo / "dvc.lock").is_file():
-        pytest.skip("needs the repro test's committed run")
     run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
     ran = run(["dvc", "exp", "run", "-n", "keras", "-S", "train.framework=keras"], repo, env).stdout
     # only the scratch model's stages depend on train: finetune and its evaluation stay cached
-    assert "Running stage 'train'" in ran and "Running stage 'export@scratch'" in ran and "Running stage 'finetune'" not in ran
+    assert (
+        "Running stage 'train'" in ran and "Running stage 'export@scratch'" in ran
+        and "Running stage 'finetune'" not in ran
+    )
     assert json.loads((repo / "models/scratch/model.json").read_text())["framework"] == "keras"
     first = (repo / "dvc.lock").read_text()
     run(["dvc", "repro", "-f", "-s", "train", "evaluate@scratch", "export@scratch"], repo, env)
     assert (repo / "dvc.lock").read_text() == first  # the .keras file, exports, metrics and curves
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
-    revs = {exp.get("name") or rev.get("name"): rev for baseline in shown for exp in baseline.get("experiments") or [] for rev in exp["revs"]}
+    revs = {
+        exp.get("name") or rev.get("name"): rev
+        for baseline in shown
+        for exp in baseline.get("experiments") or []
+        for rev in exp["revs"]
+    }
     keras = revs["keras"]["data"]
     assert keras["params"]["params.yaml"]["data"]["train"]["framework"] == "keras"
     assert keras["metrics"]["dvclive/evaluate/scratch/metrics.json"]["data"]["test"]["acc"] > 0.9
-    assert set(keras["metrics"]["dvclive/export/scratch/metrics.json"]["data"]) == {"savedmodel", "tflite", "tflite_int8", "onnx"}
+    export_metrics = keras["metrics"]["dvclive/export/scratch/metrics.json"]["data"]
+    assert set(export_metrics) == {"savedmodel", "tflite", "tflite_int8", "onnx"}
     plots = json.loads(run(["dvc", "plots", "diff", "HEAD", "keras", "--json"], repo, env).stdout)
     loss = plots["Scratch CNN loss"] if "Scratch CNN loss" in plots else plots
     assert "keras" in json.dumps(loss) and "HEAD" in json.dumps(loss)  # both runs' curves in one plot

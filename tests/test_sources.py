@@ -1,4 +1,4 @@
-"""pipeline.sources reads small files written here in the official formats: IDX (MNIST and
+"""pipeline.data.sources.standard reads small files written here in the official formats: IDX (MNIST and
 friends) and CIFAR-10's Python 2 pickles. No network: downloads are replaced."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline import ingest
 from pipeline.data.formats import DataError
 from pipeline.data.sources import standard
 
@@ -163,14 +164,20 @@ def rewrite_idx(path: Path, payload: bytes) -> None:
     ("file", "payload", "message"),
     [
         ("train-images-idx3-ubyte.gz", idx_bytes(np.zeros((12, 28, 28), np.uint8))[:-10], "truncated"),
-        ("train-images-idx3-ubyte.gz", idx_bytes(np.zeros((12, 28, 28), np.uint8)) + b"\0", "9408 bytes should follow it, but 9409"),
+        (
+            "train-images-idx3-ubyte.gz", idx_bytes(np.zeros((12, 28, 28), np.uint8)) + b"\0",
+            "9408 bytes should follow it, but 9409",
+        ),
         ("train-images-idx3-ubyte.gz", idx_bytes(np.zeros((12, 28, 28), np.uint8))[:10], "shorter than"),
         ("train-images-idx3-ubyte.gz", idx_bytes(np.zeros((12, 28, 28), np.uint8), magic=0x0D03), "0x00000803"),
         ("t10k-labels-idx1-ubyte.gz", idx_bytes(np.zeros(5, np.uint8), magic=0x0803), "0x00000801"),
         ("t10k-labels-idx1-ubyte.gz", idx_bytes(np.zeros(4, np.uint8)), "4 labels"),
         ("t10k-labels-idx1-ubyte.gz", idx_bytes(np.full(5, 10, np.uint8)), "label 10 is outside 0..9"),
     ],
-    ids=["truncated", "trailing-bytes", "no-header", "bad-image-magic", "bad-label-magic", "count-mismatch", "label-out-of-range"],
+    ids=[
+        "truncated", "trailing-bytes", "no-header", "bad-image-magic", "bad-label-magic", "count-mismatch",
+        "label-out-of-range",
+    ],
 )
 def test_a_bad_idx_file_is_named_in_the_error(tmp_path, file, payload, message):
     write_idx_dataset(tmp_path, "mnist")
@@ -251,9 +258,8 @@ def test_a_batch_that_is_not_a_uint8_array_is_named_in_the_error(tmp_path):
 
 def test_missing_files_without_download_are_listed_with_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sources, "download", lambda name, root: pytest.fail("download must not be called"))
     with pytest.raises(DataError) as error:
-        standard.read_array_dataset("fashion_mnist", Path("data/external"), download=False)
+        standard.read_array_dataset("fashion_mnist", Path("data/external"), fetch=None)
     message = str(error.value)
     for rel in standard.required_files("fashion_mnist"):
         assert str(tmp_path / "data" / "external" / rel) in message
@@ -264,9 +270,8 @@ def test_a_failed_download_gives_one_error_with_the_reason(tmp_path, monkeypatch
     def no_network(name, root):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(sources, "download", no_network)
     with pytest.raises(DataError) as error:
-        standard.read_array_dataset("cifar10", tmp_path, download=True)
+        standard.read_array_dataset("cifar10", tmp_path, fetch=no_network)
     message = str(error.value)
     assert "Temporary failure in name resolution" in message
     assert str(tmp_path / "cifar-10-batches-py" / "data_batch_1") in message
@@ -280,16 +285,15 @@ def test_downloaded_files_are_read(tmp_path, monkeypatch):
         calls.append((name, root))
         write_idx_dataset(root, name)
 
-    monkeypatch.setattr(sources, "download", fake_download)
-    dataset = standard.read_array_dataset("kmnist", tmp_path, download=True)
+    dataset = standard.read_array_dataset("kmnist", tmp_path, fetch=fake_download)
     assert calls == [("kmnist", tmp_path)]
     assert len(dataset.splits["train"][1]) == SIZES["train"]
 
 
 def test_present_files_are_not_downloaded_again(tmp_path, monkeypatch):
     write_idx_dataset(tmp_path, "mnist")
-    monkeypatch.setattr(sources, "download", lambda name, root: pytest.fail("download must not be called"))
-    assert len(standard.read_array_dataset("mnist", tmp_path, download=True).splits["test"][0]) == SIZES["test"]
+    never = lambda name, root: pytest.fail("fetch must not be called")  # noqa: E731
+    assert len(standard.read_array_dataset("mnist", tmp_path, fetch=never).splits["test"][0]) == SIZES["test"]
 
 
 def test_download_uses_torchvision_for_both_splits_with_a_short_timeout(tmp_path, monkeypatch):
@@ -306,7 +310,7 @@ def test_download_uses_torchvision_for_both_splits_with_a_short_timeout(tmp_path
     monkeypatch.setitem(sys.modules, "torchvision", torchvision)
     monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
     before = socket.getdefaulttimeout()
-    standard.download("cifar10", tmp_path)
+    ingest.download("cifar10", tmp_path)
     assert calls == [(str(tmp_path), True, True, 15), (str(tmp_path), False, True, 15)]
     assert socket.getdefaulttimeout() == before
 
@@ -327,7 +331,7 @@ def test_digits_are_the_bundled_csv_scaled_to_0_255():
     table = np.array(rows)
     expected = np.rint(table[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)  # ingest's formula
 
-    dataset = standard.read_array_dataset("digits", Path("unused"), download=True)
+    dataset = standard.read_array_dataset("digits", Path("unused"))
     assert dataset.classes == tuple("0123456789")
     assert list(dataset.splits) == [""]
     assert dataset.files == {}
@@ -340,7 +344,7 @@ def test_digits_are_the_bundled_csv_scaled_to_0_255():
 
 
 def test_the_module_imports_without_torch_torchvision_or_sklearn(repo_root):
-    code = "import sys, pipeline.sources; print(sorted({'torch', 'torchvision', 'sklearn'} & set(sys.modules)))"
+    code = "import sys, pipeline.data.sources; print(sorted({'torch', 'torchvision', 'sklearn'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=60,
                           check=False)
     assert done.returncode == 0, done.stderr

@@ -12,15 +12,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import run
 from PIL import Image
 
-from conftest import run
 from pipeline import evaluate, export, finetune, train
-from pipeline.frameworks import card
-from pipeline.frameworks import registry
-from pipeline.data import formats
-from pipeline.data import images
+from pipeline.data import formats, images
 from pipeline.data.sources import standard
+from pipeline.frameworks import card
 from pipeline.frameworks.torch import model as torch_model
 from pipeline.frameworks.torch import weights
 
@@ -37,8 +35,10 @@ def test_train_stage_writes_checkpoint_metrics_and_curves_and_repeats_them_exact
     assert curve[0] == "step\tloss" and len(curve) == 3
     model, ckpt = torch_model.load_checkpoint(workdir / "a/scratch/model.pt")
     assert ckpt["classes"] == [str(i) for i in range(10)] and ckpt["arch"] == "scratch_cnn"
-    card = card.read_card(workdir / "a/scratch")
-    assert (card.framework, card.arch, list(card.classes)) == ("torch", "scratch_cnn", ckpt["classes"])
+    model_card = card.read_card(workdir / "a/scratch")
+    assert (model_card.framework, model_card.arch, list(model_card.classes)) == (
+        "torch", "scratch_cnn", ckpt["classes"],
+    )
     assert "tensorflow" not in sys.modules  # the torch path never pays for TensorFlow's import
 
 
@@ -52,12 +52,16 @@ def test_finetune_stage_repeats_exactly_and_logs_both_phases(workdir, prepared, 
     runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id])
     assert {r.data.tags["weights_sha256"] for r in runs} == {weights.PACKAGE_SHA256}
     dataset = json.loads((prepared / "dataset.json").read_text())
-    assert {(r.data.tags["dataset_sha256"], r.data.tags["data_source"]) for r in runs} == {(dataset["sha256"], "digits")}
+    tagged = {(r.data.tags["dataset_sha256"], r.data.tags["data_source"]) for r in runs}
+    assert tagged == {(dataset["sha256"], "digits")}
     assert all(r.data.params["finetune.backbone"] == "timm:tf_efficientnet_lite0" for r in runs)
 
 
 def test_evaluate_reports_metrics_per_class_figures_and_a_confusion_plot(workdir, trained, mlflow_store):
-    evaluate.main(["--model", "scratch", "--data", str(trained / "data/prepared"), "--models", str(trained / "models"), "--live", "live"])
+    evaluate.main([
+        "--model", "scratch", "--data", str(trained / "data/prepared"), "--models", str(trained / "models"),
+        "--live", "live",
+    ])
     metrics = json.loads((workdir / "live/metrics.json").read_text())["test"]
     assert set(metrics) == {"acc", "precision_macro", "recall_macro", "f1_macro", "loss", "images"}
     assert metrics["images"] == len(formats.load_split(trained / "data/prepared", "test"))
@@ -87,14 +91,21 @@ def test_a_model_trained_on_other_classes_is_refused(workdir, trained):
     other = workdir / "prepared"
     shutil.copytree(trained / "data/prepared", other)
     (other / "classes.json").write_text(json.dumps([f"c{i}" for i in range(10)]))
-    with pytest.raises(formats.DataError, match=r"models/scratch was trained on classes \['0'.*classes.json lists \['c0'"):
-        evaluate.main(["--model", "scratch", "--data", str(other), "--models", str(trained / "models"), "--live", "live"])
+    with pytest.raises(
+        formats.DataError, match=r"models/scratch was trained on classes \['0'.*classes.json lists \['c0'",
+    ):
+        evaluate.main(
+            ["--model", "scratch", "--data", str(other), "--models", str(trained / "models"), "--live", "live"],
+        )
 
 
 @pytest.mark.parametrize("model", ["scratch", "finetune"])
 def test_export_ships_onnx_and_torchscript_that_agree_with_pytorch(workdir, trained, model, repo_root):
     prepared = trained / "data/prepared"
-    export.main(["--model", model, "--data", str(prepared), "--models", str(trained / "models"), "--out", "out", "--live", "live"])
+    export.main([
+        "--model", model, "--data", str(prepared), "--models", str(trained / "models"), "--out", "out",
+        "--live", "live",
+    ])
     parity = json.loads((workdir / "live/metrics.json").read_text())
     assert parity["onnx"]["top1_agreement"] == 1.0 and parity["onnx"]["max_abs_diff"] < 1e-4
     meta = json.loads((workdir / "out/model.json").read_text())
@@ -114,7 +125,9 @@ def test_export_ships_onnx_and_torchscript_that_agree_with_pytorch(workdir, trai
     with zipfile.ZipFile(workdir / "out/model.torchscript.pt") as archive:
         names = archive.namelist()
         assert not [n for n in names if n.endswith(".debug_pkl")]
-        assert not any(str(repo_root).encode() in archive.read(n) or sys.prefix.encode() in archive.read(n) for n in names)
+        assert not any(
+            str(repo_root).encode() in archive.read(n) or sys.prefix.encode() in archive.read(n) for n in names
+        )
     assert str(repo_root).encode() not in (workdir / "out/model.onnx").read_bytes()
     assert "tensorflow" not in sys.modules
 
@@ -139,8 +152,9 @@ def test_export_is_byte_identical_on_rerun(workdir, trained, repo_root):
     # compiled before, so only a fresh process shows what a rerun writes.
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
     for name in ("a", "b"):
-        run([sys.executable, "-m", "pipeline.export", "--model", "finetune", "--data", str(trained / "data/prepared"),
-             "--models", str(trained / "models"), "--out", name, "--live", f"live-{name}"], cwd=workdir, env=env)
+        run([sys.executable, "-m", "pipeline", "export", "--model", "finetune",
+             "--data", str(trained / "data/prepared"), "--models", str(trained / "models"), "--out", name,
+             "--live", f"live-{name}"], cwd=workdir, env=env)
     for file in ("model.onnx", "model.torchscript.pt", "model.json"):
         assert (workdir / "a" / file).read_bytes() == (workdir / "b" / file).read_bytes(), file
     assert (workdir / "live-a/metrics.json").read_bytes() == (workdir / "live-b/metrics.json").read_bytes()
@@ -149,7 +163,9 @@ def test_export_is_byte_identical_on_rerun(workdir, trained, repo_root):
 def test_an_export_that_drifts_from_pytorch_is_refused():
     p = export.ExportParams(max_abs_diff=1.0e-6, min_top1_agreement=1.0)
     export.check_parity("onnx", {"max_abs_diff": 1.0e-7, "top1_agreement": 1.0}, p, "models/m")
-    with pytest.raises(RuntimeError, match=r"onnx export of models/m disagrees with the torch model.*max_abs_diff 1e-06"):
+    with pytest.raises(
+        RuntimeError, match=r"onnx export of models/m disagrees with the torch model.*max_abs_diff 1e-06",
+    ):
         export.check_parity("onnx", {"max_abs_diff": 1.0e-3, "top1_agreement": 1.0}, p, "models/m")
     with pytest.raises(RuntimeError, match="min_top1_agreement 1.0"):
         export.check_parity("onnx", {"max_abs_diff": 0.0, "top1_agreement": 0.99}, p, "models/m")
@@ -163,20 +179,28 @@ def test_an_export_that_drifts_from_pytorch_is_refused():
 
 
 def test_a_model_folder_is_checked_before_any_framework_loads(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"model.json: not found; .*not a trained model folder.*old single-file layout"):
+    with pytest.raises(
+        FileNotFoundError, match=r"model.json: not found; .*not a trained model folder.*old single-file layout",
+    ):
         (tmp_path / "scratch.pt").write_bytes(b"")
         card.read_card(tmp_path / "scratch")
     (tmp_path / "m").mkdir()
-    (tmp_path / "m/model.json").write_text(json.dumps({"framework": "jax", "arch": "a", "model_args": {}, "classes": []}))
-    with pytest.raises(ValueError, match=r"framework 'jax' is not known; valid: \['keras', 'torch'\]"):
+    (tmp_path / "m/model.json").write_text(
+        json.dumps({"framework": "jax", "arch": "a", "model_args": {}, "classes": []}),
+    )
+    with pytest.raises(ValueError, match=r"framework 'jax' is not known; valid: \['torch', 'keras'\]"):
         card.read_card(tmp_path / "m")
 
 
 def test_a_refused_export_leaves_the_previous_one_whole(workdir, trained):
-    args = ["--model", "scratch", "--data", str(trained / "data/prepared"), "--models", str(trained / "models"), "--out", "out", "--live", "live"]
+    args = [
+        "--model", "scratch", "--data", str(trained / "data/prepared"), "--models", str(trained / "models"),
+        "--out", "out", "--live", "live",
+    ]
     export.main(args)
     before = {p.name: p.read_bytes() for p in (workdir / "out").iterdir()}
-    (workdir / "params.yaml").write_text((workdir / "params.yaml").read_text().replace("export: {", "export: {max_abs_diff: 1.0e-12, "))
+    params = (workdir / "params.yaml").read_text().replace("export: {", "export: {max_abs_diff: 1.0e-12, ")
+    (workdir / "params.yaml").write_text(params)
     with pytest.raises(RuntimeError, match=r"export of .*models/scratch disagrees with the torch model"):
         export.main(args)
     assert {p.name: p.read_bytes() for p in (workdir / "out").iterdir()} == before

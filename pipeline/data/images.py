@@ -139,7 +139,8 @@ def canonical(image: Image.Image) -> np.ndarray:
         return composite(pixels[..., :3], pixels[..., 3:])
     if mode in ("RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
         return np.asarray(image.convert("RGB"))
-    raise Rejected("unsupported_mode", f"pixel mode {mode} (valid: 1, L, P, LA, RGB, RGBA, CMYK, YCbCr, 16-bit grayscale)")
+    raise Rejected("unsupported_mode", f"pixel mode {mode} (valid: 1, L, P, LA, RGB, RGBA, CMYK, YCbCr, "
+                                       "16-bit grayscale)")
 
 
 def _all_grey(image: Image.Image) -> bool:
@@ -218,7 +219,9 @@ def fit_square(pixels: np.ndarray, size: int, channels: int, resize: Resize = "s
     return np.asarray(image).reshape(size, size, channels)
 
 
-def load_for_model(path: Path, size: int, channels: int, resize: Resize = "stretch", limits: Limits | None = None) -> np.ndarray:
+def load_for_model(
+    path: Path, size: int, channels: int, resize: Resize = "stretch", limits: Limits | None = None
+) -> np.ndarray:
     """A new image file as the exported model expects it: (size, size, channels) uint8.
 
     The values come from the export's model.json "input" block; this is exactly what prepare

@@ -37,7 +37,9 @@ class ModelCard:
         return {"framework": self.framework, "arch": self.arch, "model_args": args, "classes": list(self.classes)}
 
 
-def save(out: Path, backend: Backend, model: Any, arch: str, model_args: dict[str, Any], classes: tuple[str, ...]) -> ModelCard:
+def save(
+    out: Path, backend: Backend, model: Any, arch: str, model_args: dict[str, Any], classes: tuple[str, ...]
+) -> ModelCard:
     """Write the model folder whole or not at all (a failed save leaves the old one)."""
     card = ModelCard(backend.framework, arch, dict(model_args), tuple(classes))
     blob = backend.serialize(model, card)
@@ -52,7 +54,8 @@ def read_card(model_dir: Path) -> ModelCard:
     if not path.is_file():
         hint = f"; {model_dir}.pt is the old single-file layout" if Path(f"{model_dir}.pt").is_file() else ""
         raise FileNotFoundError(
-            f"{path}: not found; {model_dir} is not a trained model folder: run the stage that trains it (dvc repro){hint}"
+            f"{path}: not found; {model_dir} is not a trained model folder: "
+            f"run the stage that trains it (dvc repro){hint}"
         )
     raw = read_json(path, "the model card")
     missing = {"framework", "arch", "model_args", "classes"} - set(raw)

@@ -42,5 +42,6 @@ def open_model(
     backend = get(card.framework, runtime)
     path = Path(model_dir) / backend.model_file
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found, but {Path(model_dir) / CARD} says the model is {card.framework}'s; rerun its stage")
+        raise FileNotFoundError(f"{path}: not found, but {Path(model_dir) / CARD} says the model is "
+                                f"{card.framework}'s; rerun its stage")
     return backend, backend.deserialize(path, card), card

@@ -22,7 +22,7 @@ class ArraySource:
 
     def scan(self) -> tuple[list[Item], list[Excluded]]:
         items = []
-        for split, (pixels, labels) in sorted(self.dataset.splits.items()):
+        for split, (_, labels) in sorted(self.dataset.splits.items()):
             width = len(str(max(len(labels) - 1, 0)))
             prefix = f"{split}/" if split else ""
             items += [Item(f"{prefix}{i:0{width}d}", self.classes[int(y)], split, i) for i, y in enumerate(labels)]

@@ -80,8 +80,11 @@ class FolderSource:
             for name in dirnames:  # not followed: a link can loop, or pull in another class's images
                 if os.path.islink(os.path.join(dirpath, name)):
                     rel = os.path.relpath(os.path.join(dirpath, name), self.folder)
-                    excluded.append(Excluded(rel, "ignored", "linked_folder", "a symbolic link to a folder, not followed"))
-            dirnames[:] = sorted(d for d in dirnames if not images.is_ignored(d) and not os.path.islink(os.path.join(dirpath, d)))
+                    reason = "a symbolic link to a folder, not followed"
+                    excluded.append(Excluded(rel, "ignored", "linked_folder", reason))
+            dirnames[:] = sorted(
+                d for d in dirnames if not images.is_ignored(d) and not os.path.islink(os.path.join(dirpath, d))
+            )
             for name in sorted(filenames):
                 rel = os.path.relpath(os.path.join(dirpath, name), self.folder)
                 if images.is_ignored(name):
@@ -110,12 +113,16 @@ def check_class_folders(folder: Path, class_dirs: dict[str, list[Path]], items: 
     clashes = [sorted(names) for names in by_key.values() if len(names) > 1]
     if clashes:
         listed = "; ".join(" vs ".join(str(p) for n in group for p in class_dirs[n]) for group in clashes)
-        raise DataError(f"class folders that differ only by case or Unicode normalisation: {listed}; rename them to one name")
+        raise DataError(
+            f"class folders that differ only by case or Unicode normalisation: {listed}; rename them to one name"
+        )
     # an item's class folder is <folder>/[<split>/]<label>
     found = Counter(folder / item.split / item.label if item.split else folder / item.label for item in items)
     empty = [str(p) for paths in class_dirs.values() for p in paths if found[p] == 0]
     if empty:
         raise DataError(f"empty class folders (no image files): {', '.join(sorted(empty))}; remove them or add images")
     if len(class_dirs) < 2:
-        raise DataError(f"data.folder {folder}: only one class folder ({next(iter(class_dirs))}); a classifier needs at least two")
+        raise DataError(
+            f"data.folder {folder}: only one class folder ({next(iter(class_dirs))}); a classifier needs at least two"
+        )
     return tuple(sorted(class_dirs))

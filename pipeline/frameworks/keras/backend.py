@@ -46,7 +46,8 @@ def configure(seed: int, threads: int, device: str = "cpu") -> Any:
     if device == "cuda" and not gpus:
         raise ConfigError(
             "params.yaml: runtime.device is 'cuda' but TensorFlow sees no GPU (the pinned tensorflow-cpu "
-            "has no GPU support); use 'auto' or 'cpu' for train.framework keras, or install a CUDA build of TensorFlow 2.21"
+            "has no GPU support); use 'auto' or 'cpu' for train.framework keras, "
+            "or install a CUDA build of TensorFlow 2.21"
         )
     try:
         if device == "cpu" and gpus:
@@ -76,8 +77,14 @@ class KerasBackend(interface.Backend):
         import keras
 
         gpu = bool(self.tf.config.get_visible_devices("GPU"))
-        return {"framework": self.framework, "tensorflow": self.tf.__version__, "keras": keras.__version__,
-                "device": "gpu" if gpu else "cpu", "threads": str(self.runtime.threads), "deterministic": "true"}  # fmt: skip
+        return {
+            "framework": self.framework,
+            "tensorflow": self.tf.__version__,
+            "keras": keras.__version__,
+            "device": "gpu" if gpu else "cpu",
+            "threads": str(self.runtime.threads),
+            "deterministic": "true",
+        }
 
     def build(self, arch: str, model_args: dict[str, Any]) -> keras.Model:
         if arch != "scratch_cnn":

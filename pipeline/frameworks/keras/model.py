@@ -43,7 +43,9 @@ def build_scratch_cnn(
     widths = [32, 64, 128] if conv3 else [32, 64]
     for i, width in enumerate(widths):
         fan_in = (in_channels if i == 0 else widths[i - 1]) * 9
-        x = layers.Conv2D(width, 3, padding="same", use_bias=not batch_norm, name=f"conv{i + 1}", **torch_init(fan_in))(x)
+        x = layers.Conv2D(width, 3, padding="same", use_bias=not batch_norm, name=f"conv{i + 1}", **torch_init(fan_in))(
+            x
+        )
         if batch_norm:
             x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"bn{i + 1}")(x)
         x = layers.ReLU()(x)
@@ -63,8 +65,10 @@ def torch_init(fan_in: int) -> dict[str, Any]:
     import keras
 
     bound = 1 / math.sqrt(fan_in)
-    return {"kernel_initializer": keras.initializers.RandomUniform(-bound, bound),
-            "bias_initializer": keras.initializers.RandomUniform(-bound, bound)}
+    return {
+        "kernel_initializer": keras.initializers.RandomUniform(-bound, bound),
+        "bias_initializer": keras.initializers.RandomUniform(-bound, bound),
+    }
 
 
 def save_keras(model: keras.Model) -> bytes:
@@ -102,7 +106,10 @@ def save_keras(model: keras.Model) -> bytes:
 
 def _renumber_shared_ids(node: Any, ids: dict[int, int]) -> Any:
     if isinstance(node, dict):
-        return {k: ids.setdefault(v, len(ids)) if k == "shared_object_id" else _renumber_shared_ids(v, ids) for k, v in node.items()}
+        return {
+            k: ids.setdefault(v, len(ids)) if k == "shared_object_id" else _renumber_shared_ids(v, ids)
+            for k, v in node.items()
+        }
     if isinstance(node, list):
         return [_renumber_shared_ids(v, ids) for v in node]
     return node

@@ -115,7 +115,8 @@ def train_batches(split: Split, p: FitParams, seed: int) -> Any:
     side, channels = split.image_size, split.channels
     ds = tf.data.Dataset.from_generator(rows, output_signature=(
         tf.TensorSpec((None, side, side, channels), tf.uint8), tf.TensorSpec((None,), tf.int64)))
-    ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(len(order) / p.batch_size)))  # Keras knows the epoch's end
+    # a known cardinality: Keras knows where the epoch ends
+    ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(len(order) / p.batch_size)))
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y))
     if p.augment_shift:
         ds = ds.enumerate().map(lambda i, xy: shift_batch(i, xy, p.augment_shift, seed))
@@ -130,8 +131,9 @@ def shift_batch(index, batch, s: int, seed: int):
     x, y = batch
     n, h, w = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
     padded = tf.pad(x, [[0, 0], [s, s], [s, s], [0, 0]])
-    offsets = tf.random.stateless_uniform([n, 2], seed=tf.stack([tf.constant(seed, tf.int64), index]),
-                                          minval=0, maxval=2 * s + 1, dtype=tf.int32)
+    offsets = tf.random.stateless_uniform(
+        [n, 2], seed=tf.stack([tf.constant(seed, tf.int64), index]), minval=0, maxval=2 * s + 1, dtype=tf.int32
+    )
     rows = offsets[:, :1] + tf.range(h)[None]  # (N, H) source rows of each output row
     cols = offsets[:, 1:] + tf.range(w)[None]  # (N, W)
     x = tf.gather(padded, rows, axis=1, batch_dims=1)

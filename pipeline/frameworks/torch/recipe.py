@@ -104,17 +104,24 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None) -> Itera
 
 def make_optimizer(params: list[nn.Parameter], p: FitParams) -> torch.optim.Optimizer:
     if p.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay, nesterov=p.momentum > 0)
+        return torch.optim.SGD(
+            params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay, nesterov=p.momentum > 0
+        )
     if p.optimizer == "adam":
         return torch.optim.Adam(params, lr=p.lr, weight_decay=p.weight_decay)
     return torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, p: FitParams, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, p: FitParams, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     total = p.epochs * steps_per_epoch
     if p.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=p.lr, total_steps=total, pct_start=p.warmup_fraction,
+            optimizer,
+            max_lr=p.lr,
+            total_steps=total,
+            pct_start=p.warmup_fraction,
             cycle_momentum=p.optimizer == "sgd",
         )
     if p.schedule == "cosine":
@@ -163,8 +170,11 @@ def train_one_epoch(
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, images: Images | np.ndarray | torch.Tensor, device: torch.device,
-    batch_size: int = 256, channels_last: bool = True,
+    model: nn.Module,
+    images: Images | np.ndarray | torch.Tensor,
+    device: torch.device,
+    batch_size: int = 256,
+    channels_last: bool = True,
 ) -> torch.Tensor:
     """Logits (N, classes) on the CPU, in input order, for an `Images`, a split's uint8
     (N, H, W, C) array (streamed when large) or (N, C, H, W) tensor (uint8, or float in [0, 1])."""
@@ -183,8 +193,11 @@ def predict_logits(
 
 
 def evaluate(
-    model: nn.Module, images: Images | np.ndarray | torch.Tensor, labels: torch.Tensor,
-    device: torch.device, p: FitParams,
+    model: nn.Module,
+    images: Images | np.ndarray | torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    p: FitParams,
 ) -> tuple[float, float]:
     """(cross-entropy without smoothing, accuracy): the loss that early stopping watches."""
     logits = predict_logits(model, images, device, max(p.batch_size, 256), p.channels_last)

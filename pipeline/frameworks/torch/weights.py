@@ -51,7 +51,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def map_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+def map_in_order(
+    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], where: str
+) -> dict[str, torch.Tensor]:
     """Rename `source` tensors to `target`'s keys by position, checking every shape."""
     if len(source) != len(target):
         raise WeightsError(f"{where}: {len(source)} tensors, but the backbone has {len(target)}")
@@ -78,7 +80,9 @@ def load_pretrained(backbone: str, weights: str, sha256: str) -> tuple[nn.Module
         return create_backbone(backbone, hub_weights=True), ""
     if weights == PACKAGE_WEIGHTS:
         if backbone != PACKAGE_BACKBONE:
-            raise WeightsError(f"finetune.weights '{PACKAGE_WEIGHTS}' fits only backbone '{PACKAGE_BACKBONE}', not '{backbone}'")
+            raise WeightsError(
+                f"finetune.weights '{PACKAGE_WEIGHTS}' fits only backbone '{PACKAGE_BACKBONE}', not '{backbone}'"
+            )
         path, expected = package_weights_path(), sha256 or PACKAGE_SHA256
     else:
         path, expected = Path(weights), sha256
@@ -86,7 +90,9 @@ def load_pretrained(backbone: str, weights: str, sha256: str) -> tuple[nn.Module
         raise WeightsError(f"{path}: weights file not found (finetune.weights)")
     actual = files.sha256_file(path)
     if expected and actual != expected:
-        raise WeightsError(f"{path}: sha256 is {actual}, but finetune.weights_sha256 pins {expected}; refusing these weights")
+        raise WeightsError(
+            f"{path}: sha256 is {actual}, but finetune.weights_sha256 pins {expected}; refusing these weights"
+        )
     net = create_backbone(backbone)
     state = read_state_dict(path)
     target = net.state_dict()
@@ -99,7 +105,8 @@ def load_pretrained(backbone: str, weights: str, sha256: str) -> tuple[nn.Module
     unexpected = [k for k in state if k not in target]
     mismatched = [
         f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
-        for k in state if k in target and state[k].shape != target[k].shape and not k.startswith(head)
+        for k in state
+        if k in target and state[k].shape != target[k].shape and not k.startswith(head)
     ]
     if missing or unexpected or mismatched:
         raise WeightsError(
@@ -111,4 +118,5 @@ def load_pretrained(backbone: str, weights: str, sha256: str) -> tuple[nn.Module
 
 
 def _some(items: list[str], n: int = 3) -> str:
-    return "[]" if not items else f"{items[:n]}{' and %d more' % (len(items) - n) if len(items) > n else ''}"
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return f"{items[:n]}{more}" if items else "[]"
