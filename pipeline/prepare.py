@@ -215,7 +215,7 @@ def preprocessing(prepared: pd.DataFrame, params: PrepareParams) -> dict:
         "channels": channels_of(prepared),
         "resize": params.resize,
         "alpha_background": images.ALPHA_BACKGROUND,
-        "function": "pipeline.images.load_for_model(path, image_size, channels, resize)",
+        "function": "pipeline.data.images.load_for_model(path, image_size, channels, resize)",
     }
 
 
