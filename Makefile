@@ -34,6 +34,7 @@ bench: setup
 	$(VENV)/bin/python -m bench.stream
 	$(VENV)/bin/python -m bench.data
 	$(VENV)/bin/python -m bench.frameworks
+	$(VENV)/bin/python -m bench.duplicates
 
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --port 5000

@@ -5,7 +5,8 @@ Reads `data.folder` (source `folder`: one sub-folder per class, optionally under
 `cifar10`) or scikit-learn's bundled digits. Writes `data/ingested/`:
 - `manifest.csv`: one row per usable image: path, label, source_split (the split the source
   fixes, or empty), sha256 of the decoded pixels, width, height, mode (L or RGB after
-  conversion), file_mode (the file's own), phash (perceptual hash, for near-duplicates);
+  conversion), file_mode (the file's own), phash (perceptual hash, for near-duplicates),
+  colourfulness (0 for grey pixels, even in an RGB file; prepare decides the channels by it);
 - `classes.json`: the class names, index i meaning class i everywhere downstream;
 - `excluded.csv`: every file left out and why (rejected, duplicate or ignored);
 - `dataset.json`: the source and the dataset's hash.
@@ -49,7 +50,7 @@ def _use_source(source: Source) -> None:
 
 
 def inspect(item: Item) -> tuple:
-    """(code, reason) for a rejected image, else (sha256, width, height, mode, file_mode, phash)."""
+    """(code, reason) for a rejected image, else (sha256, width, height, mode, file_mode, phash, colourfulness)."""
     assert _SOURCE is not None
     try:
         pixels, file_mode = _SOURCE.pixels(item)
@@ -57,7 +58,8 @@ def inspect(item: Item) -> tuple:
         return (rejected.code, str(rejected))
     height, width = pixels.shape[:2]
     mode = "L" if pixels.ndim == 2 else "RGB"
-    return (formats.pixel_sha256(pixels), width, height, mode, file_mode, images.phash(pixels))
+    digest, phash = formats.pixel_sha256(pixels), images.phash(pixels)
+    return (digest, width, height, mode, file_mode, phash, images.colourfulness(pixels))
 
 
 def _inspect_batch(batch: Sequence[Item]) -> list[tuple]:

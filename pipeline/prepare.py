@@ -4,8 +4,9 @@ Reads `data/ingested` (manifest, classes) and the source's images (`data.folder`
 under `data.root`); writes `data/prepared` (format in `pipeline.data.formats`): per split, uint8
 arrays at `prepare.image_size` that training memory-maps, the class-to-index mapping, and
 `manifest.csv` with each image's split and row, so split membership is an output.
-`near_duplicates.csv` lists val/test images with a perceptual near-twin in an earlier split;
-split sizes per class and the near-duplicate counts go to `dvclive/prepare/metrics.json`.
+`near_duplicates.csv` lists val/test images with a near-twin in an earlier split (a pHash
+candidate confirmed by pixel correlation, `pipeline.data.duplicates`); split sizes per class
+and the near-duplicate counts go to `dvclive/prepare/metrics.json`.
 
 Splits are stratified and seeded, and they follow content, not file order: within a class,
 images are ranked by sha256(seed, pixel hash), and the first ranks go to test, then val. An
@@ -29,12 +30,9 @@ import pandas as pd
 
 from pipeline import cli, config, files, tracking
 from pipeline.config import check
-from pipeline.data import formats, images, parallel, sources
+from pipeline.data import duplicates, formats, images, parallel, sources
 from pipeline.data.sources import DataParams, Source
 from pipeline.data.sources.candidates import Item
-
-# (split whose images are checked, split searched for a near-twin): the pairs that leak
-NEAR_DUPLICATE_PAIRS = (("val", "train"), ("test", "train"), ("test", "val"))
 
 
 @dataclass(frozen=True)
@@ -44,7 +42,9 @@ class PrepareParams:
     resize: Literal["stretch", "crop", "pad"] = "stretch"  # how non-square images become square
     val_fraction: float = 0.15  # shares of the whole dataset
     test_fraction: float = 0.15
-    near_duplicate_distance: int = 4  # perceptual-hash bits (of 64) within which two images are near-twins
+    near_duplicate_distance: int = 4  # perceptual-hash bits (of 64) within which two images are candidates
+    near_duplicate_min_correlation: float = 0.98  # pixel correlation that confirms a candidate pair
+    colour_threshold: float = 10.0  # colourfulness (images.colourfulness) from which an image counts as colour
 
     def __post_init__(self) -> None:
         check(8 <= self.image_size <= 1024, "image_size", f"must be in 8..1024 pixels, got {self.image_size}")
@@ -54,11 +54,10 @@ class PrepareParams:
         total = self.val_fraction + self.test_fraction
         check(total < 0.9, "val_fraction", "val_fraction + test_fraction must leave at least 10% to "
                                            f"train, got {total}")
-        check(
-            0 <= self.near_duplicate_distance <= 64,
-            "near_duplicate_distance",
-            f"must be in 0..64 bits, got {self.near_duplicate_distance}",
-        )
+        distance, correlation = self.near_duplicate_distance, self.near_duplicate_min_correlation
+        check(0 <= distance <= 64, "near_duplicate_distance", f"must be in 0..64 bits, got {distance}")
+        check(0 < correlation <= 1, "near_duplicate_min_correlation", f"must be in (0, 1], got {correlation}")
+        check(self.colour_threshold > 0, "colour_threshold", f"must be > 0, got {self.colour_threshold}")
 
 
 def split_rank(seed: int, pixel_sha256: str) -> str:
@@ -91,38 +90,6 @@ def assign_splits(manifest: pd.DataFrame, params: PrepareParams) -> np.ndarray:
             splits[pool[start : start + n]] = name
             start += n
     return splits
-
-
-def near_duplicates(prepared: pd.DataFrame, max_distance: int) -> pd.DataFrame:
-    """Each val/test image's perceptually nearest image in an earlier split, where within
-    `max_distance` bits: likely the same picture re-encoded, resized or lightly edited."""
-    hashes = images.hashes_to_uint64(prepared["phash"].tolist())
-    split_of, paths = prepared["split"].to_numpy(), prepared["path"].to_numpy()
-    found = []
-    for split, other in NEAR_DUPLICATE_PAIRS:
-        a_rows, b_rows = np.flatnonzero(split_of == split), np.flatnonzero(split_of == other)
-        if not len(a_rows) or not len(b_rows):
-            continue
-        chunk = max(1, (1 << 23) // len(b_rows))  # bounds the (chunk, len(b)) XOR matrix to 64 MiB
-        for start in range(0, len(a_rows), chunk):
-            block = a_rows[start : start + chunk]
-            distance = images.hamming(hashes[block], hashes[b_rows])
-            nearest = distance.argmin(1)  # the first of equally near ones: deterministic
-            best = distance[np.arange(len(block)), nearest]
-            hit = best <= max_distance
-            found.append(
-                pd.DataFrame(
-                    {
-                        "split": split,
-                        "path": paths[block[hit]],
-                        "nearest_split": other,
-                        "nearest_path": paths[b_rows[nearest[hit]]],
-                        "distance": best[hit].astype(int),
-                    }
-                )
-            )
-    columns = ["split", "path", "nearest_split", "nearest_path", "distance"]
-    return pd.concat(found, ignore_index=True)[columns] if found else pd.DataFrame(columns=columns)
 
 
 # -- pixels: written by worker processes straight into the memory-mapped arrays -------------
@@ -184,7 +151,7 @@ def write_splits(
     out: Path, prepared: pd.DataFrame, classes: tuple[str, ...], source: Source, params: PrepareParams, workers: int
 ) -> None:
     """`<split>_images.npy` and `<split>_labels.npy` for every split, filled in parallel."""
-    channels = channels_of(prepared)
+    channels = channels_of(prepared, params.colour_threshold)
     class_index = {name: i for i, name in enumerate(classes)}
     tasks: list[Task] = []
     for split in formats.SPLITS:
@@ -204,15 +171,45 @@ def write_splits(
         )
 
 
-def channels_of(prepared: pd.DataFrame) -> int:
-    return 1 if (prepared["mode"] == "L").all() else 3  # one colour image makes the dataset RGB
+def colour_images(prepared: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """The images whose colourfulness reaches `threshold`, most colourful first."""
+    colourful = prepared[prepared["colourfulness"] >= threshold]
+    return colourful.sort_values(["colourfulness", "path"], ascending=[False, True], kind="stable")
+
+
+def channels_of(prepared: pd.DataFrame, threshold: float) -> int:
+    """By content, not file mode: one colourful image makes the dataset RGB; grey pixels saved
+    in RGB files (digits as RGB JPEGs, scans) keep it one channel."""
+    return 3 if len(colour_images(prepared, threshold)) else 1
+
+
+def colour_decision(prepared: pd.DataFrame, threshold: float) -> str:
+    """One line for the stage's log: the channels chosen, and why."""
+    colourful = colour_images(prepared, threshold)
+    grey_rgb = int(((prepared["mode"] == "RGB") & (prepared["colourfulness"] < threshold)).sum())
+    if len(colourful):
+        examples = ", ".join(f"{r.path} ({r.colourfulness:g})" for r in colourful.head(3).itertuples())
+        return (f"prepare: RGB: {len(colourful)} of {len(prepared)} images reach colourfulness "
+                f"{threshold:g} (prepare.colour_threshold), the most colourful {examples}")  # fmt: skip
+    most = prepared.sort_values("colourfulness", ascending=False, kind="stable").iloc[0]
+    return (f"prepare: grey, one channel: no image reaches colourfulness {threshold:g} "
+            f"(the most colourful: {most.path}, {most.colourfulness:g}); {grey_rgb} RGB files hold grey pixels")
 
 
 def preprocessing(prepared: pd.DataFrame, params: PrepareParams) -> dict:
-    """How a file becomes a training array; exports copy it so serving does the same."""
+    """How a file becomes a training array; exports copy it so serving does the same. It
+    records the colour decision and the (at most five most colourful) images that forced it."""
+    colourful = colour_images(prepared, params.colour_threshold)
     return {
         "image_size": params.image_size,
-        "channels": channels_of(prepared),
+        "channels": 3 if len(colourful) else 1,
+        "colour": {
+            "threshold": params.colour_threshold,
+            "colour_images": len(colourful),
+            "most_colourful": [
+                {"path": r.path, "colourfulness": r.colourfulness} for r in colourful.head(5).itertuples()
+            ],
+        },
         "resize": params.resize,
         "alpha_background": images.ALPHA_BACKGROUND,
         "function": "pipeline.data.images.load_for_model(path, image_size, channels, resize)",
@@ -227,13 +224,21 @@ def prepare_manifest(manifest: pd.DataFrame, params: PrepareParams) -> pd.DataFr
     return prepared
 
 
-def statistics(prepared: pd.DataFrame, classes: tuple[str, ...], near: pd.DataFrame) -> dict[str, int | float]:
+def statistics(
+    prepared: pd.DataFrame, classes: tuple[str, ...], near: pd.DataFrame, candidates: int, threshold: float
+) -> dict[str, int | float]:
     stats: dict[str, int | float] = {}
     counts = prepared.groupby(["split", "label"]).size()
     for split in formats.SPLITS:
         stats[f"{split}/images"] = int((prepared["split"] == split).sum())
         stats.update({f"{split}/per_class/{formats.metric_key(c)}": int(counts.get((split, c), 0)) for c in classes})
-    for split, other in NEAR_DUPLICATE_PAIRS:
+    colourful = colour_images(prepared, threshold)
+    stats["colour/channels"] = 3 if len(colourful) else 1
+    stats["colour/colour_images"] = len(colourful)
+    grey_in_rgb = (prepared["mode"] == "RGB") & (prepared["colourfulness"] < threshold)
+    stats["colour/grey_images_in_rgb_files"] = int(grey_in_rgb.sum())
+    stats["near_duplicates/phash_candidates"] = candidates  # pairs checked on pixels
+    for split, other in duplicates.PAIRS:
         found = int(((near["split"] == split) & (near["nearest_split"] == other)).sum()) if len(near) else 0
         stats[f"near_duplicates/{split}_in_{other}"] = found
         stats[f"near_duplicates/{split}_in_{other}_fraction"] = round(found / max(stats[f"{split}/images"], 1), 6)
@@ -257,15 +262,19 @@ def main(argv: list[str] | None = None) -> None:
             )
         source = sources.open_source(data_params)  # no fetch: ingest read these files
         prepared = prepare_manifest(manifest, params)
-        near = near_duplicates(prepared, params.near_duplicate_distance)
         with files.atomic_dir(args.out) as tmp:
             write_splits(tmp, prepared, classes, source, params, parallel.worker_count())
+            stored = lambda split: np.load(tmp / f"{split}_images.npy", mmap_mode="r")  # noqa: E731
+            near, candidates = duplicates.find(
+                prepared, stored, params.near_duplicate_distance, params.near_duplicate_min_correlation
+            )
             files.write_json(tmp / "classes.json", list(classes))
             files.write_json(tmp / "dataset.json", {**dataset, "preprocessing": preprocessing(prepared, params)})
             formats.write_table(tmp / "manifest.csv", prepared)
             formats.write_table(tmp / "near_duplicates.csv", near)
+        print(colour_decision(prepared, params.colour_threshold))
         run.set_tags({"dataset_sha256": dataset["sha256"], "data_source": dataset["source"]})
-        run.log_summary(statistics(prepared, classes, near))
+        run.log_summary(statistics(prepared, classes, near, candidates, params.colour_threshold))
         run.log_timing({"prepare_seconds": time.perf_counter() - started})
         run.log_artifact(args.out / "manifest.csv", "prepared")
         run.log_artifact(args.out / "near_duplicates.csv", "prepared")

@@ -215,8 +215,20 @@ def test_fit_square_gives_the_training_shape(resize):
         assert (out[0] == images.ALPHA_BACKGROUND).all()  # bars above and below
     if resize == "crop":
         assert out.mean() > 200  # the bright centre fills the crop
-    with pytest.raises(ValueError, match="cannot become 1 channel"):
-        images.fit_square(np.zeros((10, 10, 3), np.uint8), 16, 1, resize)
+    grey_rgb = np.repeat(wide[..., None], 3, axis=2)  # grey pixels in an RGB file: stored as one channel, exactly
+    np.testing.assert_array_equal(images.fit_square(grey_rgb, 16, 1, resize), out)
+
+
+def test_colourfulness_is_zero_for_grey_pixels_in_any_mode_and_high_for_photos():
+    import skimage.data
+
+    grey = skimage.data.camera()
+    assert images.colourfulness(grey) == 0.0
+    assert images.colourfulness(np.repeat(grey[..., None], 3, axis=2)) == 0.0
+    buffer = io.BytesIO()
+    Image.fromarray(grey).convert("RGB").save(buffer, "JPEG", quality=75)  # grey saved as an RGB JPEG
+    assert images.colourfulness(np.asarray(Image.open(buffer).convert("RGB"))) < 1
+    assert images.colourfulness(skimage.data.chelsea()) > 30 and images.colourfulness(skimage.data.coffee()) > 60
 
 
 def test_load_for_model_is_what_prepare_stores(tmp_path):

@@ -26,8 +26,11 @@ if TYPE_CHECKING:
 
 SPLITS = ("train", "val", "test")
 # source_split: the split the source fixes ("" if none); mode: L or RGB after conversion;
-# file_mode: the file's own (CMYK, I;16, P...); phash: perceptual hash, 16 hex digits.
-MANIFEST_COLUMNS = ("path", "label", "source_split", "sha256", "width", "height", "mode", "file_mode", "phash")
+# file_mode: the file's own (CMYK, I;16, P...); phash: perceptual hash, 16 hex digits;
+# colourfulness: images.colourfulness of the pixels (0 for grey ones, also in an RGB file).
+MANIFEST_COLUMNS = (
+    "path", "label", "source_split", "sha256", "width", "height", "mode", "file_mode", "phash", "colourfulness",
+)  # fmt: skip
 _TEXT_COLUMNS = ("path", "label", "source_split", "sha256", "mode", "file_mode", "phash", "split")
 
 
