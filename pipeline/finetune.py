@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 from pipeline import cli, config, tracking
 from pipeline.config import check
 from pipeline.data import formats
-from pipeline.frameworks import card
+from pipeline.frameworks import card, shapes
 from pipeline.frameworks.interface import RuntimeParams
 from pipeline.frameworks.recipe import FitParams, FitResult
 from pipeline.frameworks.torch import model as torch_model
@@ -30,7 +31,9 @@ class FinetuneParams(FitParams):
     backbone: str = pretrained.PACKAGE_BACKBONE  # 'timm:<name>' or 'torchvision:<name>'
     weights: str = pretrained.PACKAGE_WEIGHTS  # the package, 'hub', 'none' or a local file
     weights_sha256: str = pretrained.PACKAGE_SHA256  # '' skips the check (hub weights)
-    input_size: int = 32  # the backbone's input side; images are resized inside the model
+    # the backbone's input side, resized inside the model; auto: its pretrained resolution, at
+    # most 4x the stored side (frameworks.shapes.pretrained_input_size)
+    input_size: int | Literal["auto"] = "auto"
     dropout: float = 0.2
     head_epochs: int = 2
     head_lr: float = 1.0e-2
@@ -38,7 +41,8 @@ class FinetuneParams(FitParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(16 <= self.input_size <= 1024, "input_size", f"must be in 16..1024, got {self.input_size}")
+        size = self.input_size
+        check(size == "auto" or 16 <= size <= 1024, "input_size", f"must be 'auto' or in 16..1024, got {size}")
         check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.head_epochs >= 0, "head_epochs", f"must be >= 0, got {self.head_epochs}")
         check(0 < self.head_lr <= 10, "head_lr", f"must be in (0, 10], got {self.head_lr}")
@@ -48,13 +52,15 @@ class FinetuneParams(FitParams):
         torch_model.parse_backbone(self.backbone)  # fail at start-up on a malformed spec
 
 
-def model_args(p: FinetuneParams, train: formats.Split) -> dict:
+def model_args(p: FinetuneParams, train: formats.Split, pretrained_size: int = 224) -> dict:
+    """`pretrained_size`: the backbone's pretrained resolution (`torch_model.pretrained_resolution`)."""
+    auto = shapes.pretrained_input_size(train.image_size, pretrained_size)
     return {
         "backbone": p.backbone,
         "num_classes": train.num_classes,
         "in_channels": train.channels,
         "image_size": train.image_size,
-        "input_size": p.input_size,
+        "input_size": auto if p.input_size == "auto" else p.input_size,
         "dropout": p.dropout,
         "mean": torch_model.IMAGENET_MEAN,
         "std": torch_model.IMAGENET_STD,
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     backend = TorchBackend(rt, p.seed)  # seeds, threads, deterministic kernels, device
     train_set, val_set = formats.load_split(args.data, "train"), formats.load_split(args.data, "val")
     net, weights_sha256 = pretrained.load_pretrained(p.backbone, p.weights, p.weights_sha256)
-    margs = model_args(p, train_set)
+    margs = model_args(p, train_set, torch_model.pretrained_resolution(net))
     model = torch_model.PretrainedCNN(**margs, net=net)
     with tracking.stage_run("finetune", {"finetune": p, "runtime": rt}, live_dir=args.live) as run:
         run.set_tags({**backend.describe(), **formats.dataset_tags(args.data), "weights_sha256": weights_sha256})

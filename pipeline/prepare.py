@@ -38,7 +38,9 @@ from pipeline.data.sources.candidates import Item
 @dataclass(frozen=True)
 class PrepareParams:
     seed: int = 0
-    image_size: int = 32
+    # the stored side: 'auto' keeps small images at their native size and photos large enough
+    # for a 224-px backbone with room for random crops (see stored_size)
+    image_size: int | Literal["auto"] = "auto"
     resize: Literal["stretch", "crop", "pad"] = "stretch"  # how non-square images become square
     val_fraction: float = 0.15  # shares of the whole dataset
     test_fraction: float = 0.15
@@ -47,7 +49,8 @@ class PrepareParams:
     colour_threshold: float = 10.0  # colourfulness (images.colourfulness) from which an image counts as colour
 
     def __post_init__(self) -> None:
-        check(8 <= self.image_size <= 1024, "image_size", f"must be in 8..1024 pixels, got {self.image_size}")
+        size = self.image_size
+        check(size == "auto" or 8 <= size <= 1024, "image_size", f"must be 'auto' or in 8..1024 pixels, got {size}")
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             check(0 < value < 1, name, f"must be between 0 and 1 (exclusive), got {value}")
@@ -58,6 +61,19 @@ class PrepareParams:
         check(0 <= distance <= 64, "near_duplicate_distance", f"must be in 0..64 bits, got {distance}")
         check(0 < correlation <= 1, "near_duplicate_min_correlation", f"must be in (0, 1], got {correlation}")
         check(self.colour_threshold > 0, "colour_threshold", f"must be > 0, got {self.colour_threshold}")
+
+
+AUTO_MAX_SIZE = 256  # photos are stored no larger: enough for a 224-px backbone and its random crops
+
+
+def stored_size(manifest: pd.DataFrame, image_size: int | str) -> int:
+    """The side every image is stored at: `image_size`, or for 'auto' the median image's
+    shorter side (an image's own size: 8 for the digits, 28 for MNIST, 180 for the pets),
+    at most AUTO_MAX_SIZE and at least 8."""
+    if image_size != "auto":
+        return int(image_size)
+    shorter = np.minimum(manifest["width"].to_numpy(), manifest["height"].to_numpy())
+    return int(min(AUTO_MAX_SIZE, max(8, np.percentile(shorter, 50, method="lower"))))
 
 
 def split_rank(seed: int, pixel_sha256: str) -> str:
@@ -150,17 +166,18 @@ def _crashed(task: Task) -> str:
 def write_splits(
     out: Path, prepared: pd.DataFrame, classes: tuple[str, ...], source: Source, params: PrepareParams, workers: int
 ) -> None:
-    """`<split>_images.npy` and `<split>_labels.npy` for every split, filled in parallel."""
+    """`<split>_images.npy` (at `stored_size`) and `<split>_labels.npy` for every split, filled in parallel."""
+    size = stored_size(prepared, params.image_size)
     channels = channels_of(prepared, params.colour_threshold)
     class_index = {name: i for i, name in enumerate(classes)}
     tasks: list[Task] = []
     for split in formats.SPLITS:
         rows = prepared[prepared["split"] == split]
-        shape = (len(rows), params.image_size, params.image_size, channels)
+        shape = (len(rows), size, size, channels)
         np.lib.format.open_memmap(out / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=shape).flush()
         np.save(out / f"{split}_labels.npy", rows["label"].map(class_index).to_numpy(np.int64))
         tasks += [(source.item(r.path, r.label, r.source_split), r.sha256, split, r.index) for r in rows.itertuples()]
-    target = Target(source, out, params.image_size, channels, params.resize)
+    target = Target(source, out, size, channels, params.resize)
     errors = [e for e in parallel.map_batches(_fill_batch, tasks, _crashed, workers, 1024, _use_target, (target,)) if e]
     if errors:
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
@@ -201,7 +218,7 @@ def preprocessing(prepared: pd.DataFrame, params: PrepareParams) -> dict:
     records the colour decision and the (at most five most colourful) images that forced it."""
     colourful = colour_images(prepared, params.colour_threshold)
     return {
-        "image_size": params.image_size,
+        "image_size": stored_size(prepared, params.image_size),
         "channels": 3 if len(colourful) else 1,
         "colour": {
             "threshold": params.colour_threshold,
@@ -225,13 +242,15 @@ def prepare_manifest(manifest: pd.DataFrame, params: PrepareParams) -> pd.DataFr
 
 
 def statistics(
-    prepared: pd.DataFrame, classes: tuple[str, ...], near: pd.DataFrame, candidates: int, threshold: float
+    prepared: pd.DataFrame, classes: tuple[str, ...], near: pd.DataFrame, candidates: int, threshold: float,
+    image_size: int,
 ) -> dict[str, int | float]:
     stats: dict[str, int | float] = {}
     counts = prepared.groupby(["split", "label"]).size()
     for split in formats.SPLITS:
         stats[f"{split}/images"] = int((prepared["split"] == split).sum())
         stats.update({f"{split}/per_class/{formats.metric_key(c)}": int(counts.get((split, c), 0)) for c in classes})
+    stats["image_size"] = image_size
     colourful = colour_images(prepared, threshold)
     stats["colour/channels"] = 3 if len(colourful) else 1
     stats["colour/colour_images"] = len(colourful)
@@ -273,8 +292,10 @@ def main(argv: list[str] | None = None) -> None:
             formats.write_table(tmp / "manifest.csv", prepared)
             formats.write_table(tmp / "near_duplicates.csv", near)
         print(colour_decision(prepared, params.colour_threshold))
+        size = stored_size(prepared, params.image_size)
+        print(f"prepare: images stored at {size} x {size} px (prepare.image_size: {params.image_size})")
         run.set_tags({"dataset_sha256": dataset["sha256"], "data_source": dataset["source"]})
-        run.log_summary(statistics(prepared, classes, near, candidates, params.colour_threshold))
+        run.log_summary(statistics(prepared, classes, near, candidates, params.colour_threshold, size))
         run.log_timing({"prepare_seconds": time.perf_counter() - started})
         run.log_artifact(args.out / "manifest.csv", "prepared")
         run.log_artifact(args.out / "near_duplicates.csv", "prepared")

@@ -19,7 +19,7 @@ import numpy as np
 from pipeline import cli, config, tracking
 from pipeline.config import check
 from pipeline.data import formats
-from pipeline.frameworks import card, registry
+from pipeline.frameworks import card, registry, shapes
 from pipeline.frameworks.interface import RuntimeParams
 from pipeline.frameworks.recipe import FitParams
 
@@ -27,13 +27,20 @@ from pipeline.frameworks.recipe import FitParams
 @dataclass(frozen=True)
 class TrainParams(FitParams):
     framework: Literal["torch", "keras"] = "torch"  # keras: the same network and recipe in Keras 3 on TensorFlow
+    # the side the network runs at, resized inside it; auto: the stored side within 16..64 px
+    input_size: int | Literal["auto"] = "auto"
+    width: int = 32  # the first block's channels; each pooling block doubles them, up to 256
+    head: Literal["gap", "flatten"] = "gap"  # global average pooling, or the textbook flattened feature map
     dropout: float = 0.3
     batch_norm: bool = True
-    conv3: bool = True  # the optional third conv block (128 filters)
+    conv3: bool = True  # the final conv block, which does not pool
     hidden: int = 128
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        size = self.input_size
+        check(size == "auto" or 8 <= size <= 1024, "input_size", f"must be 'auto' or in 8..1024, got {size}")
+        check(1 <= self.width <= 256, "width", f"must be in 1..256, got {self.width}")
         check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.hidden >= 1, "hidden", f"must be at least 1, got {self.hidden}")
 
@@ -65,6 +72,9 @@ def model_args(p: TrainParams, train: formats.Split) -> dict:
         "num_classes": train.num_classes,
         "in_channels": train.channels,
         "image_size": train.image_size,
+        "input_size": shapes.scratch_input_size(train.image_size) if p.input_size == "auto" else p.input_size,
+        "width": p.width,
+        "head": p.head,
         "conv3": p.conv3,
         "batch_norm": p.batch_norm,
         "dropout": p.dropout,

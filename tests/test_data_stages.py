@@ -204,7 +204,7 @@ def test_resized_re_encoded_and_brightened_copies_are_near_duplicates_and_distin
     ]
     assert (near["correlation"] > 0.99).all() and checked >= 3
     frame = frame.assign(label="a", mode="RGB", colourfulness=40.0)
-    stats = prepare.statistics(frame, ("a",), near, checked, threshold=10.0)
+    stats = prepare.statistics(frame, ("a",), near, checked, threshold=10.0, image_size=48)
     assert stats["near_duplicates/test_in_train"] == 2
     assert stats["near_duplicates/test_in_train_fraction"] == round(2 / 3, 6)
     assert stats["near_duplicates/val_in_train"] == stats["near_duplicates/test_in_val"] == 1
@@ -264,3 +264,16 @@ def test_data_stages_run_without_importing_torch(workdir, repo_root):
     assert done.returncode == 0, done.stderr
     assert "heavy imports: []" in done.stdout
     assert (workdir / "prep" / "train_images.npy").is_file()
+
+
+def test_auto_stores_small_images_at_their_own_size_and_photos_at_most_256_px():
+    def frame(sizes):
+        return pd.DataFrame({"width": [w for w, _ in sizes], "height": [h for _, h in sizes]})
+
+    assert prepare.stored_size(frame([(8, 8)] * 5), "auto") == 8  # the digits
+    assert prepare.stored_size(frame([(28, 28)] * 5), "auto") == 28
+    assert prepare.stored_size(frame([(180, 180), (500, 375), (640, 480), (120, 90), (4000, 3000)]), "auto") == 256
+    assert prepare.stored_size(frame([(180, 180), (200, 150), (120, 90)]), "auto") == 150  # the median shorter side
+    assert prepare.stored_size(frame([(4000, 3000)]), 96) == 96  # a number wins
+    with pytest.raises(ConfigError, match="image_size: must be 'auto' or in 8..1024"):
+        PrepareParams(image_size=4)

@@ -208,3 +208,26 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="runtime.device is 'cuda' but torch sees no CUDA device"):
         runtime.configure(RuntimeParams(device="cuda"))
+
+
+def test_random_crop_flip_keeps_the_shape_and_is_seeded():
+    x = torch.rand(8, 3, 32, 32)
+    a = recipe.random_crop_flip(x, 0.35, torch.Generator().manual_seed(1))
+    b = recipe.random_crop_flip(x, 0.35, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.allclose(a, x)
+    ramp = torch.linspace(0, 1, 32).expand(64, 1, 32, 32)  # brighter to the right
+    out = recipe.random_crop_flip(ramp, 0.35, torch.Generator().manual_seed(2))
+    steps = out[:, 0, 16].diff(dim=-1)  # along each crop's middle row
+    rising, falling = (steps >= -1e-6).all(1), (steps <= 1e-6).all(1)
+    assert (rising | falling).all()  # a crop of a ramp is a ramp, mirrored or not
+    assert 16 <= int(falling.sum()) <= 48  # about half are flipped
+    flat = torch.full((4, 1, 16, 16), 0.5)
+    assert torch.allclose(recipe.random_crop_flip(flat, 0.35, torch.Generator()), flat)
+
+
+def test_augment_auto_crops_and_flips_photos_and_shifts_small_images():
+    from pipeline.frameworks.recipe import augmentation
+
+    assert augmentation(FitParams(), 180) == "crop_flip" and augmentation(FitParams(), 8) == "shift"
+    assert augmentation(FitParams(augment_shift=0), 16) == "none"
+    assert augmentation(FitParams(augment="shift"), 180) == "shift"

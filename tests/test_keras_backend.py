@@ -83,6 +83,19 @@ if check == "unit":
     out["trainable"], out["torch_params"] = sum(int(np.prod(v.shape)) for v in model.trainable_weights), torch_params
     out["output"] = list(model.output.shape[1:])
     out["bounds"] = torch_bounds, [float(np.abs(l.kernel.numpy()).max()) for l in model.layers if hasattr(l, "kernel")]
+    # a photo-sized network: box averaging and bilinear resizing inside, four pooling blocks, gap head
+    photo = {**args, "in_channels": 3, "image_size": 90, "input_size": 64, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    out["photo_params"] = [
+        sum(q.numel() for q in torch_model.ScratchCNN(**photo).parameters()),
+        sum(int(np.prod(v.shape)) for v in kb_model.build_scratch_cnn(**photo).trainable_weights),
+    ]
+    ramp = tf.broadcast_to(tf.reshape(tf.linspace(0.0, 1.0, 32), (1, 1, 32, 1)), (64, 32, 32, 1))
+    crops, _ = kb_recipe.crop_flip_batch(tf.constant(0, tf.int64), (ramp, tf.zeros(64)), 0.35, 7)
+    again, _ = kb_recipe.crop_flip_batch(tf.constant(0, tf.int64), (ramp, tf.zeros(64)), 0.35, 7)
+    steps = np.diff(crops.numpy()[:, 16, :, 0], axis=1)
+    out["crops"] = {"shape": list(crops.shape), "same": bool(np.array_equal(crops, again)),
+                    "ramps": bool(((steps >= -1e-5).all(1) | (steps <= 1e-5).all(1)).all()),
+                    "flipped": int((steps <= 1e-5).all(1).sum())}
     try:
         kb_backend.configure(0, 1, "cuda")
     except ConfigError as exc:
@@ -118,6 +131,9 @@ def test_keras_builds_torchs_network_with_torchs_schedules_and_optimizers(repo_r
             name, out["keras_steps"][name], expected,
         )
     assert out["trainable"] == out["torch_params"]  # layer for layer the same parameters
+    assert out["photo_params"][0] == out["photo_params"][1]  # and at photo sizes, where the blocks deepen
+    assert out["crops"]["shape"] == [64, 32, 32, 1] and out["crops"]["same"] and out["crops"]["ramps"]
+    assert 16 <= out["crops"]["flipped"] <= 48  # random resized crops, about half of them mirrored
     assert out["output"] == [10]
     torch_bounds, keras_bounds = out["bounds"]  # torch's initial weight scale, layer by layer
     assert len(keras_bounds) == len(torch_bounds) and np.allclose(keras_bounds, torch_bounds, rtol=0.05)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pipeline import files
+from pipeline.frameworks import shapes
 from pipeline.frameworks.torch import model as torch_model
 from pipeline.frameworks.torch import weights
 
@@ -178,3 +179,32 @@ def test_frozen_layers_get_no_gradient_and_their_batch_norm_stays_in_eval_mode(l
     trainable = [p.requires_grad for p in model.net.parameters()]
     assert trainable[-1] and not trainable[0]
     assert model.net.bn2.training  # the unfrozen top trains its batch norm
+
+
+def test_the_gap_head_does_not_grow_with_the_image_and_the_flatten_head_does():
+    def head_inputs(size: int, head: str) -> int:
+        net = torch_model.ScratchCNN(num_classes=2, in_channels=3, image_size=size, head=head)
+        return net.classifier[-4].in_features  # the first dense layer's input
+
+    assert head_inputs(32, "gap") == head_inputs(64, "gap") == 256
+    assert head_inputs(64, "flatten") == 256 * 4 * 4 and head_inputs(16, "flatten") == 128 * 4 * 4
+    assert shapes.pooled_blocks(16) == 2 and shapes.pooled_blocks(64) == 4 and shapes.pooled_blocks(8) == 2
+    photo_cnn = torch_model.ScratchCNN(num_classes=4, in_channels=3, image_size=180, input_size=64)
+    logits = photo_cnn(torch.rand(2, 3, 180, 180))
+    assert logits.shape == (2, 4)
+
+
+def test_models_resize_inside_with_box_averaging_before_bilinear():
+    image = torch.rand(1, 3, 180, 180)
+    resize = torch_model.Resize(180, 64)  # 180 -> 2x2 boxes -> 90 -> bilinear 64
+    assert (resize.pool, resize.bilinear) == (2, True)
+    expected = nn.functional.interpolate(nn.functional.avg_pool2d(image, 2), size=(64, 64), mode="bilinear")
+    assert torch.allclose(resize(image), expected)
+    assert torch.equal(torch_model.Resize(16, 16)(image), image)
+    flat = torch.full((1, 1, 8, 8), 0.25)
+    assert torch.allclose(torch_model.Resize(8, 64)(flat), torch.full((1, 1, 64, 64), 0.25))
+
+
+def test_auto_input_sizes_follow_the_stored_images():
+    assert [shapes.scratch_input_size(s) for s in (8, 28, 180)] == [16, 28, 64]
+    assert [shapes.pretrained_input_size(s, 224) for s in (8, 28, 32, 180, 256)] == [64, 128, 128, 224, 224]

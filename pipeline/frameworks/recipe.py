@@ -35,7 +35,11 @@ class FitParams:
     warmup_fraction: float = 0.25  # onecycle: share of steps spent rising to lr
     label_smoothing: float = 0.1
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
-    augment_shift: int = 2  # random translation of up to this many pixels; 0 turns it off
+    # auto: crop_flip for photos (stored at 64 px or more), shift for small images such as
+    # digits and text, where a flip can change the class (see `augmentation`)
+    augment: Literal["auto", "shift", "crop_flip", "none"] = "auto"
+    augment_shift: int = 2  # shift: random translation of up to this many pixels
+    crop_scale: float = 0.35  # crop_flip: the smallest share of the image's area a crop keeps
     early_stopping_patience: int = 5  # epochs without a better val loss; 0 turns it off
     channels_last: bool = True
 
@@ -49,8 +53,22 @@ class FitParams:
         check(0 <= self.label_smoothing < 1, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
         check(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
         check(self.augment_shift >= 0, "augment_shift", f"must be >= 0 (0 = off), got {self.augment_shift}")
+        check(0 < self.crop_scale <= 1, "crop_scale", f"must be in (0, 1], got {self.crop_scale}")
         patience = self.early_stopping_patience
         check(patience >= 0, "early_stopping_patience", f"must be >= 0 (0 = off), got {patience}")
+
+
+PHOTO_SIZE = 64  # augment auto: images stored at least this large are photos
+
+
+def augmentation(p: FitParams, image_size: int) -> str:
+    """The augmentation `p.augment` means for images stored at `image_size`: random resized
+    crops and horizontal flips for photos, shifts for small images (a flipped 2 or b is
+    another class); 'none' where the chosen one is switched off."""
+    mode = p.augment
+    if mode == "auto":
+        mode = "crop_flip" if image_size >= PHOTO_SIZE else "shift"
+    return "none" if mode == "shift" and not p.augment_shift else mode
 
 
 @dataclass

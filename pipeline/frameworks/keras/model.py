@@ -1,7 +1,7 @@
 """The scratch CNN in Keras, layer for layer torch's `ScratchCNN`, and its `.keras` file.
 
-conv 32 -> pool -> conv 64 -> pool [-> conv 128] -> dense hidden -> dropout -> dense classes,
-batch norm with torch's momentum and epsilon, torch's initial weight scale.
+The blocks follow the input size (`frameworks.shapes`), with a global-average-pooled or a
+flattened head; batch norm with torch's momentum and epsilon, torch's initial weight scale.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.frameworks import shapes
 from pipeline.frameworks.interface import INPUT_NAME
 
 if TYPE_CHECKING:
@@ -25,33 +26,48 @@ def build_scratch_cnn(
     num_classes: int,
     in_channels: int = 1,
     image_size: int = 32,
+    input_size: int | None = None,
+    width: int = 32,
     conv3: bool = True,
     batch_norm: bool = True,
     dropout: float = 0.3,
     hidden: int = 128,
+    head: str = "gap",
     mean: tuple[float, ...] = (0.5,),
     std: tuple[float, ...] = (0.5,),
 ) -> keras.Model:
-    """`frameworks.torch.model.ScratchCNN` in Keras: float [0, 1] NHWC in, logits out, normalisation inside."""
+    """`frameworks.torch.model.ScratchCNN` in Keras, block for block (`shapes`): float [0, 1]
+    NHWC in, logits out, resizing and normalisation inside."""
     import keras
     from keras import layers
 
+    input_size = input_size or image_size
     inputs = keras.Input((image_size, image_size, in_channels), name=INPUT_NAME)
+    x = inputs
+    pool, bilinear = shapes.resize_steps(image_size, input_size)
+    if pool > 1:
+        x = layers.AveragePooling2D(pool, name="shrink")(x)
+    if bilinear:  # half-pixel centres, as torch's align_corners=False
+        x = layers.Resizing(input_size, input_size, interpolation="bilinear", name="resize")(x)
     # (x - mean) / std as constants, not Normalization's variables: tf2onnx left those as graph inputs
     scale = np.array([1 / s for s in std], np.float32)
-    x = layers.Rescaling(scale=scale, offset=-np.array(mean, np.float32) * scale, name="normalize")(inputs)
-    widths = [32, 64, 128] if conv3 else [32, 64]
-    for i, width in enumerate(widths):
-        fan_in = (in_channels if i == 0 else widths[i - 1]) * 9
-        x = layers.Conv2D(width, 3, padding="same", use_bias=not batch_norm, name=f"conv{i + 1}", **torch_init(fan_in))(
-            x
-        )
+    x = layers.Rescaling(scale=scale, offset=-np.array(mean, np.float32) * scale, name="normalize")(x)
+    channels = in_channels
+    for i, (out, pools) in enumerate(shapes.scratch_blocks(input_size, width, conv3)):
+        init = torch_init(channels * 9)
+        x = layers.Conv2D(out, 3, padding="same", use_bias=not batch_norm, name=f"conv{i + 1}", **init)(x)
         if batch_norm:
             x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"bn{i + 1}")(x)
         x = layers.ReLU()(x)
-        if i < 2:
+        if pools:
             x = layers.MaxPooling2D(2)(x)
-    x = layers.Flatten()(x)  # (h, w, c) order where torch's is (c, h, w): a fixed permutation of the next weights
+        channels = out
+    if head == "gap":
+        x = layers.GlobalAveragePooling2D(name="gap")(x)
+    elif head == "flatten":
+        x = layers.Flatten()(x)  # (h, w, c) order where torch's is (c, h, w): a fixed permutation of the next weights
+    else:
+        raise ValueError(f"head {head!r}: expected 'gap' or 'flatten'")
     x = layers.Dense(hidden, activation="relu", name="hidden", **torch_init(x.shape[-1]))(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     logits = layers.Dense(num_classes, name="logits", **torch_init(hidden))(x)

@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.data.formats import Split
 from pipeline.frameworks.interface import float_batches
-from pipeline.frameworks.recipe import FitParams, FitResult, fit_epochs
+from pipeline.frameworks.recipe import FitParams, FitResult, augmentation, fit_epochs
 
 if TYPE_CHECKING:
     import keras
@@ -118,8 +118,11 @@ def train_batches(split: Split, p: FitParams, seed: int) -> Any:
     # a known cardinality: Keras knows where the epoch ends
     ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(len(order) / p.batch_size)))
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y))
-    if p.augment_shift:
+    mode = augmentation(p, split.image_size)
+    if mode == "shift":
         ds = ds.enumerate().map(lambda i, xy: shift_batch(i, xy, p.augment_shift, seed))
+    elif mode == "crop_flip":
+        ds = ds.enumerate().map(lambda i, xy: crop_flip_batch(i, xy, p.crop_scale, seed))
     return ds.prefetch(1)
 
 
@@ -138,6 +141,25 @@ def shift_batch(index, batch, s: int, seed: int):
     cols = offsets[:, 1:] + tf.range(w)[None]  # (N, W)
     x = tf.gather(padded, rows, axis=1, batch_dims=1)
     return tf.gather(x, cols, axis=2, batch_dims=1), y
+
+
+def crop_flip_batch(index, batch, min_scale: float, seed: int):
+    """torch's random_crop_flip in TensorFlow: random resized crops (area share in
+    [min_scale, 1], aspect ratio in [3/4, 4/3]), half of them flipped left-right, drawn from
+    (seed, batch index) only."""
+    import tensorflow as tf
+
+    x, y = batch
+    n, side = tf.shape(x)[0], tf.shape(x)[1]
+    u = tf.random.stateless_uniform([n, 5], seed=tf.stack([tf.constant(seed, tf.int64), index]), dtype=tf.float32)
+    area = min_scale + (1 - min_scale) * u[:, 0]
+    ratio = tf.exp((2 * u[:, 1] - 1) * math.log(4 / 3))
+    w, h = tf.minimum(tf.sqrt(area * ratio), 1.0), tf.minimum(tf.sqrt(area / ratio), 1.0)
+    left, top = u[:, 2] * (1 - w), u[:, 3] * (1 - h)
+    flip = u[:, 4] < 0.5
+    x1, x2 = tf.where(flip, left + w, left), tf.where(flip, left, left + w)  # x1 > x2: crop_and_resize flips
+    boxes = tf.stack([top, x1, top + h, x2], axis=1)
+    return tf.image.crop_and_resize(x, boxes, tf.range(n), tf.stack([side, side])), y
 
 
 def fit(

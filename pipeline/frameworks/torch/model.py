@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.frameworks import shapes
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -46,41 +48,75 @@ def _conv_block(cin: int, cout: int, batch_norm: bool) -> list[nn.Module]:
     return layers
 
 
+class Resize(nn.Module):
+    """(N, C, s, s) -> (N, C, t, t) inside the model, so every export resizes the same way
+    (`shapes.resize_steps`: box averaging when shrinking 2x or more, then bilinear)."""
+
+    def __init__(self, image_size: int, input_size: int) -> None:
+        super().__init__()
+        self.pool, self.bilinear = shapes.resize_steps(image_size, input_size)
+        self.size = input_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool > 1:
+            x = F.avg_pool2d(x, self.pool)
+        if self.bilinear:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return x
+
+
 class ScratchCNN(nn.Module):
-    """conv 32 -> pool -> conv 64 -> pool [-> conv 128] -> dense 128 -> dropout -> dense classes."""
+    """resize -> [conv -> pool] x n, widths doubling from `width` -> [conv] -> head -> classes.
+
+    n = shapes.pooled_blocks(input_size): two at 16 px, four at 64. The head is `gap` (global average
+    pooling -> dense hidden -> dropout -> dense classes: its size does not depend on the image)
+    or the textbook `flatten` (the feature map flattened into the dense layer)."""
 
     def __init__(
         self,
         num_classes: int,
         in_channels: int = 1,
         image_size: int = 32,
-        conv3: bool = True,
+        input_size: int | None = None,  # the side the network runs at; None: image_size
+        width: int = 32,
+        conv3: bool = True,  # the final conv block, which does not pool
         batch_norm: bool = True,
         dropout: float = 0.3,
         hidden: int = 128,
+        head: str = "gap",
         mean: tuple[float, ...] = (0.5,),
         std: tuple[float, ...] = (0.5,),
     ) -> None:
         super().__init__()
+        input_size = input_size or image_size
+        self.resize = Resize(image_size, input_size)
         self.normalize = Normalize(mean, std)
-        layers = [*_conv_block(in_channels, 32, batch_norm), nn.MaxPool2d(2)]
-        layers += [*_conv_block(32, 64, batch_norm), nn.MaxPool2d(2)]
-        width = 64
-        if conv3:
-            layers += _conv_block(64, 128, batch_norm)
-            width = 128
+        layers: list[nn.Module] = []
+        channels, side = in_channels, input_size
+        for out, pools in shapes.scratch_blocks(input_size, width, conv3):
+            layers += _conv_block(channels, out, batch_norm)
+            if pools:
+                layers.append(nn.MaxPool2d(2))
+                side //= 2
+            channels = out
         self.features = nn.Sequential(*layers)
-        side = image_size // 4
+        if head == "gap":
+            pool: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]  # (N, C, h, w) -> (N, C)
+            features = channels
+        elif head == "flatten":
+            pool, features = [nn.Flatten()], channels * side * side  # (N, C, h, w) -> (N, C * h * w)
+        else:
+            raise ValueError(f"head {head!r}: expected 'gap' or 'flatten'")
         self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(width * side * side, hidden),  # (N, width * side^2) -> (N, hidden)
+            *pool,
+            nn.Linear(features, hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(self.normalize(x)))
+        return self.classifier(self.features(self.normalize(self.resize(x))))
 
 
 def parse_backbone(spec: str) -> tuple[str, str]:
@@ -114,6 +150,13 @@ def create_backbone(spec: str, hub_weights: bool = False) -> nn.Module:
             f"backbone {spec!r}: could not fetch hub weights ({exc}); with no network, download "
             "the weights elsewhere and set finetune.weights to the local file"
         ) from exc
+
+
+def pretrained_resolution(net: nn.Module) -> int:
+    """The input side a backbone was trained at: timm's pretrained config, else ImageNet's 224."""
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size") or cfg.get("test_input_size") or (3, 224, 224)
+    return int(size[-1])
 
 
 def head_name(net: nn.Module) -> str:
@@ -150,8 +193,7 @@ class PretrainedCNN(nn.Module):
     ) -> None:
         super().__init__()
         self.expand = in_channels == 1
-        self.resize = input_size != image_size
-        self.input_size = input_size
+        self.resize = Resize(image_size, input_size)
         self.normalize = Normalize(mean, std)
         self.net = net if net is not None else create_backbone(backbone)
         replace_head(self.net, num_classes, dropout)
@@ -160,9 +202,7 @@ class PretrainedCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.expand:
             x = x.expand(-1, 3, -1, -1)  # (N, 1, H, W) -> (N, 3, H, W), a view
-        if self.resize:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        return self.net(self.normalize(x))
+        return self.net(self.normalize(self.resize(x)))
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.net.get_submodule(self.head).parameters())

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.formats import Split
-from pipeline.frameworks.recipe import FitParams, FitResult, fit_epochs
+from pipeline.frameworks.recipe import FitParams, FitResult, augmentation, fit_epochs
 
 if TYPE_CHECKING:
     from pipeline.tracking import StageRun
@@ -96,6 +96,24 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     return padded.gather(3, cols)  # (N, C, H, W)
 
 
+def random_crop_flip(x: torch.Tensor, min_scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Inception-style random resized crops, each flipped left-right with probability 1/2, at
+    the input's own size: a crop keeps a share of the area in [min_scale, 1] at an aspect
+    ratio in [3/4, 4/3], resampled bilinearly by one batched affine grid."""
+    n = x.shape[0]
+    u = torch.rand((n, 5), generator=generator, dtype=torch.float64)  # drawn on the CPU: the same on any device
+    area = min_scale + (1 - min_scale) * u[:, 0]
+    ratio = torch.exp((2 * u[:, 1] - 1) * math.log(4 / 3))
+    w, h = torch.sqrt(area * ratio).clamp(max=1), torch.sqrt(area / ratio).clamp(max=1)  # shares of each side
+    theta = torch.zeros((n, 2, 3), dtype=torch.float64)
+    theta[:, 0, 0] = w * torch.where(u[:, 4] < 0.5, -1.0, 1.0)
+    theta[:, 0, 2] = (2 * u[:, 2] - 1) * (1 - w)  # the crop's centre, in [-1, 1] image coordinates
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = (2 * u[:, 3] - 1) * (1 - h)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
     """Index batches over range(n), shuffled when a generator is given."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
@@ -150,8 +168,11 @@ def train_one_epoch(
     correct = torch.zeros((), device=device, dtype=torch.long)
     for idx in batches(len(labels), p.batch_size, generator):
         x = images.take(idx)
-        if p.augment_shift:
+        mode = augmentation(p, x.shape[-1])
+        if mode == "shift":
             x = random_shift(x, p.augment_shift, generator)
+        elif mode == "crop_flip":
+            x = random_crop_flip(x, p.crop_scale, generator)
         y = labels[idx].to(device, non_blocking=True)
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=p.label_smoothing)
