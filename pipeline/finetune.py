@@ -1,10 +1,12 @@
 """Fine-tune a pretrained ImageNet backbone with a new head, in two phases.
 
-Phase 1 trains only the new head at `head_lr`; phase 2 unfreezes the top `unfreeze_fraction`
-of the backbone and trains it with the head at the lower `lr`. Frozen BatchNorm layers stay in
-eval mode throughout. Reads the prepared train/val splits and the backbone weights; writes the
-model folder (`models/finetune/`), its metrics and curves (`dvclive/finetune/`). PyTorch
-only: the backbones are timm's and torchvision's.
+Phase 1 trains only the new head at `head_lr`, on the frozen backbone's features computed once;
+phase 2 unfreezes the top `unfreeze_fraction` of the backbone and trains it with the head at the
+lower `lr`, each unit further from the head at `layer_decay` times the rate of the one above.
+BatchNorm statistics update in the unfrozen layers (`batch_norm: frozen` keeps ImageNet's in
+all). Reads the prepared train/val splits and the backbone weights; writes the model folder
+(`models/finetune/`), its metrics and curves (`dvclive/finetune/`). PyTorch only: the backbones
+are timm's and torchvision's.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 from pipeline import cli, config, tracking
 from pipeline.config import check
 from pipeline.data import formats
 from pipeline.frameworks import card, shapes
 from pipeline.frameworks.interface import RuntimeParams
-from pipeline.frameworks.recipe import FitParams, FitResult
+from pipeline.frameworks.recipe import PHOTO_SIZE, FitParams, FitResult, augmentation
 from pipeline.frameworks.torch import model as torch_model
 from pipeline.frameworks.torch import recipe
 from pipeline.frameworks.torch import weights as pretrained  # `weights` is a FinetuneParams field
@@ -37,7 +41,11 @@ class FinetuneParams(FitParams):
     dropout: float = 0.2
     head_epochs: int = 2
     head_lr: float = 1.0e-2
-    unfreeze_fraction: float = 0.2  # share of backbone parameter tensors, from the top
+    # share of backbone parameter tensors trained in phase 2, from the top; auto: all of them for
+    # small images (digits look nothing like ImageNet photos), the top 30% for photos
+    unfreeze_fraction: float | Literal["auto"] = "auto"
+    layer_decay: float = 1.0  # phase 2: each backbone unit below the head learns at this times the one above
+    batch_norm: Literal["train", "frozen"] = "train"  # frozen: all BatchNorm layers keep ImageNet's statistics
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -46,7 +54,9 @@ class FinetuneParams(FitParams):
         check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
         check(self.head_epochs >= 0, "head_epochs", f"must be >= 0, got {self.head_epochs}")
         check(0 < self.head_lr <= 10, "head_lr", f"must be in (0, 10], got {self.head_lr}")
-        check(0 <= self.unfreeze_fraction <= 1, "unfreeze_fraction", f"must be in [0, 1], got {self.unfreeze_fraction}")
+        share = self.unfreeze_fraction
+        check(share == "auto" or 0 <= share <= 1, "unfreeze_fraction", f"must be 'auto' or in [0, 1], got {share}")
+        check(0 < self.layer_decay <= 1, "layer_decay", f"must be in (0, 1], got {self.layer_decay}")
         check(self.weights != "", "weights", f"must name weights: '{pretrained.PACKAGE_WEIGHTS}', 'hub', "
                                              "'none' or a file path")
         torch_model.parse_backbone(self.backbone)  # fail at start-up on a malformed spec
@@ -72,16 +82,49 @@ def finetune(
     device, generator, run: tracking.StageRun | None,
 ) -> list[FitResult]:
     """Both phases; curves continue across them so one plot shows the whole run."""
+    model.freeze_batch_norm = p.batch_norm == "frozen"
     results = []
     if p.head_epochs:
-        model.set_trainable(0.0)
-        head = dataclasses.replace(p, epochs=p.head_epochs, lr=p.head_lr)
-        results.append(recipe.fit(model, train, val, head, device, generator, run, desc="finetune head"))
-    if p.epochs and p.unfreeze_fraction > 0:
-        model.set_trainable(p.unfreeze_fraction)
+        results.append(fit_head(model, train, val, p, device, generator, run))
+    share = unfreeze_share(p, train.image_size)
+    if p.epochs and share > 0:
+        model.set_trainable(share)
         first = results[0].epochs_run if results else 0
-        results.append(recipe.fit(model, train, val, p, device, generator, run, first_epoch=first, desc="finetune top"))
+        groups = model.param_groups(p.lr, p.layer_decay)
+        results.append(recipe.fit(model, train, val, p, device, generator, run, first_epoch=first,
+                                  desc="finetune top", param_groups=groups, keep_start=True))  # fmt: skip
     return results
+
+
+PHOTO_UNFREEZE = 0.3  # unfreeze_fraction auto for photos
+
+
+def unfreeze_share(p: FinetuneParams, image_size: int) -> float:
+    """unfreeze_fraction, with auto resolved by the stored size as augment auto is: photos
+    (PHOTO_SIZE px or more) adapt the top PHOTO_UNFREEZE of the backbone, small images all of it."""
+    if p.unfreeze_fraction != "auto":
+        return float(p.unfreeze_fraction)
+    return PHOTO_UNFREEZE if image_size >= PHOTO_SIZE else 1.0
+
+
+def fit_head(
+    model: torch_model.PretrainedCNN, train: formats.Split, val: formats.Split, p: FinetuneParams,
+    device, generator, run: tracking.StageRun | None,
+) -> FitResult:
+    """Phase 1, a linear probe: the frozen backbone's pooled features of the (unaugmented)
+    images are computed once, and the new head alone trains on them for `head_epochs` epochs:
+    one forward pass of the backbone instead of one an epoch."""
+    model.set_trainable(0.0)
+    model.to(device, memory_format=torch.channels_last if p.channels_last else torch.preserve_format)
+    size = max(p.batch_size, 256)
+    with model.head_removed() as head:
+        features = [recipe.predict_logits(model, s.images, device, size, p.channels_last) for s in (train, val)]
+    # (N, F) features: no image augmentation, no channels_last (a 4-D layout)
+    q = dataclasses.replace(p, epochs=p.head_epochs, lr=p.head_lr, augment="none", channels_last=False)
+    train_x, val_x = (recipe.Images(f.to(device), device, channels_last=False) for f in features)
+    labels = recipe.labels_on(train, device), recipe.labels_on(val, device)
+    return recipe.fit_inputs(head, train_x, labels[0], val_x, labels[1], q, device, generator, run,
+                             desc="finetune head")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,6 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     model = torch_model.PretrainedCNN(**margs, net=net)
     with tracking.stage_run("finetune", {"finetune": p, "runtime": rt}, live_dir=args.live) as run:
         run.set_tags({**backend.describe(), **formats.dataset_tags(args.data), "weights_sha256": weights_sha256})
+        chosen = {"augment": augmentation(p, train_set.image_size), "input_size": str(margs["input_size"]),
+                  "unfreeze_fraction": str(unfreeze_share(p, train_set.image_size))}  # fmt: skip
+        print(f"{run.stage}: input {margs['input_size']} px (input_size: {p.input_size}), augment {chosen['augment']}")
+        run.set_tags(chosen)  # what auto chose, beside the params
         started = time.perf_counter()
         results = finetune(model, train_set, val_set, p, backend.device, backend.generator, run)
         seconds = time.perf_counter() - started

@@ -208,3 +208,29 @@ def test_models_resize_inside_with_box_averaging_before_bilinear():
 def test_auto_input_sizes_follow_the_stored_images():
     assert [shapes.scratch_input_size(s) for s in (8, 28, 180)] == [16, 28, 64]
     assert [shapes.pretrained_input_size(s, 224) for s in (8, 28, 32, 180, 256)] == [64, 128, 128, 224, 224]
+
+
+def test_the_fine_tune_recipe_parts_features_depth_rates_and_frozen_statistics(lite0):
+    import copy
+
+    model = torch_model.PretrainedCNN(
+        weights.PACKAGE_BACKBONE, num_classes=3, in_channels=3, image_size=64, input_size=64, net=copy.deepcopy(lite0),
+    ).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with model.head_removed() as head, torch.no_grad():
+        features = model(x)  # (N, 1280): what the head reads
+    assert features.shape == (2, 1280)
+    with torch.no_grad():
+        assert torch.allclose(head(features), model(x), atol=1e-6)  # the head restored, on those features
+
+    units = model.depth_units()
+    assert len(units) == 11  # conv_stem, bn1, the 7 stages of blocks, conv_head, bn2
+    model.set_trainable(1.0)
+    groups = model.param_groups(1e-3, 0.5)
+    assert [g["lr"] for g in groups[-3:]] == [1e-3 * 0.25, 1e-3 * 0.5, 1e-3]  # bn2, then the head
+    assert groups[0]["lr"] == 1e-3 * 0.5**11 and sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+    model.freeze_batch_norm = True
+    model.train()
+    assert not any(m.training for m in model.net.modules() if isinstance(m, nn.BatchNorm2d))
+    assert model.net.conv_stem.weight.requires_grad  # frozen statistics, not frozen weights

@@ -88,11 +88,15 @@ def fit_epochs(
     run: StageRun | None = None,
     first_epoch: int = 0,
     desc: str = "train",
+    start: tuple[float, float] = (math.inf, 0.0),
 ) -> FitResult:
     """Up to p.epochs of `run_epoch(epoch)`, which trains one epoch and returns its metrics
     (train/loss, train/acc, val/loss, val/acc, lr); stops early after p.early_stopping_patience
-    epochs without a lower val/loss, and `restore`s the weights `snapshot` took at the best one."""
-    result = FitResult(best_epoch=-1, best_val_loss=math.inf, best_val_acc=0.0, epochs_run=0)
+    epochs without a lower val/loss, and `restore`s the weights `snapshot` took at the best one.
+
+    `start` is the (val loss, val acc) of the weights before the first epoch, when known (a
+    fine-tune's head phase): an epoch must beat it, or those weights come back (best_epoch -1)."""
+    result = FitResult(best_epoch=-1, best_val_loss=start[0], best_val_acc=start[1], epochs_run=0)
     best = snapshot()
     bar = tqdm(range(p.epochs), desc=desc, unit="epoch", dynamic_ncols=True)
     for epoch in bar:

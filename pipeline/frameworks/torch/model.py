@@ -11,8 +11,10 @@ Pretrained weights are read in `weights`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +200,7 @@ class PretrainedCNN(nn.Module):
         self.net = net if net is not None else create_backbone(backbone)
         replace_head(self.net, num_classes, dropout)
         self.head = head_name(self.net).rpartition(".")[0]  # the new Sequential(Dropout, Linear)
+        self.freeze_batch_norm = False  # the recipe's: every backbone BatchNorm keeps its statistics
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.expand:
@@ -222,11 +225,52 @@ class PretrainedCNN(nn.Module):
         if mode:
             # BatchNorm whose weights are frozen keeps its ImageNet running statistics:
             # updating them on a few small batches would shift the features the head learns on.
+            # With freeze_batch_norm every BatchNorm keeps them (its scale and shift may still
+            # learn): batch statistics of a few dozen images are too noisy to replace ImageNet's.
             for module in self.net.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    if not any(p.requires_grad for p in module.parameters()):
+                    if self.freeze_batch_norm or not any(p.requires_grad for p in module.parameters()):
                         module.eval()
         return self
+
+    @contextlib.contextmanager
+    def head_removed(self) -> Iterator[nn.Module]:
+        """The model without its new head, so that it outputs the pooled features (N, F) the
+        head reads; yields the head."""
+        parent_name, _, attr = self.head.rpartition(".")
+        parent = self.net.get_submodule(parent_name) if parent_name else self.net
+        head = getattr(parent, attr)
+        setattr(parent, attr, nn.Identity())
+        try:
+            yield head
+        finally:
+            setattr(parent, attr, head)
+
+    def depth_units(self) -> list[list[nn.Parameter]]:
+        """The backbone's parameters by depth, input first: each top-level module a unit, and
+        each stage of a stack of stages (timm's `blocks`, torchvision's `features`) its own."""
+        head = {id(p) for p in self.head_parameters()}
+        units = []
+        for child in self.net.children():
+            stack = isinstance(child, nn.Sequential | nn.ModuleList) and len(child) > 1
+            for part in child.children() if stack else [child]:
+                params = [p for p in part.parameters() if id(p) not in head]
+                if params:
+                    units.append(params)
+        return units
+
+    def param_groups(self, lr: float, layer_decay: float) -> list[dict]:
+        """Optimizer groups of the trainable parameters: the head at `lr`, the backbone unit
+        just below it at lr * layer_decay, the next at lr * layer_decay^2... (discriminative
+        rates: the more generic the features, the less they move). The head's group is last."""
+        groups = []
+        units = self.depth_units()
+        for depth, params in enumerate(reversed(units), start=1):
+            trainable = [p for p in params if p.requires_grad]
+            if trainable:
+                groups.append({"params": trainable, "lr": lr * layer_decay**depth})
+        groups.reverse()
+        return [*groups, {"params": self.head_parameters(), "lr": lr}]
 
 
 ARCHS: dict[str, type[nn.Module]] = {"scratch_cnn": ScratchCNN, "pretrained_cnn": PretrainedCNN}

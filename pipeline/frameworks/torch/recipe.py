@@ -120,7 +120,8 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None) -> Itera
     yield from order.split(batch_size)
 
 
-def make_optimizer(params: list[nn.Parameter], p: FitParams) -> torch.optim.Optimizer:
+def make_optimizer(params: list[nn.Parameter] | list[dict], p: FitParams) -> torch.optim.Optimizer:
+    """`params`: the trainable tensors, or param groups each with its own "lr" (layer-wise rates)."""
     if p.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay, nesterov=p.momentum > 0
@@ -135,9 +136,10 @@ def make_scheduler(
 ) -> torch.optim.lr_scheduler.LRScheduler:
     total = p.epochs * steps_per_epoch
     if p.schedule == "onecycle":
+        peaks = [group["lr"] for group in optimizer.param_groups]  # p.lr, or each group's own (layer-wise)
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
-            max_lr=p.lr,
+            max_lr=peaks if len(peaks) > 1 else p.lr,
             total_steps=total,
             pct_start=p.warmup_fraction,
             cycle_momentum=p.optimizer == "sgd",
@@ -236,18 +238,47 @@ def fit(
     run: StageRun | None = None,
     first_epoch: int = 0,
     desc: str = "train",
+    param_groups: list[dict] | None = None,
+    keep_start: bool = False,
 ) -> FitResult:
-    """Train for up to p.epochs, early-stop on val loss and restore the best weights."""
+    """Train for up to p.epochs, early-stop on val loss and restore the best weights. With
+    `keep_start`, the weights it starts from count as epoch -1: an epoch must beat their val
+    loss, or they come back (a fine-tune's second phase never ends worse than its first)."""
     model.to(device, memory_format=torch.channels_last if p.channels_last else torch.preserve_format)
     train_x, val_x = Images(train.images, device, p.channels_last), Images(val.images, device, p.channels_last)
-    train_y = torch.from_numpy(np.asarray(train.labels, dtype=np.int64)).to(device)
-    val_y = torch.from_numpy(np.asarray(val.labels, dtype=np.int64)).to(device)
-    params = [q for q in model.parameters() if q.requires_grad]
+    train_y, val_y = labels_on(train, device), labels_on(val, device)
+    start = evaluate(model, val_x, val_y, device, p) if keep_start else (math.inf, 0.0)
+    return fit_inputs(model, train_x, train_y, val_x, val_y, p, device, generator, run, first_epoch, desc,
+                      param_groups, start)  # fmt: skip
+
+
+def labels_on(split: Split, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(split.labels, dtype=np.int64)).to(device)
+
+
+def fit_inputs(
+    model: nn.Module,
+    train_x: Images,
+    train_y: torch.Tensor,
+    val_x: Images,
+    val_y: torch.Tensor,
+    p: FitParams,
+    device: torch.device,
+    generator: torch.Generator,
+    run: StageRun | None = None,
+    first_epoch: int = 0,
+    desc: str = "train",
+    param_groups: list[dict] | None = None,
+    start: tuple[float, float] = (math.inf, 0.0),
+) -> FitResult:
+    """`fit` on inputs already held as `Images`: a split's images, or (N, F) features that a
+    frozen backbone computed once (the fine-tune's head phase)."""
+    params = param_groups or [q for q in model.parameters() if q.requires_grad]
     optimizer = make_optimizer(params, p)
     scheduler = make_scheduler(optimizer, p, math.ceil(len(train_y) / p.batch_size))
 
     def run_epoch(epoch: int) -> dict[str, float]:
-        lr = optimizer.param_groups[0]["lr"]
+        lr = optimizer.param_groups[-1]["lr"]  # the head's (the last group), or the only one
         train_loss, train_acc = train_one_epoch(model, train_x, train_y, optimizer, scheduler, p, device, generator)
         val_loss, val_acc = evaluate(model, val_x, val_y, device, p)
         return {"train/loss": train_loss, "train/acc": train_acc, "val/loss": val_loss, "val/acc": val_acc, "lr": lr}
@@ -255,4 +286,4 @@ def fit(
     def snapshot() -> dict[str, torch.Tensor]:
         return copy.deepcopy(model.state_dict())
 
-    return fit_epochs(p, run_epoch, snapshot, model.load_state_dict, run, first_epoch, desc)
+    return fit_epochs(p, run_epoch, snapshot, model.load_state_dict, run, first_epoch, desc, start)

@@ -1,0 +1,90 @@
+"""Benchmark: the pipeline on a folder of real photos with the default params.
+
+    python -m bench.photos                                   # ../shared/datasets/pets
+    python -m bench.photos --folder PATH [--set train.epochs=5 ...]
+
+Runs the real `dvc repro` in a temporary copy of the repository with only `data.source: folder`
+and `data.folder` changed (plus any `--set key=value`), as a new user would, and reports what
+the stages chose (stored size, input sizes, augmentation, channels), the test accuracy of both
+models and each stage's time. Targets (issue 10, on the pets photos on this 2-core machine):
+fine-tune >= 0.97, scratch >= 0.80, whole run <= 10 minutes. Results go to stdout and
+bench/results/photos.md; nothing here is asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+from bench import REPO, report
+from bench.pipeline import bench_env, copy_repo
+
+PETS = REPO.parent / "shared" / "datasets" / "pets"
+
+
+def set_params(repo: Path, changes: dict[str, str]) -> None:
+    yaml = YAML()  # round-trip: the comments stay
+    path = repo / "params.yaml"
+    params = yaml.load(path.read_text())
+    for key, value in changes.items():
+        section, name = key.split(".", 1)
+        params[section][name] = YAML(typ="safe", pure=True).load(value)
+    with path.open("w") as f:
+        yaml.dump(params, f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", type=Path, default=PETS)
+    parser.add_argument("--set", action="append", default=[], help="section.key=value, as dvc exp run -S")
+    args = parser.parse_args()
+    if not args.folder.is_dir():
+        sys.exit(f"{args.folder}: no such folder (the pets photos live in ../shared/datasets/pets)")
+    import mlflow
+
+    changes = {"data.source": "folder", "data.folder": str(args.folder.resolve())}
+    changes.update(dict(item.split("=", 1) for item in args.set))
+    with tempfile.TemporaryDirectory(prefix="bench-photos-") as tmp:
+        repo = Path(tmp)
+        copy_repo(repo)
+        set_params(repo, changes)
+        env = bench_env(repo)
+        mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()  # the schema: not the pipeline's cost
+        started = time.perf_counter()
+        done = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
+        total = time.perf_counter() - started
+        if done.returncode:
+            sys.exit(f"dvc repro failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+        acc = {m: json.loads((repo / f"dvclive/evaluate/{m}/metrics.json").read_text())["test"]["acc"]
+               for m in ("scratch", "finetune")}  # fmt: skip
+        prepared = json.loads((repo / "dvclive/prepare/metrics.json").read_text())
+        cards = {m: json.loads((repo / f"models/{m}/model.json").read_text())["model_args"] for m in acc}
+        client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+        runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id],
+                                  order_by=["start_time ASC"])  # fmt: skip
+        tags = {r.info.run_name: r.data.tags for r in runs}
+    lines = [
+        f"- data: `{args.folder}`; params changed: {', '.join(f'`{k}={v}`' for k, v in changes.items())}",
+        f"- stored at {prepared['image_size']} px, {prepared['colour']['channels']} channel(s); "
+        f"scratch CNN at {cards['scratch']['input_size']} px (augment {tags['train'].get('augment')}), "
+        f"fine-tune at {cards['finetune']['input_size']} px (augment {tags['finetune'].get('augment')})",
+        f"- test accuracy: fine-tune **{acc['finetune']:.4f}** (target 0.97), scratch **{acc['scratch']:.4f}** "
+        "(target 0.80)",
+        f"- whole `dvc repro`: **{total / 60:.1f} min** (target: 10)",
+        "",
+        "| stage | in-process s |",
+        "|---|---|",
+        *(f"| {r.info.run_name} | {r.data.metrics.get('time/stage_seconds', float('nan')):.1f} |" for r in runs),
+    ]
+    report("Real photos, default params", lines, "photos")
+
+
+if __name__ == "__main__":
+    main()
