@@ -251,3 +251,17 @@ def test_unfreeze_auto_adapts_the_whole_backbone_for_small_images_and_the_top_fo
 
     assert unfreeze_share(FinetuneParams(), 8) == 1.0 and unfreeze_share(FinetuneParams(), 180) == 0.3
     assert unfreeze_share(FinetuneParams(unfreeze_fraction=0.5), 180) == 0.5
+
+
+def test_tiny_training_sets_get_a_one_cycle_schedule_torch_can_run():
+    from pipeline.frameworks.recipe import schedule
+
+    assert schedule(FitParams(), 300) == ("onecycle", 0.25)
+    assert schedule(FitParams(), 4) == ("onecycle", 0.375) and schedule(FitParams(), 3)[0] == "constant"
+    for steps_per_epoch in (1, 2, 3):  # 2 to 6 steps in all: OneCycleLR divided by zero at 4 before
+        p = FitParams(epochs=2)
+        optimizer = recipe.make_optimizer([nn.Parameter(torch.zeros(1))], p)
+        scheduler = recipe.make_scheduler(optimizer, p, steps_per_epoch)
+        for _ in range(2 * steps_per_epoch):
+            optimizer.step()
+            scheduler.step()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from conftest import TINY_PARAMS, digit_folder, run
 
@@ -159,3 +160,64 @@ def test_the_keras_framework_runs_as_an_experiment_and_reruns_byte_identically(t
     assert "keras" in json.dumps(loss) and "HEAD" in json.dumps(loss)  # both runs' curves in one plot
     tags = {(r.data.tags.get("dvc_exp_name"), r.data.tags["stage"]): r.data.tags for r in mlflow_runs(repo)}
     assert tags[("keras", "train")]["framework"] == "keras" and "tensorflow" in tags[("keras", "train")]
+
+
+def photo_folder(root: Path, per_class: int = 12) -> None:
+    """Two classes of small colour photos: distinct crops of scikit-image's cat and coffee."""
+    import skimage.data
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("chelsea", "coffee"):
+        photo = Image.fromarray(getattr(skimage.data, name)())
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            side = int(rng.integers(160, 280))
+            left, top = int(rng.integers(0, photo.width - side)), int(rng.integers(0, photo.height - side))
+            crop = photo.crop((left, top, left + side, top + side)).resize((96, 96))
+            crop.save(root / name / f"{i:03d}.jpg", quality=90)
+
+
+MODELS = ("scratch", "finetune")
+PHOTO_PARAMS = """\
+runtime: {threads: 2, device: cpu}
+data: {source: folder, folder: data/sources/photos, root: data/sources}
+prepare: {seed: 0}
+train: {framework: torch, seed: 0, epochs: 2, batch_size: 8}
+finetune: {seed: 0, head_epochs: 1, epochs: 1, batch_size: 8}
+evaluate: {batch_size: 64}
+export: {opset: 18, batch_size: 64}
+"""
+
+
+def test_photos_take_the_photo_paths_and_rerun_byte_identically(tmp_path_factory, repo_root, _migrated_store):
+    """A small colour photo folder with the auto defaults: stored at its own 96 px, crops and
+    flips, the scratch CNN at 64 px and the fine-tune at 224; `dvc repro -f` gives the same lock."""
+    repo = tmp_path_factory.mktemp("photos")
+    listed = subprocess.run(["git", "ls-files"], cwd=repo_root, capture_output=True, text=True, check=True)
+    for rel in listed.stdout.split():
+        if rel.startswith(("pipeline/", ".dvc/", "data/sources/")) or rel in {"dvc.yaml", ".dvcignore", ".gitignore"}:
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(repo_root / rel, repo / rel)
+    photo_folder(repo / "data" / "sources" / "photos")
+    (repo / "params.yaml").write_text(PHOTO_PARAMS)
+    shutil.copy(_migrated_store, repo / "mlflow.db")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "photos"]):
+        run(cmd, repo, env)
+    run(["dvc", "repro"], repo, env)
+    first = (repo / "dvc.lock").read_text()
+    run(["dvc", "repro", "-f"], repo, env)
+    assert (repo / "dvc.lock").read_text() == first  # every model, export, metric and plot
+
+    prepared = json.loads((repo / "dvclive/prepare/metrics.json").read_text())
+    assert prepared["image_size"] == 96 and prepared["colour"]["channels"] == 3
+    cards = {m: json.loads((repo / f"models/{m}/model.json").read_text())["model_args"] for m in MODELS}
+    assert cards["scratch"]["input_size"] == 64 and cards["scratch"]["head"] == "gap"
+    assert cards["finetune"]["input_size"] == 224
+    tags = {r.data.tags["stage"]: r.data.tags for r in mlflow_runs(repo)}
+    assert tags["train"]["augment"] == "crop_flip" and tags["finetune"]["unfreeze_fraction"] == "0.3"
+    for model in ("scratch", "finetune"):
+        parity = json.loads((repo / f"dvclive/export/{model}/metrics.json").read_text())
+        assert parity["onnx"]["max_abs_diff"] < 1e-4 and parity["torchscript"]["top1_agreement"] == 1.0

@@ -61,6 +61,19 @@ class FitParams:
 PHOTO_SIZE = 64  # augment auto: images stored at least this large are photos
 
 
+def schedule(p: FitParams, total_steps: int) -> tuple[str, float]:
+    """(kind, warm-up share) that both frameworks' schedulers run for `total_steps` steps. The
+    one-cycle's two phases need a step or more each (torch's OneCycleLR divides by their
+    length): on a tiny training set the warm-up grows to 1.5 steps, and under 4 steps in all
+    the rate stays constant."""
+    if p.schedule != "onecycle":
+        return p.schedule, p.warmup_fraction
+    if total_steps < 4:
+        return "constant", p.warmup_fraction
+    edge = 1.5 / total_steps
+    return "onecycle", min(max(p.warmup_fraction, edge), 1 - edge)
+
+
 def augmentation(p: FitParams, image_size: int) -> str:
     """The augmentation `p.augment` means for images stored at `image_size`: random resized
     crops and horizontal flips for photos, shifts for small images (a flipped 2 or b is

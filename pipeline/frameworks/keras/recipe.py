@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.data.formats import Split
 from pipeline.frameworks.interface import float_batches
-from pipeline.frameworks.recipe import FitParams, FitResult, augmentation, fit_epochs
+from pipeline.frameworks.recipe import FitParams, FitResult, augmentation, fit_epochs, schedule
 
 if TYPE_CHECKING:
     import keras
@@ -37,7 +37,8 @@ def learning_rate(p: FitParams, total_steps: int) -> Any:
         def get_config(self) -> dict:
             return {"kind": self.kind, "peak": self.peak, "total": self.total, "warmup": self.warmup}
 
-    return TorchSchedule(p.schedule, p.lr, total_steps, p.warmup_fraction)
+    kind, warmup = schedule(p, total_steps)
+    return TorchSchedule(kind, p.lr, total_steps, warmup)
 
 
 def schedule_value(kind: str, peak: float, total: int, warmup: float, step):
@@ -181,9 +182,10 @@ def fit(
 
     model.compile(optimizer=optimizer, loss=loss, metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")])
     val_labels = np.asarray(val.labels, np.int64)
+    kind, warmup = schedule(p, p.epochs * steps)
 
     def run_epoch(epoch: int) -> dict[str, float]:
-        lr = float(schedule_value(p.schedule, p.lr, p.epochs * steps, p.warmup_fraction, epoch * steps))
+        lr = float(schedule_value(kind, p.lr, p.epochs * steps, warmup, epoch * steps))
         # a pipeline per epoch, seeded by (seed, epoch): its order and shifts differ every epoch
         train_ds = train_batches(train, p, p.seed * 1_000_003 + epoch)
         logs = model.fit(train_ds, epochs=epoch + 1, initial_epoch=epoch, verbose=0, shuffle=False).history

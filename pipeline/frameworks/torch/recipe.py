@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.formats import Split
-from pipeline.frameworks.recipe import FitParams, FitResult, augmentation, fit_epochs
+from pipeline.frameworks.recipe import FitParams, FitResult, augmentation, fit_epochs, schedule
 
 if TYPE_CHECKING:
     from pipeline.tracking import StageRun
@@ -135,16 +135,17 @@ def make_scheduler(
     optimizer: torch.optim.Optimizer, p: FitParams, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     total = p.epochs * steps_per_epoch
-    if p.schedule == "onecycle":
+    kind, warmup = schedule(p, total)
+    if kind == "onecycle":
         peaks = [group["lr"] for group in optimizer.param_groups]  # p.lr, or each group's own (layer-wise)
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=peaks if len(peaks) > 1 else p.lr,
             total_steps=total,
-            pct_start=p.warmup_fraction,
+            pct_start=warmup,
             cycle_momentum=p.optimizer == "sgd",
         )
-    if p.schedule == "cosine":
+    if kind == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
