@@ -157,7 +157,9 @@ print("torch modules loaded:", sorted(m for m in sys.modules if m == "torch" or 
 
 def test_the_keras_stages_train_evaluate_and_export_with_parity(tmp_path, repo_root, prepared):
     """train, evaluate and export as DVC runs them, with train.framework: keras."""
-    (tmp_path / "params.yaml").write_text(TINY_PARAMS.replace("framework: torch", "framework: keras"))
+    # four epochs: the global-average-pooled head needs more than two to pass 0.9 here (0.88 after two)
+    keras_params = TINY_PARAMS.replace("framework: torch", "framework: keras").replace("epochs: 2,", "epochs: 4,")
+    (tmp_path / "params.yaml").write_text(keras_params)
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
     # the three stages in one process, through the entry point dvc.yaml runs: a keras run never imports torch
     done = run([sys.executable, "-c", KERAS_STAGES, str(prepared)], tmp_path, env)
@@ -169,9 +171,9 @@ def test_the_keras_stages_train_evaluate_and_export_with_parity(tmp_path, repo_r
     assert sorted(p.name for p in (tmp_path / "models/scratch").iterdir()) == ["model.json", "model.keras"]
     trained = json.loads((tmp_path / "dvclive/train/metrics.json").read_text())
     loss_rows = (tmp_path / "dvclive/train/plots/metrics/val/loss.tsv").read_text().splitlines()
-    assert trained["epochs_run"] == 2 and len(loss_rows) == 3
+    assert trained["epochs_run"] == 4 and len(loss_rows) == 5
     tested = json.loads((tmp_path / "dvclive/evaluate/scratch/metrics.json").read_text())["test"]
-    assert tested["acc"] > 0.9  # two epochs on the tiny split already learn the digits
+    assert tested["acc"] > 0.9  # four epochs on the tiny split already learn the digits
 
     parity = json.loads((tmp_path / "dvclive/export/scratch/metrics.json").read_text())
     assert set(parity) == {"savedmodel", "tflite", "tflite_int8", "onnx"}
