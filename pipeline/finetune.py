@@ -138,10 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     model = torch_model.PretrainedCNN(**margs, net=net)
     with tracking.stage_run("finetune", {"finetune": p, "runtime": rt}, live_dir=args.live) as run:
         run.set_tags({**backend.describe(), **formats.dataset_tags(args.data), "weights_sha256": weights_sha256})
-        chosen = {"augment": augmentation(p, train_set.image_size), "input_size": str(margs["input_size"]),
-                  "unfreeze_fraction": str(unfreeze_share(p, train_set.image_size))}  # fmt: skip
-        print(f"{run.stage}: input {margs['input_size']} px (input_size: {p.input_size}), augment {chosen['augment']}")
-        run.set_tags(chosen)  # what auto chose, beside the params
+        run.log_choices({"input_size": margs["input_size"], "augment": augmentation(p, train_set.image_size),
+                         "unfreeze_fraction": unfreeze_share(p, train_set.image_size)})  # fmt: skip
         started = time.perf_counter()
         results = finetune(model, train_set, val_set, p, backend.device, backend.generator, run)
         seconds = time.perf_counter() - started

@@ -76,6 +76,28 @@ def stored_size(manifest: pd.DataFrame, image_size: int | str) -> int:
     return int(min(AUTO_MAX_SIZE, max(8, np.percentile(shorter, 50, method="lower"))))
 
 
+@dataclass(frozen=True)
+class Storage:
+    """How prepare stores the dataset, decided once from the manifest and the params."""
+
+    size: int  # every image's side
+    channels: int  # 3 when one image is colourful, else 1
+    colourful: pd.DataFrame  # the images that reach the colour threshold, most colourful first
+    grey_in_rgb: int  # RGB files whose pixels stay under the threshold
+    threshold: float
+
+
+def decide_storage(prepared: pd.DataFrame, params: PrepareParams) -> Storage:
+    """Size and channels by content, not file mode: one colourful image makes the dataset RGB;
+    grey pixels saved in RGB files (digits as RGB JPEGs, scans) keep it one channel."""
+    threshold = params.colour_threshold
+    colourful = prepared[prepared["colourfulness"] >= threshold]
+    colourful = colourful.sort_values(["colourfulness", "path"], ascending=[False, True], kind="stable")
+    grey_in_rgb = int(((prepared["mode"] == "RGB") & (prepared["colourfulness"] < threshold)).sum())
+    channels = 3 if len(colourful) else 1
+    return Storage(stored_size(prepared, params.image_size), channels, colourful, grey_in_rgb, threshold)
+
+
 def split_rank(seed: int, pixel_sha256: str) -> str:
     return hashlib.sha256(f"{seed}:{pixel_sha256}".encode()).hexdigest()
 
@@ -164,11 +186,11 @@ def _crashed(task: Task) -> str:
 
 
 def write_splits(
-    out: Path, prepared: pd.DataFrame, classes: tuple[str, ...], source: Source, params: PrepareParams, workers: int
+    out: Path, prepared: pd.DataFrame, classes: tuple[str, ...], source: Source, params: PrepareParams,
+    storage: Storage, workers: int,
 ) -> None:
-    """`<split>_images.npy` (at `stored_size`) and `<split>_labels.npy` for every split, filled in parallel."""
-    size = stored_size(prepared, params.image_size)
-    channels = channels_of(prepared, params.colour_threshold)
+    """`<split>_images.npy` (as `storage` decides) and `<split>_labels.npy` for every split, filled in parallel."""
+    size, channels = storage.size, storage.channels
     class_index = {name: i for i, name in enumerate(classes)}
     tasks: list[Task] = []
     for split in formats.SPLITS:
@@ -188,40 +210,28 @@ def write_splits(
         )
 
 
-def colour_images(prepared: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    """The images whose colourfulness reaches `threshold`, most colourful first."""
-    colourful = prepared[prepared["colourfulness"] >= threshold]
-    return colourful.sort_values(["colourfulness", "path"], ascending=[False, True], kind="stable")
-
-
-def channels_of(prepared: pd.DataFrame, threshold: float) -> int:
-    """By content, not file mode: one colourful image makes the dataset RGB; grey pixels saved
-    in RGB files (digits as RGB JPEGs, scans) keep it one channel."""
-    return 3 if len(colour_images(prepared, threshold)) else 1
-
-
-def colour_decision(prepared: pd.DataFrame, threshold: float) -> str:
+def colour_decision(prepared: pd.DataFrame, storage: Storage) -> str:
     """One line for the stage's log: the channels chosen, and why."""
-    colourful = colour_images(prepared, threshold)
-    grey_rgb = int(((prepared["mode"] == "RGB") & (prepared["colourfulness"] < threshold)).sum())
+    colourful, threshold = storage.colourful, storage.threshold
     if len(colourful):
         examples = ", ".join(f"{r.path} ({r.colourfulness:g})" for r in colourful.head(3).itertuples())
         return (f"prepare: RGB: {len(colourful)} of {len(prepared)} images reach colourfulness "
                 f"{threshold:g} (prepare.colour_threshold), the most colourful {examples}")  # fmt: skip
     most = prepared.sort_values("colourfulness", ascending=False, kind="stable").iloc[0]
     return (f"prepare: grey, one channel: no image reaches colourfulness {threshold:g} "
-            f"(the most colourful: {most.path}, {most.colourfulness:g}); {grey_rgb} RGB files hold grey pixels")
+            f"(the most colourful: {most.path}, {most.colourfulness:g}); "
+            f"{storage.grey_in_rgb} RGB files hold grey pixels")
 
 
-def preprocessing(prepared: pd.DataFrame, params: PrepareParams) -> dict:
+def preprocessing(storage: Storage, params: PrepareParams) -> dict:
     """How a file becomes a training array; exports copy it so serving does the same. It
     records the colour decision and the (at most five most colourful) images that forced it."""
-    colourful = colour_images(prepared, params.colour_threshold)
+    colourful = storage.colourful
     return {
-        "image_size": stored_size(prepared, params.image_size),
-        "channels": 3 if len(colourful) else 1,
+        "image_size": storage.size,
+        "channels": storage.channels,
         "colour": {
-            "threshold": params.colour_threshold,
+            "threshold": storage.threshold,
             "colour_images": len(colourful),
             "most_colourful": [
                 {"path": r.path, "colourfulness": r.colourfulness} for r in colourful.head(5).itertuples()
@@ -242,20 +252,17 @@ def prepare_manifest(manifest: pd.DataFrame, params: PrepareParams) -> pd.DataFr
 
 
 def statistics(
-    prepared: pd.DataFrame, classes: tuple[str, ...], near: pd.DataFrame, candidates: int, threshold: float,
-    image_size: int,
+    prepared: pd.DataFrame, classes: tuple[str, ...], near: pd.DataFrame, candidates: int, storage: Storage
 ) -> dict[str, int | float]:
     stats: dict[str, int | float] = {}
     counts = prepared.groupby(["split", "label"]).size()
     for split in formats.SPLITS:
         stats[f"{split}/images"] = int((prepared["split"] == split).sum())
         stats.update({f"{split}/per_class/{formats.metric_key(c)}": int(counts.get((split, c), 0)) for c in classes})
-    stats["image_size"] = image_size
-    colourful = colour_images(prepared, threshold)
-    stats["colour/channels"] = 3 if len(colourful) else 1
-    stats["colour/colour_images"] = len(colourful)
-    grey_in_rgb = (prepared["mode"] == "RGB") & (prepared["colourfulness"] < threshold)
-    stats["colour/grey_images_in_rgb_files"] = int(grey_in_rgb.sum())
+    stats["image_size"] = storage.size
+    stats["colour/channels"] = storage.channels
+    stats["colour/colour_images"] = len(storage.colourful)
+    stats["colour/grey_images_in_rgb_files"] = storage.grey_in_rgb
     stats["near_duplicates/phash_candidates"] = candidates  # pairs checked on pixels
     for split, other in duplicates.PAIRS:
         found = int(((near["split"] == split) & (near["nearest_split"] == other)).sum()) if len(near) else 0
@@ -281,21 +288,21 @@ def main(argv: list[str] | None = None) -> None:
             )
         source = sources.open_source(data_params)  # no fetch: ingest read these files
         prepared = prepare_manifest(manifest, params)
+        storage = decide_storage(prepared, params)
         with files.atomic_dir(args.out) as tmp:
-            write_splits(tmp, prepared, classes, source, params, parallel.worker_count())
+            write_splits(tmp, prepared, classes, source, params, storage, parallel.worker_count())
             stored = lambda split: np.load(tmp / f"{split}_images.npy", mmap_mode="r")  # noqa: E731
             near, candidates = duplicates.find(
                 prepared, stored, params.near_duplicate_distance, params.near_duplicate_min_correlation
             )
             files.write_json(tmp / "classes.json", list(classes))
-            files.write_json(tmp / "dataset.json", {**dataset, "preprocessing": preprocessing(prepared, params)})
+            files.write_json(tmp / "dataset.json", {**dataset, "preprocessing": preprocessing(storage, params)})
             formats.write_table(tmp / "manifest.csv", prepared)
             formats.write_table(tmp / "near_duplicates.csv", near)
-        print(colour_decision(prepared, params.colour_threshold))
-        size = stored_size(prepared, params.image_size)
-        print(f"prepare: images stored at {size} x {size} px (prepare.image_size: {params.image_size})")
+        print(colour_decision(prepared, storage))
+        print(f"prepare: images stored at {storage.size} x {storage.size} px (prepare.image_size: {params.image_size})")
         run.set_tags({"dataset_sha256": dataset["sha256"], "data_source": dataset["source"]})
-        run.log_summary(statistics(prepared, classes, near, candidates, params.colour_threshold, size))
+        run.log_summary(statistics(prepared, classes, near, candidates, storage))
         run.log_timing({"prepare_seconds": time.perf_counter() - started})
         run.log_artifact(args.out / "manifest.csv", "prepared")
         run.log_artifact(args.out / "near_duplicates.csv", "prepared")

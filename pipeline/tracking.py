@@ -177,6 +177,11 @@ class StageRun:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._worker.call("set_tags", tags={k: str(v) for k, v in tags.items()})
 
+    def log_choices(self, choices: Mapping[str, object]) -> None:
+        """What the stage's `auto` params resolved to: printed for the log and tagged in MLflow."""
+        print(f"{self.stage}: " + ", ".join(f"{k} {v}" for k, v in choices.items()))
+        self.set_tags({k: str(v) for k, v in choices.items()})
+
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         """Log a file or a folder's files (under `folder`); they must stay until the stage ends."""
         path = Path(path).resolve()

@@ -94,9 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     model = backend.build("scratch_cnn", margs)
     with tracking.stage_run("train", {"train": p, "runtime": rt}, live_dir=args.live) as run:
         run.set_tags({**backend.describe(), **formats.dataset_tags(args.data)})
-        chosen = {"augment": augmentation(p, train_set.image_size), "input_size": str(margs["input_size"])}
-        print(f"{run.stage}: input {margs['input_size']} px (input_size: {p.input_size}), augment {chosen['augment']}")
-        run.set_tags(chosen)  # what auto chose, beside the params
+        run.log_choices({"input_size": margs["input_size"], "augment": augmentation(p, train_set.image_size)})
         started = time.perf_counter()
         result = backend.fit(model, train_set, val_set, p, run, desc=f"train ({p.framework})")
         seconds = time.perf_counter() - started

@@ -204,7 +204,8 @@ def test_resized_re_encoded_and_brightened_copies_are_near_duplicates_and_distin
     ]
     assert (near["correlation"] > 0.99).all() and checked >= 3
     frame = frame.assign(label="a", mode="RGB", colourfulness=40.0)
-    stats = prepare.statistics(frame, ("a",), near, checked, threshold=10.0, image_size=48)
+    storage = prepare.decide_storage(frame, PrepareParams(image_size=48, colour_threshold=10.0))
+    stats = prepare.statistics(frame, ("a",), near, checked, storage)
     assert stats["near_duplicates/test_in_train"] == 2
     assert stats["near_duplicates/test_in_train_fraction"] == round(2 / 3, 6)
     assert stats["near_duplicates/val_in_train"] == stats["near_duplicates/test_in_val"] == 1
@@ -245,7 +246,8 @@ def test_prepared_arrays_do_not_depend_on_the_number_of_workers(tmp_path):
         manifest, _, _ = ingest.ingest(source, params, workers)
         prepared = prepare.prepare_manifest(manifest, prep)
         (tmp_path / str(workers)).mkdir()
-        prepare.write_splits(tmp_path / str(workers), prepared, source.classes, source, prep, workers)
+        storage = prepare.decide_storage(prepared, prep)
+        prepare.write_splits(tmp_path / str(workers), prepared, source.classes, source, prep, storage, workers)
     for name in ("train_images.npy", "val_images.npy", "test_images.npy", "test_labels.npy"):
         assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
 

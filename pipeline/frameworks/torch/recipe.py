@@ -75,6 +75,11 @@ class Images:
     def __len__(self) -> int:
         return len(self.resident if self.resident is not None else self.streamed)
 
+    @property
+    def side(self) -> int:
+        """The images' width: resident (N, C, H, W), streamed (N, H, W, C); F for (N, F) features."""
+        return int(self.resident.shape[-1] if self.resident is not None else self.streamed.shape[2])
+
     def take(self, idx: torch.Tensor) -> torch.Tensor:
         """Model input (B, C, H, W) on the device for the rows in `idx`, in idx's order."""
         if self.streamed is not None:
@@ -169,9 +174,9 @@ def train_one_epoch(
     trainable = [q for q in model.parameters() if q.requires_grad]
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    mode = augmentation(p, images.side)
     for idx in batches(len(labels), p.batch_size, generator):
         x = images.take(idx)
-        mode = augmentation(p, x.shape[-1])
         if mode == "shift":
             x = random_shift(x, p.augment_shift, generator)
         elif mode == "crop_flip":
