@@ -2,10 +2,13 @@
 
     python -m bench.pipeline             # both (make bench)
     python -m bench.pipeline --no-repro  # throughput only
+    python -m bench.pipeline --against 8232335 --no-throughput  # this tree's repro beside a commit's
 
 1. `dvc repro -f` of the real dvc.yaml and params.yaml in a temporary copy of the repository,
    timed end to end, with each stage's in-process time from MLflow beside it (the difference
-   is process start-up: imports of torch, MLflow, DVCLive).
+   is process start-up: imports of torch, MLflow, DVCLive). With `--against REV`, the same
+   run of that git revision's pipeline in a second copy, alternated with this tree's
+   `--repeats-repro` times, so that "no slower than REV" is a ratio measured side by side.
 2. Training throughput (images per second) of `recipe.train_one_epoch` with the train
    stage's params against a bare PyTorch loop (forward, loss, backward, optimizer step) over the
    same in-memory tensors and the same model, measured side by side, alternating, in one run.
@@ -29,14 +32,26 @@ from pathlib import Path
 from bench import REPO, report
 
 
-def copy_repo(dest: Path) -> None:
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for rel in tracked:
-        if rel.startswith(("pipeline/", ".dvc/", "data/sources/")) or rel in {
-            "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore",
-        }:
+def pipeline_file(rel: str) -> bool:
+    """What a copy of the pipeline needs: its code, DVC's files and the bundled sources."""
+    return rel.startswith(("pipeline/", ".dvc/", "data/sources/")) or rel in {
+        "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore",
+    }
+
+
+def copy_repo(dest: Path, rev: str | None = None) -> None:
+    """The pipeline's files (of the working tree, or of git revision `rev`) in a new git repo."""
+    if rev is None:
+        listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
+        for rel in filter(pipeline_file, listed.stdout.split()):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO / rel, dest / rel)
+    else:
+        archive = subprocess.run(["git", "archive", rev], cwd=REPO, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        for path in [p for p in dest.rglob("*") if p.is_file()]:
+            if not pipeline_file(str(path.relative_to(dest))):
+                path.unlink()
     env = bench_env(dest)
     for cmd in (
         ["git", "init", "-q"],
@@ -53,32 +68,59 @@ def bench_env(repo: Path) -> dict[str, str]:
     return env
 
 
-def bench_repro() -> list[str]:
+def repro(repo: Path) -> tuple[float, list]:
+    """Seconds of `dvc repro -f` in `repo`, and its MLflow runs (stage times)."""
     import mlflow
 
+    env = bench_env(repo)
+    # Create the MLflow schema first: a one-off cost, not the pipeline's.
+    mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()
+    started = time.perf_counter()
+    done = subprocess.run(["dvc", "repro", "-f"], cwd=repo, env=env, capture_output=True, text=True)
+    total = time.perf_counter() - started
+    if done.returncode:
+        sys.exit(f"dvc repro failed in {repo}:\n{done.stdout}\n{done.stderr}")
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id],
+                              order_by=["start_time DESC"], max_results=len(stage_names(repo)))  # fmt: skip
+    return total, runs[::-1]
+
+
+def stage_names(repo: Path) -> list[str]:
+    done = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=repo, env=bench_env(repo),
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return done.stdout.split()
+
+
+def bench_repro(against: str | None = None, repeats: int = 1) -> list[str]:
     lines = ["## `dvc repro -f` on the default params", ""]
     with tempfile.TemporaryDirectory(prefix="bench-repro-") as tmp:
-        repo = Path(tmp)
-        copy_repo(repo)
-        env = bench_env(repo)
-        # Create the MLflow schema first: a one-off cost, not the pipeline's.
-        mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()
-        started = time.perf_counter()
-        done = subprocess.run(["dvc", "repro", "-f"], cwd=repo, env=env, capture_output=True, text=True)
-        total = time.perf_counter() - started
-        if done.returncode:
-            sys.exit(f"dvc repro failed:\n{done.stdout}\n{done.stderr}")
-        client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
-        runs = client.search_runs(
-            [client.get_experiment_by_name("cnn-pipeline").experiment_id], order_by=["start_time ASC"],
-        )
-        lines += [f"- whole `dvc repro -f`: **{total:.0f} s** (target: under 180 s, aim 90 s)", "",
-                  "| stage | in-process s |", "|---|---|"]
+        ours, theirs = Path(tmp) / "tree", Path(tmp) / "rev"
+        ours.mkdir()
+        copy_repo(ours)
+        if against:
+            theirs.mkdir()
+            copy_repo(theirs, against)
+        times: dict[str, list[float]] = {"tree": [], "rev": []}
+        for _ in range(repeats):
+            total, runs = repro(ours)
+            times["tree"].append(total)
+            if against:
+                times["rev"].append(repro(theirs)[0])
+        total = statistics.median(times["tree"])
+        lines += [f"- whole `dvc repro -f`: **{total:.0f} s** (median of {repeats}; target: under 180 s, aim 90 s)"]
+        if against:
+            rev = statistics.median(times["rev"])
+            lines += [f"- the same on `{against}`, alternated with it: {rev:.0f} s; this tree / `{against}`: "
+                      f"**{total / rev:.2f}** (runs: {', '.join(f'{t:.0f}' for t in times['tree'])} s against "
+                      f"{', '.join(f'{t:.0f}' for t in times['rev'])} s)"]
+        lines += ["", "| stage (this tree's last run) | in-process s |", "|---|---|"]
         for r in runs:
             lines.append(f"| {r.info.run_name} | {r.data.metrics.get('time/stage_seconds', float('nan')):.1f} |")
         staged = sum(r.data.metrics.get("time/stage_seconds", 0.0) for r in runs)
-        lines += ["", f"- in-process total {staged:.0f} s; the other {total - staged:.0f} s are DVC itself and "
-                  "process start-up (each stage is a new Python importing torch, MLflow and DVCLive)", ""]
+        lines += ["", f"- in-process total {staged:.0f} s; the other {runs and times['tree'][-1] - staged:.0f} s are "
+                  "DVC itself and process start-up (each stage is a new Python importing torch, MLflow and DVCLive)",
+                  ""]
     return lines
 
 
@@ -97,10 +139,11 @@ def bench_throughput(repeats: int) -> list[str]:
     rt = config.load("runtime", RuntimeParams, REPO / "params.yaml")
     prep = config.load("prepare", prepare.PrepareParams, REPO / "params.yaml")
     device = runtime.configure(rt)
-    # The train split's shape and size without running the earlier stages: digits-sized noise.
-    n = 1257
+    # The train split's shape and size without running the earlier stages: digits-sized noise
+    # (image_size auto stores the digits at their native 8 px).
+    n, side = 1257, 8 if prep.image_size == "auto" else prep.image_size
     rng = np.random.default_rng(0)
-    split = formats.Split(rng.integers(0, 256, (n, prep.image_size, prep.image_size, 1), dtype=np.uint8),
+    split = formats.Split(rng.integers(0, 256, (n, side, side, 1), dtype=np.uint8),
                        rng.integers(0, 10, n), tuple(str(i) for i in range(10)))
     images = torch.from_numpy(np.array(split.images)).permute(0, 3, 1, 2)  # uint8 (N, C, H, W), in memory
     labels = torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
@@ -176,11 +219,14 @@ def bench_throughput(repeats: int) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-repro", action="store_true", help="skip the whole-pipeline timing")
+    parser.add_argument("--no-throughput", action="store_true", help="skip the throughput comparison")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--against", metavar="REV", help="also time this git revision's dvc repro -f, alternated")
+    parser.add_argument("--repeats-repro", type=int, default=1)
     args = parser.parse_args(argv)
-    lines = bench_throughput(args.repeats)
+    lines = [] if args.no_throughput else bench_throughput(args.repeats)
     if not args.no_repro:
-        lines += bench_repro()
+        lines += bench_repro(args.against, args.repeats_repro)
     report("Benchmark results", lines, "latest")
 
 
