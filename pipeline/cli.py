@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 Option = tuple[str, dict[str, Any]]
+PRODUCERS = {"scratch": "train", "finetune": "finetune"}  # model folder -> the stage that trains it
 
 
 def path(flag: str, default: str | None, help: str = "") -> Option:
@@ -41,6 +42,7 @@ def model_paths(argv: list[str] | None, doc: str | None, stage: str, out: str | 
         options.append(path("--out", None, f"default: {out}/<model>"))
     args = parse(argv, doc, *options)
     args.model_dir = args.models / args.model
+    args.producer = PRODUCERS.get(args.model, args.model)
     args.live = args.live or Path("dvclive") / stage / args.model
     if out:
         args.out = args.out or Path(out) / args.model

@@ -16,12 +16,14 @@ from typing import Any, Literal, TypeVar
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from pipeline.errors import PipelineError
+
 T = TypeVar("T")
 
 PARAMS_FILE = Path("params.yaml")
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A user's params are wrong; the message names the file, the key and what is valid."""
 
 

@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.model_paths(argv, __doc__, "evaluate")
     p = config.load("evaluate", EvaluateParams)
     rt = config.load("runtime", RuntimeParams)
+    files.verify_folder(args.data, "prepare")
+    files.verify_folder(args.model_dir, args.producer)
     test = formats.load_split(args.data, "test")
     backend, model, _ = registry.open_model(args.model_dir, test.classes, args.data, rt)  # only its framework loads
     with tracking.stage_run(
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         predicted = proba.argmax(1)
         run.log_summary(summary)
         run.log_confusion_matrix([test.classes[i] for i in test.labels], [test.classes[i] for i in predicted])
-        files.write_json(args.live / "per_class.json", per_class)
+        files.write_json(run.live_dir / "per_class.json", per_class)
         run.set_tags({"model": args.model, **backend.describe(), **formats.dataset_tags(args.data)})
         run.log_dict(per_class, "per_class.json")
         run.log_figure(confusion_figure(test.labels, predicted, test.classes), "confusion_matrix.png")

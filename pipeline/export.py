@@ -27,6 +27,7 @@ import numpy as np
 from pipeline import cli, config, files, tracking
 from pipeline.config import check
 from pipeline.data import formats
+from pipeline.errors import PipelineError
 from pipeline.frameworks import registry
 from pipeline.frameworks.card import ModelCard
 from pipeline.frameworks.interface import INPUT_NAME, OUTPUT_NAME, ExportOptions, RuntimeParams
@@ -101,6 +102,10 @@ def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     }
 
 
+class ExportMismatch(PipelineError):
+    """An export does not reproduce its model within the tolerances of params.yaml's export section."""
+
+
 def check_parity(
     name: str, result: dict[str, float], p: ExportParams, model_path: Path, framework: str = "torch"
 ) -> None:
@@ -111,7 +116,7 @@ def check_parity(
     min_top1 = p.int8_min_top1_agreement if quantised else p.min_top1_agreement
     prefix = "int8_" if quantised else ""
     if result["max_abs_diff"] > max_diff or result["top1_agreement"] < min_top1:
-        raise RuntimeError(
+        raise ExportMismatch(
             f"{name} export of {model_path} disagrees with the {framework} model on the test split: {result}; "
             f"allowed: {prefix}max_abs_diff {max_diff}, {prefix}min_top1_agreement {min_top1} (params.yaml: export)"
         )
@@ -121,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.model_paths(argv, __doc__, "export", out="exports")
     p = config.load("export", ExportParams)
     rt = config.load("runtime", RuntimeParams)
+    files.verify_folder(args.data, "prepare")
+    files.verify_folder(args.model_dir, args.producer)
     test = formats.load_split(args.data, "test")
     # exports are traced and checked on the CPU: the files must not depend on the GPU
     backend, model, card = registry.open_model(

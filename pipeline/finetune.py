@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from pipeline import cli, config, tracking
+from pipeline import cli, config, files, tracking
 from pipeline.config import check
 from pipeline.data import formats
 from pipeline.frameworks import card, shapes
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.fit_paths(argv, __doc__, "finetune", "finetune")
     p = config.load("finetune", FinetuneParams)
     rt = config.load("runtime", RuntimeParams)
+    files.verify_folder(args.data, "prepare")
     backend = TorchBackend(rt, p.seed)  # seeds, threads, deterministic kernels, device
     train_set, val_set = formats.load_split(args.data, "train"), formats.load_split(args.data, "val")
     net, weights_sha256 = pretrained.load_pretrained(p.backbone, p.weights, p.weights_sha256)

@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
                      cli.path("--live", "dvclive/prepare"))  # fmt: skip
     data_params = config.load("data", DataParams)
     params = config.load("prepare", PrepareParams)
+    files.verify_folder(args.ingested, "ingest")
     with tracking.stage_run("prepare", {"data": data_params, "prepare": params}, live_dir=args.live) as run:
         started = time.perf_counter()
         manifest = formats.read_manifest(args.ingested / "manifest.csv")

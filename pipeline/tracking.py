@@ -11,6 +11,12 @@ stdin: importing MLflow and opening its store take ~4 s, which the worker spends
 core while the stage imports torch and works. The entry point (`python -m pipeline <stage>`)
 starts the worker before the stage's heavy imports, and the stage waits for it at the end, so
 the run is complete, or the stage fails, before DVC moves on.
+
+A run ends FINISHED when the stage succeeds, FAILED when it raises, KILLED when it is
+interrupted (Ctrl-C) or vanishes (see `tracking_worker` for the faults the worker bounds). A
+worker that cannot use the store makes the stage stop at its next call with a TrackingError.
+Files made only to be logged live in a scratch folder named with the stage's pid; the next
+stage removes those whose process is gone (a SIGKILL skips every cleanup).
 """
 
 from __future__ import annotations
@@ -27,10 +33,41 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline import config, files
+from pipeline.errors import TrackingError
+
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "cnn-pipeline"
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
+OFFLINE_STORE = "mlflow-offline.db"  # tracking.offline_fallback's store, in the repository root
+SCRATCH_PREFIX = "pipeline-mlflow-"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingParams:
+    """params.yaml `tracking:` (optional). It shapes where runs are logged, never what a stage
+    builds, so no stage lists it in dvc.yaml: changing it reruns nothing."""
+
+    offline_fallback: bool = False  # an unreachable server: log to OFFLINE_STORE instead of failing
+    timeout_seconds: int = 10  # an HTTP request to the server
+    http_retries: int = 2  # retries of a failed request, with 1, 2, 4... s between them
+    lock_wait_seconds: float = 120.0  # how long a call waits for a locked SQLite store
+
+    def __post_init__(self) -> None:
+        config.check(self.timeout_seconds >= 1, "timeout_seconds", f"must be >= 1, got {self.timeout_seconds}")
+        config.check(0 <= self.http_retries <= 10, "http_retries", f"must be in 0..10, got {self.http_retries}")
+        config.check(self.lock_wait_seconds >= 0, "lock_wait_seconds", f"must be >= 0, got {self.lock_wait_seconds}")
+
+
+def load_tracking_params(path: Path = config.PARAMS_FILE) -> TrackingParams:
+    """The `tracking:` section, or its defaults when params.yaml has none (or there is no params.yaml)."""
+    if not path.is_file():
+        return TrackingParams()
+    raw = config.read_params(path)
+    if "tracking" not in raw:
+        return TrackingParams()
+    return config.from_dict(raw["tracking"], TrackingParams, where=f"{path}: tracking")
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # on the worker's PYTHONPATH
 
 
@@ -91,12 +128,13 @@ class MlflowWorker:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])),
         }
         root = repo_root()
+        self.uri = tracking_uri(root)
         self._proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "pipeline.tracking_worker",
-                tracking_uri(root),
+                self.uri,
                 os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT),
                 str(root),
             ],
@@ -106,20 +144,30 @@ class MlflowWorker:
         )
 
     def call(self, op: str, **kwargs: Any) -> None:
+        """Queue one MLflow call; a worker that has died (its one-line error is printed above)
+        stops the stage here, so a stage does not work for minutes to lose its run."""
+        self._check()
         try:
             self._proc.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
             self._proc.stdin.flush()
         except (BrokenPipeError, OSError):
-            pass  # the worker died; close() reports it with the worker's own error above
+            self._check(self._proc.wait())
+
+    def _check(self, code: int | None = None) -> None:
+        code = self._proc.poll() if code is None else code
+        if code:
+            raise TrackingError(f"MLflow logging failed: its worker stopped (exit code {code}; its error is "
+                                f"printed above) for the store {self.uri}")
 
     def close(self, status: str) -> None:
         """End the run and wait for every call to land; raise if MLflow failed."""
-        self.call("end", status=status)
+        with contextlib.suppress(TrackingError):
+            self.call("end", status=status)
         with contextlib.suppress(BrokenPipeError, OSError):
             self._proc.stdin.close()
         code = self._proc.wait()
         if code != 0 and status == "FINISHED":
-            raise RuntimeError(f"MLflow logging failed (worker exit code {code}; its error is printed above)")
+            self._check(code)
 
 
 _worker: MlflowWorker | None = None
@@ -147,6 +195,8 @@ class StageRun:
         self._live = live
         self._worker = worker
         self._scratch = scratch  # files made only to be logged; removed once the worker is done
+        # where the stage's own DVC metrics files go: DVCLive's folder, moved into place on success
+        self.live_dir = Path(live.dir) if live is not None else None
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         """Per-epoch curves: a DVC plot per metric and an MLflow metric history."""
@@ -212,7 +262,9 @@ def stage_run(stage: str, params: Mapping[str, Any], live_dir: Path | None = Non
     started = time.perf_counter()
     worker = _take_worker()
     status = "FAILED"
-    with tempfile.TemporaryDirectory(prefix=f"{stage.replace('@', '-')}-mlflow-") as scratch:
+    remove_orphan_scratch()
+    prefix = f"{SCRATCH_PREFIX}{os.getpid()}-{stage.replace('@', '-')}-"
+    with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
         try:
             worker.call(
                 "start",
@@ -220,19 +272,45 @@ def stage_run(stage: str, params: Mapping[str, Any], live_dir: Path | None = Non
                 tags={"stage": stage, **git_tags(Path.cwd())},
                 params={k: str(v) for k, v in flatten(params).items()},
             )
-            live = None
-            if live_dir is not None:
-                from dvclive import Live
+            with contextlib.ExitStack() as stack:
+                live = None
+                if live_dir is not None:
+                    from dvclive import Live
 
-                # dvcyaml=None: dvc.yaml declares the metrics and plots; DVCLive must not rewrite it.
-                live = Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
-            run = StageRun(stage, live, worker, Path(scratch))
-            try:
+                    # Written to a temporary sibling that replaces live_dir only when the stage
+                    # succeeds: a failed stage leaves the previous metrics whole, not `{}`.
+                    staging = stack.enter_context(files.atomic_dir(live_dir, checksums=False))
+                    # dvcyaml=None: dvc.yaml declares the metrics and plots; DVCLive must not rewrite it.
+                    live = Live(str(staging), dvcyaml=None, save_dvc_exp=False, report=None)
+                run = StageRun(stage, live, worker, Path(scratch))
                 yield run
-            finally:
                 if live is not None:
                     live.end()
             run.log_timing({"stage_seconds": time.perf_counter() - started})
             status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
         finally:
             worker.close(status)
+
+
+def remove_orphan_scratch(folder: Path | None = None) -> None:
+    """Remove scratch folders of stages whose process is gone (SIGKILL leaves them behind)."""
+    import shutil
+
+    folder = Path(folder or tempfile.gettempdir())
+    for path in folder.glob(f"{SCRATCH_PREFIX}*"):
+        pid = path.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True

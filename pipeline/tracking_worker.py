@@ -2,17 +2,66 @@
 
 It opens the store, then applies each JSON line that `tracking.MlflowWorker` writes to its
 stdin to one MLflow run, in order. Nothing here writes a DVC-tracked file.
+
+Faults, each bounded (params.yaml `tracking:`; `tracking.TrackingParams`):
+- an HTTP server that does not answer: MLflow's own retries are capped at `timeout_seconds`
+  a request and `http_retries` retries, instead of its defaults (7 retries, 120 s timeouts:
+  about four minutes of silence). Unreachable at start-up, the worker exits with one line
+  naming the URI, and the stage stops at its next log call; with `offline_fallback` it logs
+  to the local SQLite store instead and says so.
+- a store another process holds locked (`database is locked`, parallel experiments on one
+  SQLite file): each call is retried with backoff for up to `lock_wait_seconds`.
+- the stage interrupted (Ctrl-C reaches the whole process group): the worker ignores SIGINT
+  and ends the run as the stage tells it (KILLED), or KILLED when the stage vanishes without
+  a word (SIGKILL, the OOM killer). A run left RUNNING because both died is marked KILLED by
+  the next worker that starts, once the process that owned it is gone.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import socket
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pipeline.tracking import ARTIFACT_DIR
+from pipeline.tracking import ARTIFACT_DIR, OFFLINE_STORE, TrackingParams, load_tracking_params
+
+T = TypeVar("T")
+HOST_TAG, PID_TAG = "pipeline.host", "pipeline.pid"  # who owns a run while it is RUNNING
+
+
+def say(message: str) -> None:
+    print(f"mlflow: {message}", file=sys.stderr, flush=True)
+
+
+def locked(exc: BaseException) -> bool:
+    return "database is locked" in str(exc)
+
+
+def retrying(call: Callable[[], T], wait_seconds: float) -> T:
+    """`call()`, retried with backoff while the SQLite store is locked, for up to `wait_seconds`."""
+    deadline, pause = time.monotonic() + wait_seconds, 0.05
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if not locked(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 2.0)
+
+
+def bound_http(p: TrackingParams) -> None:
+    """MLflow's HTTP retry settings, unless the user set them: seconds, not minutes."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(p.timeout_seconds))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(p.http_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 
 def _experiment_id(mlflow: Any, name: str, root: Path) -> str:
@@ -31,36 +80,100 @@ def _experiment_id(mlflow: Any, name: str, root: Path) -> str:
         return experiment.experiment_id
 
 
+def open_store(mlflow: Any, uri: str, experiment: str, root: Path, p: TrackingParams) -> str:
+    """Point MLflow at `uri` (or, when it cannot be used and `offline_fallback`, the local
+    store) and return the experiment's id; exit with one line when neither works."""
+    for attempt in (uri, str(root / OFFLINE_STORE)):
+        target = attempt if attempt == uri else f"sqlite:///{attempt}"
+        mlflow.set_tracking_uri(target)
+        try:
+            return retrying(lambda: _experiment_id(mlflow, experiment, root), p.lock_wait_seconds)
+        except Exception as exc:  # any failure to open a store: report it in one line
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            if target != uri or not p.offline_fallback or uri.startswith("sqlite:"):
+                say(f"error: cannot use the tracking store {target} (MLFLOW_TRACKING_URI; default "
+                    f"sqlite:///{root / 'mlflow.db'}): {reason}. Start the server or fix the URI; or set "
+                    "params.yaml tracking.offline_fallback: true to log to a local store meanwhile")
+                sys.exit(3)
+            say(f"{uri} unreachable ({reason}); logging this run to {target} instead (tracking.offline_fallback). "
+                "Browse it with `mlflow ui --backend-store-uri " + target + "`; copy its runs to the server later, "
+                "e.g. with the mlflow-export-import tool")
+    raise AssertionError("unreachable")
+
+
+def alive_since(pid: int) -> float | None:
+    """Start time (epoch seconds) of process `pid` on this host, or None if there is none."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def mark_orphans_killed(client: Any, experiment_id: str, p: TrackingParams) -> None:
+    """RUNNING runs of this host whose owning process is gone (or is a newer process with the
+    same pid) end as KILLED: their stage and its worker died together."""
+    host = socket.gethostname()
+    runs = retrying(lambda: client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and "
+                                               f"tags.`{HOST_TAG}` = '{host}'"), p.lock_wait_seconds)  # fmt: skip
+    for run in runs:
+        pid = run.data.tags.get(PID_TAG, "")
+        since = alive_since(int(pid)) if pid.isdigit() else None
+        if since is None or since * 1000 > run.info.start_time + 1000:
+            retrying(lambda r=run: client.set_terminated(r.info.run_id, "KILLED"), p.lock_wait_seconds)
+
+
 def serve(uri: str, experiment: str, root: str) -> None:
     """The worker: open the store, then apply each JSON line from stdin to one MLflow run."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the stage's to handle; it tells us how the run ends
     logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations log every step
+    p = load_tracking_params()
+    bound_http(p)
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    experiment_id = _experiment_id(mlflow, experiment, Path(root))
-    run = None
-    status = "FAILED"  # a stage that dies without saying 'end' leaves a failed run
-    for line in sys.stdin:
-        msg = json.loads(line)
+    experiment_id = open_store(mlflow, uri, experiment, Path(root), p)
+    client = mlflow.MlflowClient()
+    mark_orphans_killed(client, experiment_id, p)
+
+    def call(fn: Callable[[], object]) -> None:
+        retrying(fn, p.lock_wait_seconds)
+
+    state = {"run": None, "status": "KILLED"}  # KILLED: the stage vanished without 'end' (SIGKILL, OOM)
+
+    def apply(msg: dict) -> bool:
+        """Apply one call; False once the stage said 'end'."""
         op = msg.pop("op")
         if op == "start":
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=msg["run_name"], tags=msg["tags"])
-            mlflow.log_params(msg["params"])
+            tags = {**msg["tags"], HOST_TAG: socket.gethostname(), PID_TAG: str(os.getppid())}
+            state["run"] = retrying(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=msg["run_name"],
+                                                             tags=tags), p.lock_wait_seconds)  # fmt: skip
+            call(lambda: mlflow.log_params(msg["params"]))
         elif op == "end":
-            status = msg["status"]
-            break
+            state["status"] = msg["status"]
+            return False
         elif op == "log_metrics":
-            mlflow.log_metrics(msg["metrics"], step=msg["step"])
+            call(lambda: mlflow.log_metrics(msg["metrics"], step=msg["step"]))
         elif op == "set_tags":
-            mlflow.set_tags(msg["tags"])
+            call(lambda: mlflow.set_tags(msg["tags"]))
         elif op == "log_artifact":
-            mlflow.log_artifact(msg["path"], msg["folder"])
+            call(lambda: mlflow.log_artifact(msg["path"], msg["folder"]))
         elif op == "log_artifacts":
-            mlflow.log_artifacts(msg["path"], msg["folder"])
+            call(lambda: mlflow.log_artifacts(msg["path"], msg["folder"]))
         else:
             raise ValueError(f"unknown MLflow worker call {op!r}")
-    if run is not None:
-        mlflow.end_run(status)
+        return True
+
+    try:
+        for line in sys.stdin:
+            if not apply(json.loads(line)):
+                break
+    except BaseException:
+        if state["run"] is not None:  # FAILED, not the FINISHED that MLflow's exit handler would record
+            call(lambda: mlflow.end_run("FAILED"))
+        raise
+    if state["run"] is not None:
+        call(lambda: mlflow.end_run(state["status"]))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline import cli, config, tracking
+from pipeline import cli, config, files, tracking
 from pipeline.config import check
 from pipeline.data import formats
 from pipeline.frameworks import card, registry, shapes
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.fit_paths(argv, __doc__, "train", "scratch")
     p = config.load("train", TrainParams)
     rt = config.load("runtime", RuntimeParams)
+    files.verify_folder(args.data, "prepare")
     backend = registry.get(p.framework, rt, p.seed)  # seeds, threads, deterministic kernels, device
     train_set, val_set = formats.load_split(args.data, "train"), formats.load_split(args.data, "val")
     margs = model_args(p, train_set)

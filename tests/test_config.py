@@ -8,6 +8,7 @@ import pytest
 
 from pipeline import config
 from pipeline.config import ConfigError, check
+from pipeline.tracking import TrackingParams
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ def test_the_repository_params_file_loads_into_every_stage(repo_root):
     for section, cls in [
         ("runtime", RuntimeParams), ("data", sources.DataParams), ("prepare", prepare.PrepareParams),
         ("train", train.TrainParams), ("finetune", finetune.FinetuneParams),
-        ("evaluate", evaluate.EvaluateParams), ("export", export.ExportParams),
+        ("evaluate", evaluate.EvaluateParams), ("export", export.ExportParams), ("tracking", TrackingParams),
     ]:
         config.load(section, cls, path)
-    assert set(config.read_params(path)) == {"runtime", "data", "prepare", "train", "finetune", "evaluate", "export"}
+    assert set(config.read_params(path)) == {
+        "runtime", "tracking", "data", "prepare", "train", "finetune", "evaluate", "export"}

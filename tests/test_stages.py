@@ -18,6 +18,7 @@ from PIL import Image
 from pipeline import evaluate, export, finetune, train
 from pipeline.data import formats, images
 from pipeline.data.sources import standard
+from pipeline.errors import ArtifactError
 from pipeline.frameworks import card
 from pipeline.frameworks.torch import model as torch_model
 from pipeline.frameworks.torch import weights
@@ -164,23 +165,23 @@ def test_an_export_that_drifts_from_pytorch_is_refused():
     p = export.ExportParams(max_abs_diff=1.0e-6, min_top1_agreement=1.0)
     export.check_parity("onnx", {"max_abs_diff": 1.0e-7, "top1_agreement": 1.0}, p, "models/m")
     with pytest.raises(
-        RuntimeError, match=r"onnx export of models/m disagrees with the torch model.*max_abs_diff 1e-06",
+        export.ExportMismatch, match=r"onnx export of models/m disagrees with the torch model.*max_abs_diff 1e-06",
     ):
         export.check_parity("onnx", {"max_abs_diff": 1.0e-3, "top1_agreement": 1.0}, p, "models/m")
-    with pytest.raises(RuntimeError, match="min_top1_agreement 1.0"):
+    with pytest.raises(export.ExportMismatch, match="min_top1_agreement 1.0"):
         export.check_parity("onnx", {"max_abs_diff": 0.0, "top1_agreement": 0.99}, p, "models/m")
     # quantised formats answer to the int8 thresholds, looser by design, and only to them
     q = export.ExportParams(int8_max_abs_diff=0.05, int8_min_top1_agreement=0.98)
     export.check_parity("tflite_int8", {"max_abs_diff": 0.03, "top1_agreement": 0.99}, q, "models/m", "keras")
-    with pytest.raises(RuntimeError, match=r"tflite_int8 export .* keras model.*int8_max_abs_diff 0.05"):
+    with pytest.raises(export.ExportMismatch, match=r"tflite_int8 export .* keras model.*int8_max_abs_diff 0.05"):
         export.check_parity("tflite_int8", {"max_abs_diff": 0.06, "top1_agreement": 1.0}, q, "models/m", "keras")
-    with pytest.raises(RuntimeError, match=r"allowed: max_abs_diff 0.0001"):
+    with pytest.raises(export.ExportMismatch, match=r"allowed: max_abs_diff 0.0001"):
         export.check_parity("tflite", {"max_abs_diff": 0.03, "top1_agreement": 1.0}, q, "models/m", "keras")
 
 
 def test_a_model_folder_is_checked_before_any_framework_loads(tmp_path):
     with pytest.raises(
-        FileNotFoundError, match=r"model.json: not found; .*not a trained model folder.*old single-file layout",
+        ArtifactError, match=r"model.json: not found; .*not a trained model folder.*old single-file layout",
     ):
         (tmp_path / "scratch.pt").write_bytes(b"")
         card.read_card(tmp_path / "scratch")
@@ -188,7 +189,7 @@ def test_a_model_folder_is_checked_before_any_framework_loads(tmp_path):
     (tmp_path / "m/model.json").write_text(
         json.dumps({"framework": "jax", "arch": "a", "model_args": {}, "classes": []}),
     )
-    with pytest.raises(ValueError, match=r"framework 'jax' is not known; valid: \['torch', 'keras'\]"):
+    with pytest.raises(ArtifactError, match=r"framework 'jax' is not known; valid: \['torch', 'keras'\]"):
         card.read_card(tmp_path / "m")
 
 
@@ -201,7 +202,7 @@ def test_a_refused_export_leaves_the_previous_one_whole(workdir, trained):
     before = {p.name: p.read_bytes() for p in (workdir / "out").iterdir()}
     params = (workdir / "params.yaml").read_text().replace("export: {", "export: {max_abs_diff: 1.0e-12, ")
     (workdir / "params.yaml").write_text(params)
-    with pytest.raises(RuntimeError, match=r"export of .*models/scratch disagrees with the torch model"):
+    with pytest.raises(export.ExportMismatch, match=r"export of .*models/scratch disagrees with the torch model"):
         export.main(args)
     assert {p.name: p.read_bytes() for p in (workdir / "out").iterdir()} == before
     assert not [p for p in workdir.iterdir() if p.name.startswith(".out.")]  # no temporary folder left behind

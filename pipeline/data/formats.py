@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline import files
+from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
     import pandas as pd  # imported where used: the torch stages never read a manifest
@@ -34,7 +35,7 @@ MANIFEST_COLUMNS = (
 _TEXT_COLUMNS = ("path", "label", "source_split", "sha256", "mode", "file_mode", "phash", "split")
 
 
-class DataError(ValueError):
+class DataError(PipelineError, ValueError):
     """The data on disk is not what the next stage needs; the message names the file."""
 
 

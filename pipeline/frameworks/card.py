@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import files
 from pipeline.data.formats import DataError, read_json
+from pipeline.errors import ArtifactError
 
 if TYPE_CHECKING:
     from pipeline.frameworks.interface import Backend
@@ -53,16 +54,16 @@ def read_card(model_dir: Path) -> ModelCard:
     path = Path(model_dir) / CARD
     if not path.is_file():
         hint = f"; {model_dir}.pt is the old single-file layout" if Path(f"{model_dir}.pt").is_file() else ""
-        raise FileNotFoundError(
+        raise ArtifactError(
             f"{path}: not found; {model_dir} is not a trained model folder: "
             f"run the stage that trains it (dvc repro){hint}"
         )
     raw = read_json(path, "the model card")
     missing = {"framework", "arch", "model_args", "classes"} - set(raw)
     if missing:
-        raise ValueError(f"{path}: not a model card (missing {sorted(missing)})")
+        raise ArtifactError(f"{path}: not a model card (missing {sorted(missing)}); rerun the stage that trains it")
     if raw["framework"] not in FRAMEWORKS:
-        raise ValueError(f"{path}: framework {raw['framework']!r} is not known; valid: {list(FRAMEWORKS)}")
+        raise ArtifactError(f"{path}: framework {raw['framework']!r} is not known; valid: {list(FRAMEWORKS)}")
     return ModelCard(raw["framework"], raw["arch"], raw["model_args"], tuple(raw["classes"]))
 
 

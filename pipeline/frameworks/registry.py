@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError
+from pipeline.errors import ArtifactError
 from pipeline.frameworks.card import CARD, FRAMEWORKS, ModelCard, check_classes, read_card
 from pipeline.frameworks.interface import Backend, RuntimeParams
 
@@ -42,6 +43,6 @@ def open_model(
     backend = get(card.framework, runtime)
     path = Path(model_dir) / backend.model_file
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found, but {Path(model_dir) / CARD} says the model is "
+        raise ArtifactError(f"{path}: not found, but {Path(model_dir) / CARD} says the model is "
                                 f"{card.framework}'s; rerun its stage")
     return backend, backend.deserialize(path, card), card

@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.errors import PipelineError
 from pipeline.frameworks import shapes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-class WeightsError(ValueError):
+class WeightsError(PipelineError, ValueError):
     """Pretrained weights are missing, mismatched or from the wrong source."""
 
 
