@@ -18,6 +18,7 @@ import ctypes
 import errno
 import importlib
 import os
+import signal
 import sys
 
 from pipeline import tracking
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         stage = importlib.import_module(f"pipeline.{argv[0]}")
         stage.main(argv[1:])
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (DVC forwards one) must not cut the message
         fail(f"{argv[0]}: interrupted.\n{restore}", 130)
     except PipelineError as exc:
         fail(f"error: {exc}\n{restore}")

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -64,7 +65,10 @@ def load_tracking_params(path: Path = config.PARAMS_FILE) -> TrackingParams:
     """The `tracking:` section, or its defaults when params.yaml has none (or there is no params.yaml)."""
     if not path.is_file():
         return TrackingParams()
-    raw = config.read_params(path)
+    try:
+        raw = config.read_params(path)
+    except config.ConfigError:  # an unreadable params.yaml is the stage's to report, in its own words
+        return TrackingParams()
     if "tracking" not in raw:
         return TrackingParams()
     return config.from_dict(raw["tracking"], TrackingParams, where=f"{path}: tracking")
@@ -289,6 +293,9 @@ def stage_run(stage: str, params: Mapping[str, Any], live_dir: Path | None = Non
             run.log_timing({"stage_seconds": time.perf_counter() - started})
             status = "FINISHED"
         except KeyboardInterrupt:
+            # DVC forwards Ctrl-C to the stage on top of the terminal's own: a second one
+            # must not cut short the cleanup that records the run as KILLED.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             status = "KILLED"
             raise
         finally:

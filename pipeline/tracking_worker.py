@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline.config import ConfigError
 from pipeline.tracking import ARTIFACT_DIR, OFFLINE_STORE, TrackingParams, load_tracking_params
 
 T = TypeVar("T")
@@ -83,20 +84,21 @@ def _experiment_id(mlflow: Any, name: str, root: Path) -> str:
 def open_store(mlflow: Any, uri: str, experiment: str, root: Path, p: TrackingParams) -> str:
     """Point MLflow at `uri` (or, when it cannot be used and `offline_fallback`, the local
     store) and return the experiment's id; exit with one line when neither works."""
-    for attempt in (uri, str(root / OFFLINE_STORE)):
-        target = attempt if attempt == uri else f"sqlite:///{attempt}"
+    offline = f"sqlite:///{root / OFFLINE_STORE}"
+    for target in (uri, offline):
         mlflow.set_tracking_uri(target)
         try:
             return retrying(lambda: _experiment_id(mlflow, experiment, root), p.lock_wait_seconds)
         except Exception as exc:  # any failure to open a store: report it in one line
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-            if target != uri or not p.offline_fallback or uri.startswith("sqlite:"):
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            reason = f"{type(exc).__name__}: {first[:240]}"
+            if target == offline or not p.offline_fallback or uri.startswith("sqlite:"):
                 say(f"error: cannot use the tracking store {target} (MLFLOW_TRACKING_URI; default "
                     f"sqlite:///{root / 'mlflow.db'}): {reason}. Start the server or fix the URI; or set "
                     "params.yaml tracking.offline_fallback: true to log to a local store meanwhile")
                 sys.exit(3)
-            say(f"{uri} unreachable ({reason}); logging this run to {target} instead (tracking.offline_fallback). "
-                "Browse it with `mlflow ui --backend-store-uri " + target + "`; copy its runs to the server later, "
+            say(f"{uri} unreachable; logging this run to {offline} instead (tracking.offline_fallback). "
+                f"Browse it with `mlflow ui --backend-store-uri {offline}`; copy its runs to the server later, "
                 "e.g. with the mlflow-export-import tool")
     raise AssertionError("unreachable")
 
@@ -128,7 +130,11 @@ def serve(uri: str, experiment: str, root: str) -> None:
     """The worker: open the store, then apply each JSON line from stdin to one MLflow run."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the stage's to handle; it tells us how the run ends
     logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations log every step
-    p = load_tracking_params()
+    try:
+        p = load_tracking_params()
+    except ConfigError as exc:
+        say(f"error: {exc}")
+        sys.exit(3)
     bound_http(p)
     import mlflow
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ArtifactError, PipelineError
 from pipeline.frameworks import shapes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -307,10 +307,14 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: checkpoint not found; run the stage that trains it") from None
-    missing = {"arch", "model_args", "classes", "state_dict"} - set(ckpt)
+        raise ArtifactError(f"{path}: checkpoint not found; run the stage that trains it") from None
+    except Exception as exc:  # torch's advice (weights_only=False) would run the file's code: not given
+        reason = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:200]
+        raise ArtifactError(f"{path}: refused: not a plain tensor checkpoint ({reason}); this pipeline never "
+                            "unpickles code. Rerun the stage that trains it") from exc
+    missing = {"arch", "model_args", "classes", "state_dict"} - set(ckpt) if isinstance(ckpt, dict) else {"all"}
     if missing:
-        raise ValueError(f"{path}: not a pipeline checkpoint (missing {sorted(missing)})")
+        raise ArtifactError(f"{path}: not a pipeline checkpoint (missing {sorted(missing)})")
     model = build(ckpt["arch"], ckpt["model_args"])
     model.load_state_dict(ckpt["state_dict"])
     model.eval()

@@ -4,6 +4,7 @@ unpickling code."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,13 +38,24 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:  # names no file
+            raise WeightsError(f"{path}: not a valid safetensors file ({exc}); a pickle renamed .safetensors "
+                               "is refused too. Use the original file or set finetune.weights") from exc
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors name no file; add it
-        raise WeightsError(f"{path}: not a loadable weights file with weights_only=True ({exc})") from exc
+        with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses them
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        # Torch's message advises weights_only=False, which would run the file's code: not ours to give.
+        raise WeightsError(f"{path}: refused: not a plain tensor file (torch.load with weights_only=True: "
+                           f"{str(exc).split('WeightsUnpickler error:')[-1].strip().splitlines()[0][:200]}). It may "
+                           "hold code; this pipeline never unpickles code. Use .safetensors or a state dict "
+                           "saved with torch.save") from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

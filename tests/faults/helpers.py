@@ -1,0 +1,47 @@
+"""What every fault case asserts about a failed command: its exit code, a short message that
+names the file or key and the fix, and no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def stage_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PIPELINE_DEBUG"}
+    env = {**env, "PYTHONPATH": str(REPO), **extra}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the venv's python and dvc
+    return env
+
+
+def stage(cwd: Path, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m pipeline <args>` in `cwd`, not asserting its outcome."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env or stage_env(),
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def message_lines(stderr: str) -> list[str]:
+    """stderr less progress bars and MLflow's own INFO log lines."""
+    return [line for line in stderr.splitlines()
+            if line.strip() and " INFO " not in line and "epoch/s" not in line and "it/s" not in line]  # fmt: skip
+
+
+def assert_expected_failure(done: subprocess.CompletedProcess, *needles: str, code: int = 1) -> str:
+    """Exit `code`, no traceback, at most three lines, the first `error:`, each needle in them."""
+    lines = message_lines(done.stderr)
+    text = "\n".join(lines)
+    assert done.returncode == code, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    assert "Traceback" not in done.stderr, done.stderr[-4000:]
+    assert len(lines) <= 3, text
+    for needle in needles:
+        assert needle in text, f"{needle!r} not in:\n{text}"
+    return text
+
+
+def snapshot(*folders: Path) -> dict[str, bytes]:
+    """Every file under `folders`, by path: compare before and after a fault."""
+    return {str(p): p.read_bytes() for folder in folders for p in sorted(Path(folder).rglob("*")) if p.is_file()}

@@ -1,0 +1,156 @@
+"""Faults under `dvc repro`, in a temporary git + DVC copy of the project on the tiny params:
+a damaged cache object, a params typo, an export that drifts, Ctrl-C and SIGKILL in a
+stage. Each case asserts the exit, the message, that dvc.lock is unchanged and that what DVC
+deleted comes back with the command the message gives."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import TINY_PARAMS, run
+from helpers import REPO, assert_expected_failure, snapshot, stage_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, _migrated_store) -> tuple[Path, dict]:
+    repo = tmp_path_factory.mktemp("faults-repo")
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for rel in tracked:
+        if rel.startswith(("pipeline/", ".dvc/", "data/sources/")) or rel in {"dvc.yaml", ".dvcignore", ".gitignore"}:
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / rel, repo / rel)
+    (repo / "params.yaml").write_text(TINY_PARAMS)
+    shutil.copy(_migrated_store, repo / "mlflow.db")
+    env = {k: v for k, v in stage_env().items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")}
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"],
+                ["dvc", "repro", "export@scratch"], ["git", "add", "-A"], ["git", "commit", "-qm", "run"]):
+        run(cmd, repo, env)
+    return repo, env
+
+
+@pytest.fixture
+def repo(project) -> tuple[Path, dict]:
+    """The project as committed, with its outputs as dvc.lock records them."""
+    path, env = project
+    run(["git", "checkout", "-q", "--", "."], path, env)
+    run(["git", "clean", "-qfd", "-e", "mlflow.db", "-e", "mlartifacts"], path, env)
+    run(["dvc", "checkout", "-q", "--force", "--with-deps", "export@scratch"], path, env)
+    return path, env
+
+
+def dvc(repo: Path, env: dict, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def last_run(repo: Path, name: str):
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cnn-pipeline")
+    runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
+    return runs[0]
+
+
+def test_a_damaged_cache_object_stops_the_reader_naming_the_file(repo):
+    path, env = repo
+    lock = (path / "dvc.lock").read_bytes()
+    model = path / "models/scratch/model.pt"
+    cached = path / ".dvc/cache/files/md5" / (digest := hashlib.md5(model.read_bytes()).hexdigest())[:2] / digest[2:]
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    os.chmod(cached, 0o644)
+    cached.write_bytes(bytes(data))
+    shutil.rmtree(path / "models/scratch")
+    run(["dvc", "checkout", "models/scratch"], path, env)  # DVC links the damaged object back unverified
+    done = dvc(path, env, "repro", "-f", "-s", "export@scratch")
+    assert done.returncode != 0
+    assert_expected_failure(subprocess.CompletedProcess([], 1, "", done.stderr.split("ERROR:")[0]),
+                            "models/scratch/model.pt: its content differs from the sha256",
+                            "rebuild it with `dvc repro -f -s train`")
+    assert (path / "dvc.lock").read_bytes() == lock
+    # the fix the message gives works: the rebuild writes the same bytes, and the reader runs
+    run(["dvc", "repro", "-f", "-s", "train"], path, env)
+    run(["dvc", "repro", "-f", "-s", "export@scratch"], path, env)
+    assert (path / "dvc.lock").read_bytes() == lock
+
+
+def test_a_params_typo_fails_before_work_and_dvc_checkout_restores_the_model(repo):
+    path, env = repo
+    lock, before = (path / "dvc.lock").read_bytes(), snapshot(path / "models/scratch")
+    (path / "params.yaml").write_text(TINY_PARAMS.replace("lr: 3.0e-3", "lr: 3.0e-3, optimiser: sgd"))
+    done = dvc(path, env, "repro", "train")
+    text = done.stderr.split("ERROR:")[0]
+    assert_expected_failure(subprocess.CompletedProcess([], 1, "", text), "train: unknown keys ['optimiser']",
+                            "`dvc checkout train` restores")
+    assert (path / "dvc.lock").read_bytes() == lock
+    run(["dvc", "checkout", "train"], path, env)
+    assert snapshot(path / "models/scratch") == before
+
+
+def test_an_export_that_drifts_is_refused_and_the_previous_one_restored(repo):
+    path, env = repo
+    lock = (path / "dvc.lock").read_bytes()
+    before = snapshot(path / "exports/scratch")
+    metrics = (path / "dvclive/export/scratch/metrics.json").read_bytes()
+    drifting = TINY_PARAMS.replace("export: {opset: 18,", "export: {max_abs_diff: 1.0e-12, opset: 18,")
+    (path / "params.yaml").write_text(drifting)
+    done = dvc(path, env, "repro", "export@scratch")
+    assert_expected_failure(subprocess.CompletedProcess([], 1, "", done.stderr.split("ERROR:")[0]),
+                            "export of models/scratch disagrees with the torch model", "max_abs_diff 1e-12",
+                            "`dvc checkout export@scratch` restores")
+    assert (path / "dvc.lock").read_bytes() == lock
+    run(["dvc", "checkout", "export@scratch"], path, env)
+    run(["git", "checkout", "--", "dvclive"], path, env)
+    assert snapshot(path / "exports/scratch") == before
+    assert (path / "dvclive/export/scratch/metrics.json").read_bytes() == metrics
+
+
+def stage_pid(name: str, timeout: float = 120) -> int:
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = proc.info["cmdline"] or []
+            if cmd[-2:] == ["pipeline", name] or cmd[1:4] == ["-m", "pipeline", name]:
+                return proc.pid
+        time.sleep(0.1)
+    raise AssertionError(f"no {name} stage started")
+
+
+@pytest.mark.parametrize("how", ["sigint", "sigkill"])
+def test_an_interrupted_stage_is_killed_in_mlflow_and_its_outputs_come_back(repo, how):
+    path, env = repo
+    lock, before = (path / "dvc.lock").read_bytes(), snapshot(path / "models/scratch")
+    long = TINY_PARAMS.replace("epochs: 2,", "epochs: 400, early_stopping_patience: 0,")  # long enough to interrupt
+    (path / "params.yaml").write_text(long)
+    proc = subprocess.Popen(["dvc", "repro", "train"], cwd=path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    pid = stage_pid("train")
+    time.sleep(12)  # past start-up: the MLflow run is open and epochs are running
+    if how == "sigint":
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
+    else:
+        os.kill(pid, signal.SIGKILL)  # the stage alone: the OOM killer's way
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in err, err[-3000:]  # DVC stops without waiting for the stage's own line
+    for _ in range(100):
+        status = last_run(path, "train").info.status
+        if status != "RUNNING":
+            break
+        time.sleep(0.2)
+    assert status == "KILLED"
+    assert (path / "dvc.lock").read_bytes() == lock
+    run(["git", "checkout", "--", "params.yaml"], path, env)
+    run(["dvc", "checkout", "train"], path, env)
+    assert snapshot(path / "models/scratch") == before

@@ -1,0 +1,89 @@
+"""Bad inputs a stage reads: weights that hold code or were swapped, a prepared split with a
+flipped byte, a full disk; and the switch that shows the traceback behind a short message."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+from conftest import TINY_PARAMS
+from helpers import assert_expected_failure, stage, stage_env
+
+from pipeline import __main__ as entry
+from pipeline.frameworks.torch import weights
+from pipeline.frameworks.torch.model import WeightsError
+
+pytestmark = pytest.mark.slow  # stages in subprocesses; make test runs them, test-fast does not
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_weights_that_hold_code_are_refused_without_torch_advice_to_unpickle(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "backbone.pt"
+    path.write_bytes(pickle.dumps({"w": RunsCode()}))
+    with pytest.raises(WeightsError) as info:
+        weights.read_state_dict(path)
+    message = str(info.value)
+    assert str(path) in message and "never unpickles code" in message
+    assert "weights_only=False" not in message and "will likely succeed" not in message
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_a_pickle_named_safetensors_names_the_file(tmp_path):
+    path = tmp_path / "backbone.safetensors"
+    path.write_bytes(pickle.dumps({"w": RunsCode()}))
+    with pytest.raises(WeightsError, match=r"backbone.safetensors: not a valid safetensors file \(.*header"):
+        weights.read_state_dict(path)
+
+
+def test_swapped_weights_are_refused_by_their_pinned_hash(tmp_path):
+    path = tmp_path / "backbone.pt"
+    torch.save({"w": torch.zeros(1)}, path)
+    with pytest.raises(WeightsError, match=r"backbone.pt: sha256 is [0-9a-f]{64}, but finetune.weights_sha256 pins "
+                                           r"0{64}; refusing these weights"):
+        weights.load_pretrained("timm:tf_efficientnet_lite0", str(path), "0" * 64)
+
+
+def test_a_flipped_byte_in_a_prepared_split_stops_training_naming_the_file(prepared, tmp_path):
+    (tmp_path / "params.yaml").write_text(TINY_PARAMS)
+    data = tmp_path / "data/prepared"
+    shutil.copytree(prepared, data)
+    split = bytearray((data / "train_images.npy").read_bytes())
+    split[-1] ^= 1  # one pixel's lowest bit: the model would train on it without a word
+    (data / "train_images.npy").write_bytes(bytes(split))
+    done = stage(tmp_path, "train")
+    assert_expected_failure(done, "data/prepared/train_images.npy: its content differs from the sha256",
+                            "rebuild it with `dvc repro -f -s prepare`")
+    assert not (tmp_path / "models").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_file(monkeypatch, capsys):
+    class Stage:
+        @staticmethod
+        def main(argv):
+            raise OSError(errno.ENOSPC, "No space left on device", "models/scratch/model.pt")
+
+    monkeypatch.setattr(entry.importlib, "import_module", lambda name: Stage)
+    monkeypatch.setattr(entry.tracking, "start_worker", lambda: None)
+    monkeypatch.delenv(entry.DEBUG_ENV, raising=False)
+    with pytest.raises(SystemExit) as info:
+        entry.main(["train"])
+    err = capsys.readouterr().err
+    assert info.value.code == 1
+    assert err.startswith("error: models/scratch/model.pt: no space left on the device while writing it")
+    assert "`dvc checkout train` restores" in err and "Traceback" not in err
+
+
+def test_pipeline_debug_shows_the_traceback_behind_the_message(tmp_path):
+    (tmp_path / "params.yaml").write_text(TINY_PARAMS.replace("lr: 3.0e-3", "lr: -1.0"))
+    done = stage(tmp_path, "train", env=stage_env(PIPELINE_DEBUG="1"))
+    assert done.returncode != 0
+    assert "Traceback" in done.stderr and "ConfigError: params.yaml: train.lr: must be in (0, 10]" in done.stderr
