@@ -36,6 +36,7 @@ bench: setup
 	$(VENV)/bin/python -m bench.frameworks
 	$(VENV)/bin/python -m bench.duplicates
 	$(VENV)/bin/python -m bench.finetune
+	$(VENV)/bin/python -m bench.integrity
 
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --port 5000
