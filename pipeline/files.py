@@ -73,8 +73,10 @@ def atomic_dir(path: Path, checksums: bool = True) -> Iterator[Path]:
             os.replace(tmp, path)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.filename is None:  # a failed write() names no file (ENOSPC)
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        if isinstance(exc, OSError) and (exc.filename is None or str(exc.filename).startswith(str(tmp))):
+            # name the output the user knows, not the temporary folder (or nothing: ENOSPC in write())
+            name = path / Path(exc.filename).relative_to(tmp) if exc.filename else path
+            raise OSError(exc.errno, exc.strerror, str(name)) from exc
         raise
 
 

@@ -134,7 +134,7 @@ def digit_folder(root, per_class: int = 12) -> None:
 
 def save_splits(out: Path, splits: dict) -> None:
     """Prepared data as prepare writes it (`<split>_images.npy`, `<split>_labels.npy`,
-    `classes.json`), from in-memory `formats.Split`s: the engine tests' own small data."""
+    `classes.json`, `SHA256SUMS`), from in-memory `formats.Split`s: the engine tests' own small data."""
     from pipeline import files
 
     out.mkdir(parents=True, exist_ok=True)
@@ -142,6 +142,7 @@ def save_splits(out: Path, splits: dict) -> None:
         np.save(out / f"{name}_images.npy", np.ascontiguousarray(split.images))
         np.save(out / f"{name}_labels.npy", split.labels.astype(np.int64))
     files.write_json(out / "classes.json", list(next(iter(splits.values())).classes))
+    files.write_checksums(out)
 
 
 # Fixtures that run pipeline stages in subprocesses: a test using one is slow (make test-fast skips it).

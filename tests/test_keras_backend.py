@@ -168,7 +168,8 @@ def test_the_keras_stages_train_evaluate_and_export_with_parity(tmp_path, repo_r
     model_card = card.read_card(tmp_path / "models/scratch")
     assert model_card.framework == "keras" and model_card.arch == "scratch_cnn"
     assert model_card.classes == tuple(str(i) for i in range(10))
-    assert sorted(p.name for p in (tmp_path / "models/scratch").iterdir()) == ["model.json", "model.keras"]
+    folder = sorted(p.name for p in (tmp_path / "models/scratch").iterdir())
+    assert folder == ["SHA256SUMS", "model.json", "model.keras"]
     trained = json.loads((tmp_path / "dvclive/train/metrics.json").read_text())
     loss_rows = (tmp_path / "dvclive/train/plots/metrics/val/loss.tsv").read_text().splitlines()
     assert trained["epochs_run"] == 4 and len(loss_rows) == 5

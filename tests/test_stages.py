@@ -15,7 +15,7 @@ import torch
 from conftest import run
 from PIL import Image
 
-from pipeline import evaluate, export, finetune, train
+from pipeline import evaluate, export, files, finetune, train
 from pipeline.data import formats, images
 from pipeline.data.sources import standard
 from pipeline.errors import ArtifactError
@@ -92,6 +92,7 @@ def test_a_model_trained_on_other_classes_is_refused(workdir, trained):
     other = workdir / "prepared"
     shutil.copytree(trained / "data/prepared", other)
     (other / "classes.json").write_text(json.dumps([f"c{i}" for i in range(10)]))
+    files.write_checksums(other)  # a consistent folder of other data, not a damaged one
     with pytest.raises(
         formats.DataError, match=r"models/scratch was trained on classes \['0'.*classes.json lists \['c0'",
     ):

@@ -24,10 +24,13 @@ def stage(cwd: Path, *args: str, env: dict | None = None, timeout: float = 300) 
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
+PROGRESS = ("epoch/s", "s/epoch", "it/s", "s/it")  # tqdm's bars
+
+
 def message_lines(stderr: str) -> list[str]:
     """stderr less progress bars and MLflow's own INFO log lines."""
     return [line for line in stderr.splitlines()
-            if line.strip() and " INFO " not in line and "epoch/s" not in line and "it/s" not in line]  # fmt: skip
+            if line.strip() and " INFO " not in line and not any(bar in line for bar in PROGRESS)]  # fmt: skip
 
 
 def assert_expected_failure(done: subprocess.CompletedProcess, *needles: str, code: int = 1) -> str:

@@ -136,7 +136,11 @@ def test_an_interrupted_stage_is_killed_in_mlflow_and_its_outputs_come_back(repo
     proc = subprocess.Popen(["dvc", "repro", "train"], cwd=path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     pid = stage_pid("train")
-    time.sleep(12)  # past start-up: the MLflow run is open and epochs are running
+    for _ in range(600):  # until epochs are running: Ctrl-C during start-up is another case
+        running = last_run(path, "train")
+        if running.info.status == "RUNNING" and "train/loss" in running.data.metrics:
+            break
+        time.sleep(0.2)
     if how == "sigint":
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
     else:

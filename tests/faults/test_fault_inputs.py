@@ -87,3 +87,28 @@ def test_pipeline_debug_shows_the_traceback_behind_the_message(tmp_path):
     done = stage(tmp_path, "train", env=stage_env(PIPELINE_DEBUG="1"))
     assert done.returncode != 0
     assert "Traceback" in done.stderr and "ConfigError: params.yaml: train.lr: must be in (0, 10]" in done.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KB tmpfs (root only): a real full disk, not a simulated one."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_really_full_disk_while_writing_a_checkpoint_keeps_the_previous_model(prepared, tmp_path, small_disk):
+    (tmp_path / "params.yaml").write_text(TINY_PARAMS.replace("epochs: 2,", "epochs: 1,"))
+    previous = small_disk / "scratch"
+    previous.mkdir()
+    (previous / "model.pt").write_bytes(b"the previous model")
+    done = stage(tmp_path, "train", "--data", str(prepared), "--out", str(previous), "--live", str(tmp_path / "live"))
+    assert_expected_failure(done, f"error: {previous}/model.pt: no space left on the device while writing it")
+    assert (previous / "model.pt").read_bytes() == b"the previous model"
+    assert sorted(p.name for p in small_disk.iterdir()) == ["scratch"]  # no temporary folder left
+    assert not (tmp_path / "live").exists()  # the metrics were not moved into place either

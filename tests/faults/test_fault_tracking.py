@@ -105,7 +105,11 @@ def test_ctrl_c_stops_a_stage_with_exit_130_one_line_and_a_killed_run(work, mlfl
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--data", str(prepared)], cwd=work,
                             env=stage_env(MLFLOW_TRACKING_URI=mlflow_store), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    time.sleep(12)  # the worker has opened the store and epochs are running
+    for _ in range(600):  # until epochs are running: Ctrl-C during start-up is another case
+        runs = runs_of(mlflow_store)
+        if runs and "train/loss" in runs[0].data.metrics:
+            break
+        time.sleep(0.2)
     os.killpg(proc.pid, 2)
     _, err = proc.communicate(timeout=120)
     assert_expected_failure(subprocess.CompletedProcess([], proc.returncode, "", err), "train: interrupted.",
