@@ -294,12 +294,18 @@ def stage_run(stage: str, params: Mapping[str, Any], live_dir: Path | None = Non
             status = "FINISHED"
         except KeyboardInterrupt:
             # DVC forwards Ctrl-C to the stage on top of the terminal's own: a second one
-            # must not cut short the cleanup that records the run as KILLED.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            # must not cut short the cleanup that records the run as KILLED. The handler comes
+            # back afterwards: an ignored SIGINT would outlive this run, even into child processes.
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
             status = "KILLED"
+            try:
+                worker.close(status)
+            finally:
+                signal.signal(signal.SIGINT, previous)
             raise
         finally:
-            worker.close(status)
+            if status != "KILLED":
+                worker.close(status)
 
 
 def remove_orphan_scratch(folder: Path | None = None) -> None:

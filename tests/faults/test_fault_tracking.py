@@ -5,6 +5,7 @@ one line naming the store, and no run stays RUNNING or FINISHED when it was not.
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -97,6 +98,7 @@ def test_ctrl_c_in_a_stage_ends_its_run_killed(workdir, mlflow_store):
         raise KeyboardInterrupt
     (info,) = runs_of(mlflow_store)
     assert info.info.status == "KILLED"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not left ignored, nor in children
 
 
 def test_ctrl_c_stops_a_stage_with_exit_130_one_line_and_a_killed_run(work, mlflow_store, prepared):
