@@ -21,9 +21,8 @@ import os
 import signal
 import sys
 
-from pipeline import tracking
-from pipeline.errors import PipelineError
-
+# The pipeline's own modules load inside main()'s try, so a Ctrl-C while they import still
+# ends in the one-line message; before it, Python dies by the signal with a traceback.
 STAGES = ("ingest", "prepare", "train", "finetune", "evaluate", "export")
 
 # glibc mallopt parameters (malloc.h)
@@ -54,19 +53,23 @@ def main(argv: list[str] | None = None) -> None:
     keep_heap()
     restore = restore_hint(argv)
     try:
+        from pipeline import tracking
+
         tracking.start_worker()
         stage = importlib.import_module(f"pipeline.{argv[0]}")
         stage.main(argv[1:])
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (DVC forwards one) must not cut the message
         fail(f"{argv[0]}: interrupted.\n{restore}", 130)
-    except PipelineError as exc:
-        fail(f"error: {exc}\n{restore}")
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        fail(f"error: {exc.filename or 'a file'}: no space left on the device while writing it; "
-             f"free some space and rerun.\n{restore}")
+    except Exception as exc:
+        from pipeline.errors import PipelineError
+
+        if isinstance(exc, PipelineError):
+            fail(f"error: {exc}\n{restore}")
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            fail(f"error: {exc.filename or 'a file'}: no space left on the device while writing it; "
+                 f"free some space and rerun.\n{restore}")
+        raise
 
 
 def restore_hint(argv: list[str]) -> str:

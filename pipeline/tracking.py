@@ -34,10 +34,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import config, files
+from pipeline import config, files, workspace
 from pipeline.errors import TrackingError
 
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # on the worker's PYTHONPATH
+DRIVER_TAG = "pipeline.driver"  # the `dvc repro` / `dvc exp run` process a run belongs to (workspace.Driver)
 DEFAULT_EXPERIMENT = "cnn-pipeline"
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
@@ -72,9 +74,6 @@ def load_tracking_params(path: Path = config.PARAMS_FILE) -> TrackingParams:
     if "tracking" not in raw:
         return TrackingParams()
     return config.from_dict(raw["tracking"], TrackingParams, where=f"{path}: tracking")
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # on the worker's PYTHONPATH
-
-
 def repo_root(cwd: Path | None = None) -> Path:
     """The user's repository root, also when DVC runs the stage in a temporary copy."""
     cwd = (cwd or Path.cwd()).resolve()
@@ -145,6 +144,9 @@ class MlflowWorker:
             stdin=subprocess.PIPE,
             text=True,
             env=env,
+            # Its own process group: a terminal's Ctrl-C goes to the stage, which says how the
+            # run ends; delivered to the worker during its start-up, it printed a traceback.
+            process_group=0,
         )
 
     def call(self, op: str, **kwargs: Any) -> None:
@@ -163,10 +165,10 @@ class MlflowWorker:
             raise TrackingError(f"MLflow logging failed: its worker stopped (exit code {code}; its error is "
                                 f"printed above) for the store {self.uri}")
 
-    def close(self, status: str) -> None:
+    def close(self, status: str, fail_experiment: dict | None = None) -> None:
         """End the run and wait for every call to land; raise if MLflow failed."""
         with contextlib.suppress(TrackingError):
-            self.call("end", status=status)
+            self.call("end", status=status, fail_experiment=fail_experiment)
         with contextlib.suppress(BrokenPipeError, OSError):
             self._proc.stdin.close()
         code = self._proc.wait()
@@ -262,18 +264,20 @@ class StageRun:
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], live_dir: Path | None = None) -> Iterator[StageRun]:
-    """Open the stage's MLflow run (and DVCLive folder, when the stage has DVC metrics)."""
+    """Claim the workspace (`workspace.claim`) and open the stage's MLflow run (and its DVCLive
+    folder, when the stage has DVC metrics)."""
     started = time.perf_counter()
     worker = _take_worker()
-    status = "FAILED"
+    status, previous_sigint = "FAILED", None
     remove_orphan_scratch()
     prefix = f"{SCRATCH_PREFIX}{os.getpid()}-{stage.replace('@', '-')}-"
     with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
         try:
+            workspace.claim()  # before the run starts: a refused stage leaves no run behind
             worker.call(
                 "start",
                 run_name=stage,
-                tags={"stage": stage, **git_tags(Path.cwd())},
+                tags={"stage": stage, DRIVER_TAG: workspace.driver().key, **git_tags(Path.cwd())},
                 params={k: str(v) for k, v in flatten(params).items()},
             )
             with contextlib.ExitStack() as stack:
@@ -290,22 +294,23 @@ def stage_run(stage: str, params: Mapping[str, Any], live_dir: Path | None = Non
                 yield run
                 if live is not None:
                     live.end()
+                workspace.check_unchanged()  # before DVC records params.yaml beside these outputs
             run.log_timing({"stage_seconds": time.perf_counter() - started})
             status = "FINISHED"
         except KeyboardInterrupt:
-            # DVC forwards Ctrl-C to the stage on top of the terminal's own: a second one
-            # must not cut short the cleanup that records the run as KILLED. The handler comes
-            # back afterwards: an ignored SIGINT would outlive this run, even into child processes.
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            # DVC forwards Ctrl-C to the stage on top of the terminal's own: a second one must
+            # not cut short the cleanup that records the run as KILLED.
+            previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
             status = "KILLED"
-            try:
-                worker.close(status)
-            finally:
-                signal.signal(signal.SIGINT, previous)
             raise
         finally:
-            if status != "KILLED":
-                worker.close(status)
+            try:
+                # an experiment with a failed stage is not saved: its finished runs fail with it
+                in_experiment = status != "FINISHED" and os.environ.get("DVC_EXP_NAME")
+                worker.close(status, {"driver": workspace.driver().key, "stage": stage} if in_experiment else None)
+            finally:
+                if previous_sigint is not None:  # left ignored, it would outlive the run, even into children
+                    signal.signal(signal.SIGINT, previous_sigint)
 
 
 def remove_orphan_scratch(folder: Path | None = None) -> None:

@@ -11,10 +11,12 @@ Faults, each bounded (params.yaml `tracking:`; `tracking.TrackingParams`):
   to the local SQLite store instead and says so.
 - a store another process holds locked (`database is locked`, parallel experiments on one
   SQLite file): each call is retried with backoff for up to `lock_wait_seconds`.
-- the stage interrupted (Ctrl-C reaches the whole process group): the worker ignores SIGINT
-  and ends the run as the stage tells it (KILLED), or KILLED when the stage vanishes without
+- the stage interrupted (Ctrl-C): the worker runs in its own process group and ignores
+  SIGINT, and ends the run as the stage tells it (KILLED), or KILLED when the stage vanishes without
   a word (SIGKILL, the OOM killer). A run left RUNNING because both died is marked KILLED by
   the next worker that starts, once the process that owned it is gone.
+- a failed or interrupted stage of a `dvc exp run`: DVC saves no experiment, so the runs its
+  earlier stages finished (same `pipeline.driver` tag) are marked FAILED too, naming the stage.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.config import ConfigError
-from pipeline.tracking import ARTIFACT_DIR, OFFLINE_STORE, TrackingParams, load_tracking_params
+from pipeline.tracking import ARTIFACT_DIR, DRIVER_TAG, OFFLINE_STORE, TrackingParams, load_tracking_params
 
 T = TypeVar("T")
 HOST_TAG, PID_TAG = "pipeline.host", "pipeline.pid"  # who owns a run while it is RUNNING
+FAILED_BY_TAG = "pipeline.experiment_failed_in"  # the stage whose failure lost the experiment
 
 
 def say(message: str) -> None:
@@ -157,6 +160,7 @@ def serve(uri: str, experiment: str, root: str) -> None:
             call(lambda: mlflow.log_params(msg["params"]))
         elif op == "end":
             state["status"] = msg["status"]
+            state["failed"] = msg.get("fail_experiment")  # {"driver": ..., "stage": ...} or None
             return False
         elif op == "log_metrics":
             call(lambda: mlflow.log_metrics(msg["metrics"], step=msg["step"]))
@@ -180,6 +184,18 @@ def serve(uri: str, experiment: str, root: str) -> None:
         raise
     if state["run"] is not None:
         call(lambda: mlflow.end_run(state["status"]))
+    if state.get("failed"):
+        fail_experiment(client, experiment_id, state["failed"]["driver"], state["failed"]["stage"], p)
+
+
+def fail_experiment(client: Any, experiment_id: str, driver: str, stage: str, p: TrackingParams) -> None:
+    """Mark FAILED the FINISHED runs of one `dvc exp run` (`driver`) that DVC did not save."""
+    runs = retrying(lambda: client.search_runs([experiment_id], f"attributes.status = 'FINISHED' and "
+                                               f"tags.`{DRIVER_TAG}` = '{driver}'"), p.lock_wait_seconds)  # fmt: skip
+    for run in runs:
+        retrying(lambda r=run: client.set_tag(r.info.run_id, FAILED_BY_TAG, stage),
+                 p.lock_wait_seconds)  # fmt: skip
+        retrying(lambda r=run: client.set_terminated(r.info.run_id, "FAILED"), p.lock_wait_seconds)
 
 
 if __name__ == "__main__":

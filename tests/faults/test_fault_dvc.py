@@ -6,9 +6,11 @@ deleted comes back with the command the message gives."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from conftest import TINY_PARAMS, run
-from helpers import REPO, assert_expected_failure, snapshot, stage_env
+from helpers import REPO, assert_expected_failure, snapshot, stage, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -158,3 +160,63 @@ def test_an_interrupted_stage_is_killed_in_mlflow_and_its_outputs_come_back(repo
     run(["git", "checkout", "--", "params.yaml"], path, env)
     run(["dvc", "checkout", "train"], path, env)
     assert snapshot(path / "models/scratch") == before
+
+
+
+def test_two_exp_runs_in_one_workspace_fail_loudly_and_save_nothing(repo):
+    """The issue's probe: a second `dvc exp run` while the first trains. DVC writes the second's
+    -S value into params.yaml before any stage runs (DVC's own lock then stops the second); the
+    first must not record its model beside those params, nor leave a finished run."""
+    path, env = repo
+    lock = (path / "dvc.lock").read_bytes()
+    first = subprocess.Popen(["dvc", "exp", "run", "-S", "train.epochs=60",
+                              "-S", "+train.early_stopping_patience=0", "train"], cwd=path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    stage_pid("train")
+    for _ in range(600):
+        running = last_run(path, "train")
+        if running.info.status == "RUNNING" and "train/loss" in running.data.metrics:
+            break
+        time.sleep(0.2)
+    second = dvc(path, env, "exp", "run", "-S", "train.lr=0.5", "train")
+    assert second.returncode != 0 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    assert "is busy" in second.stderr, second.stderr[-3000:]
+    _, err = first.communicate(timeout=300)
+    assert first.returncode != 0
+    assert "Traceback" not in err, err[-3000:]
+    assert "params.yaml changed while this run (`dvc exp run -S train.epochs=60" in err, err[-3000:]
+    assert "dvc exp run --queue" in err
+    assert (path / "dvc.lock").read_bytes() == lock  # nothing recorded beside params it was not trained with
+    assert dvc(path, env, "exp", "list", "--name-only").stdout.strip() == ""
+    name = last_run(path, "train").data.tags["dvc_exp_name"]
+    client = mlflow.MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id],
+                              f"tags.dvc_exp_name = '{name}'")  # fmt: skip
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("train", "FAILED")]
+
+
+def test_a_stage_refuses_a_workspace_another_live_run_holds(repo):
+    """The other half: a stage whose workspace another live dvc process has claimed (here a
+    stand-in process) refuses before any work, pointing to the queue; a claim whose process has
+    gone is taken over."""
+    import psutil
+
+    path, env = repo
+    before = snapshot(path / "models/scratch")
+    holder = subprocess.Popen(["sleep", "120"])
+    try:
+        started = psutil.Process(holder.pid).create_time()
+        claim = {"driver": "x", "host": socket.gethostname(), "pid": holder.pid, "started": started, "params": "",
+                 "command": "dvc exp run -S train.lr=0.1"}  # fmt: skip
+        claim_file = path / ".dvc/tmp/pipeline-workspace.json"
+        claim_file.write_text(json.dumps(claim))
+        done = stage(path, "train", env={**env, "PYTHONPATH": str(REPO)})
+        assert_expected_failure(done, "in use by another run: `dvc exp run -S train.lr=0.1`", f"pid {holder.pid}",
+                                "dvc exp run --queue")  # fmt: skip
+        assert snapshot(path / "models/scratch") == before
+    finally:
+        holder.kill()
+        holder.wait()
+    done = stage(path, "train", env={**env, "PYTHONPATH": str(REPO)})  # the holder is gone: its claim is stale
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(claim_file.read_text())["pid"] != holder.pid

@@ -1,5 +1,6 @@
 """Bad inputs a stage reads: weights that hold code or were swapped, a prepared split with a
-flipped byte, a full disk; and the switch that shows the traceback behind a short message."""
+flipped byte, a full disk (while writing a checkpoint, an export, a metrics file); and the
+switch that shows the traceback behind a short message."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from conftest import TINY_PARAMS
 from helpers import assert_expected_failure, stage, stage_env
 
 from pipeline import __main__ as entry
+from pipeline import tracking
 from pipeline.frameworks.torch import weights
 from pipeline.frameworks.torch.model import WeightsError
 
@@ -72,7 +74,7 @@ def test_a_full_disk_is_one_line_naming_the_file(monkeypatch, capsys):
             raise OSError(errno.ENOSPC, "No space left on device", "models/scratch/model.pt")
 
     monkeypatch.setattr(entry.importlib, "import_module", lambda name: Stage)
-    monkeypatch.setattr(entry.tracking, "start_worker", lambda: None)
+    monkeypatch.setattr(tracking, "start_worker", lambda: None)
     monkeypatch.delenv(entry.DEBUG_ENV, raising=False)
     with pytest.raises(SystemExit) as info:
         entry.main(["train"])
@@ -112,3 +114,42 @@ def test_a_really_full_disk_while_writing_a_checkpoint_keeps_the_previous_model(
     assert (previous / "model.pt").read_bytes() == b"the previous model"
     assert sorted(p.name for p in small_disk.iterdir()) == ["scratch"]  # no temporary folder left
     assert not (tmp_path / "live").exists()  # the metrics were not moved into place either
+
+
+def fill(disk, leave: int) -> None:
+    """Leave `leave` bytes free on `disk`."""
+    free = shutil.disk_usage(disk).free
+    (disk / "filler").write_bytes(b"\0" * max(free - leave, 0))
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    work = tmp_path_factory.mktemp("trained")
+    (work / "params.yaml").write_text(TINY_PARAMS.replace("epochs: 2,", "epochs: 1,"))
+    done = stage(work, "train", "--data", str(prepared))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work
+
+
+def test_a_really_full_disk_while_writing_an_export_keeps_the_previous_one(prepared, trained, small_disk):
+    previous = small_disk / "scratch"
+    previous.mkdir()
+    (previous / "model.onnx").write_bytes(b"the previous export")
+    fill(small_disk, 16 * 1024)  # less than the tiny model's ONNX file
+    done = stage(trained, "export", "--model", "scratch", "--data", str(prepared), "--out", str(previous),
+                 "--live", str(trained / "live-export"))  # fmt: skip
+    assert_expected_failure(done, f"error: {previous}/", "no space left on the device while writing it")
+    assert (previous / "model.onnx").read_bytes() == b"the previous export"
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "scratch"]  # no temporary folder left
+    assert not (trained / "live-export").exists()
+
+
+def test_a_really_full_disk_while_writing_metrics_keeps_the_previous_ones(prepared, trained, small_disk):
+    live = small_disk / "evaluate"
+    live.mkdir()
+    (live / "metrics.json").write_text('{"test_acc": 0.5}\n')
+    fill(small_disk, 2 * 1024)  # less than the confusion-matrix plot
+    done = stage(trained, "evaluate", "--model", "scratch", "--data", str(prepared), "--live", str(live))
+    assert_expected_failure(done, "no space left on the device while writing it", str(small_disk))
+    assert (live / "metrics.json").read_text() == '{"test_acc": 0.5}\n'
+    assert sorted(p.name for p in small_disk.iterdir()) == ["evaluate", "filler"]

@@ -4,6 +4,7 @@ one line naming the store, and no run stays RUNNING or FINISHED when it was not.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -18,7 +19,7 @@ import pytest
 from conftest import TINY_PARAMS
 from helpers import assert_expected_failure, stage, stage_env
 
-from pipeline import tracking, tracking_worker
+from pipeline import tracking, tracking_worker, workspace
 from pipeline.errors import PipelineError, TrackingError
 
 pytestmark = pytest.mark.slow  # stages in subprocesses; make test runs them, test-fast does not
@@ -186,3 +187,37 @@ def test_a_worker_that_dies_stops_the_stage_at_its_next_call(workdir, monkeypatc
             run.log_epoch(epoch, {"loss": 1.0})
             time.sleep(0.1)
     assert epoch < 590
+
+
+@pytest.mark.parametrize("experiment", ["bared-grub", ""])
+def test_a_failed_stage_of_an_experiment_fails_the_runs_its_earlier_stages_finished(
+    workdir, mlflow_store, monkeypatch, experiment
+):
+    """DVC saves no experiment when a stage fails, so the experiment's finished runs fail with it;
+    a plain `dvc repro` keeps them (DVC recorded their outputs), and another run's are untouched."""
+    monkeypatch.setenv("DVC_EXP_NAME", experiment)
+    with tracking.stage_run("ingest", {}):
+        pass  # another driver: an earlier `dvc repro`
+    monkeypatch.setattr(workspace, "_driver", dataclasses.replace(workspace.driver(), pid=1, started=1.0))
+    with tracking.stage_run("prepare", {}):
+        pass
+    with pytest.raises(RuntimeError), tracking.stage_run("train", {}):
+        raise RuntimeError("boom")
+    tag = tracking_worker.FAILED_BY_TAG
+    ended = {r.info.run_name: (r.info.status, r.data.tags.get(tag)) for r in runs_of(mlflow_store)}
+    earlier = ("FAILED", "train") if experiment else ("FINISHED", None)
+    assert ended == {"ingest": ("FINISHED", None), "prepare": earlier, "train": ("FAILED", None)}
+
+
+@pytest.mark.parametrize("after", [0.15, 0.2, 0.25, 0.5, 1.0, 2.0])  # the worker imports in 0.1-0.3 s
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(work, mlflow_store, prepared, after):
+    """Ctrl-C while the stage and its MLflow worker are still importing: the same one-line
+    message, and no traceback from either (only Python's own first ~40 ms are out of reach)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--data", str(prepared)], cwd=work,
+                            env=stage_env(MLFLOW_TRACKING_URI=mlflow_store), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    time.sleep(after)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert_expected_failure(subprocess.CompletedProcess([], proc.returncode, "", err), "train: interrupted.", code=130)
+    assert not (work / "models").exists()
