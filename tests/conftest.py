@@ -159,3 +159,24 @@ def pytest_collection_finish(session) -> None:
     """TensorFlow stays out of pytest's own process: torch._dynamo, which any torch optimizer
     imports, segfaults once TensorFlow is loaded. Keras tests run it in subprocesses."""
     assert "tensorflow" not in sys.modules, "a test module imported TensorFlow at collection; run it in a subprocess"
+
+
+PROJECT_FILES = ("pipeline/", ".dvc/", "data/sources/")  # with dvc.yaml, .dvcignore, .gitignore
+
+
+def copy_project(dest: Path, store: Path, params: str = TINY_PARAMS) -> dict[str, str]:
+    """A git + DVC repository at `dest` holding this project's tracked pipeline files, `params`
+    and a copy of the MLflow `store` (the default one: SQLite in the repository root), with
+    everything under `dest` committed; returns the environment to run DVC in (the venv's dvc)."""
+    listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
+    for rel in listed.stdout.split():
+        if rel.startswith(PROJECT_FILES) or rel in {"dvc.yaml", ".dvcignore", ".gitignore"}:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / rel, dest / rel)
+    (dest / "params.yaml").write_text(params)
+    shutil.copy(store, dest / "mlflow.db")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH", "PIPELINE_DEBUG")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the venv's python and dvc
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
+        run(cmd, dest, env)
+    return env

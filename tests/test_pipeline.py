@@ -3,42 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-from conftest import TINY_PARAMS, digit_folder, run
+from conftest import copy_project, digit_folder, run
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tmp_repo(tmp_path_factory, repo_root, _migrated_store) -> tuple[Path, dict]:
+def tmp_repo(tmp_path_factory, _migrated_store) -> tuple[Path, dict]:
     """A git + DVC repository holding this project's tracked files and the tiny params, with
     one `dvc repro` committed: every test here starts from it, in any order or alone."""
     repo = tmp_path_factory.mktemp("repo")
-    tracked = subprocess.run(
-        ["git", "ls-files"], cwd=repo_root, capture_output=True, text=True, check=True,
-    ).stdout.split()
-    for rel in tracked:
-        if rel.startswith(("pipeline/", ".dvc/", "data/sources/")) or rel in {"dvc.yaml", ".dvcignore", ".gitignore"}:
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(repo_root / rel, repo / rel)
-    (repo / "params.yaml").write_text(TINY_PARAMS)
-    shutil.copy(_migrated_store, repo / "mlflow.db")  # the default store: sqlite in the repo root
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the venv's python and dvc
-    run(["git", "init", "-q", "-b", "main"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "baseline"], repo, env)
-    run(["dvc", "repro"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "default run"], repo, env)
+    env = copy_project(repo, _migrated_store)
+    for cmd in (["dvc", "repro"], ["git", "add", "-A"], ["git", "commit", "-qm", "default run"]):
+        run(cmd, repo, env)
     return repo, env
 
 
@@ -192,22 +174,12 @@ export: {opset: 18, batch_size: 64}
 """
 
 
-def test_photos_take_the_photo_paths_and_rerun_byte_identically(tmp_path_factory, repo_root, _migrated_store):
+def test_photos_take_the_photo_paths_and_rerun_byte_identically(tmp_path_factory, _migrated_store):
     """A small colour photo folder with the auto defaults: stored at its own 96 px, crops and
     flips, the scratch CNN at 64 px and the fine-tune at 224; `dvc repro -f` gives the same lock."""
     repo = tmp_path_factory.mktemp("photos")
-    listed = subprocess.run(["git", "ls-files"], cwd=repo_root, capture_output=True, text=True, check=True)
-    for rel in listed.stdout.split():
-        if rel.startswith(("pipeline/", ".dvc/", "data/sources/")) or rel in {"dvc.yaml", ".dvcignore", ".gitignore"}:
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(repo_root / rel, repo / rel)
     photo_folder(repo / "data" / "sources" / "photos")
-    (repo / "params.yaml").write_text(PHOTO_PARAMS)
-    shutil.copy(_migrated_store, repo / "mlflow.db")
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "photos"]):
-        run(cmd, repo, env)
+    env = copy_project(repo, _migrated_store, PHOTO_PARAMS)
     run(["dvc", "repro"], repo, env)
     first = (repo / "dvc.lock").read_text()
     run(["dvc", "repro", "-f"], repo, env)

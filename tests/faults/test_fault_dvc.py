@@ -17,8 +17,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import TINY_PARAMS, run
-from helpers import REPO, assert_expected_failure, snapshot, stage, stage_env
+from conftest import TINY_PARAMS, copy_project, run
+from helpers import REPO, assert_expected_failure, snapshot, stage
 
 pytestmark = pytest.mark.slow
 
@@ -26,16 +26,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, _migrated_store) -> tuple[Path, dict]:
     repo = tmp_path_factory.mktemp("faults-repo")
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for rel in tracked:
-        if rel.startswith(("pipeline/", ".dvc/", "data/sources/")) or rel in {"dvc.yaml", ".dvcignore", ".gitignore"}:
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(REPO / rel, repo / rel)
-    (repo / "params.yaml").write_text(TINY_PARAMS)
-    shutil.copy(_migrated_store, repo / "mlflow.db")
-    env = {k: v for k, v in stage_env().items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")}
-    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"],
-                ["dvc", "repro", "export@scratch"], ["git", "add", "-A"], ["git", "commit", "-qm", "run"]):
+    env = copy_project(repo, _migrated_store)
+    for cmd in (["dvc", "repro", "export@scratch"], ["git", "add", "-A"], ["git", "commit", "-qm", "run"]):
         run(cmd, repo, env)
     return repo, env
 

@@ -302,16 +302,21 @@ def checkpoint_bytes(model: nn.Module, arch: str, model_args: dict[str, Any], cl
     return buffer.getvalue()
 
 
+def refusal_reason(exc: BaseException) -> str:
+    """The first line of why torch.load(weights_only=True) refused a file, without torch's advice
+    to retry with weights_only=False: that would run the file's code, so it is not ours to give."""
+    return str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:200]
+
+
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model (eval mode, CPU) from a checkpoint; also return the checkpoint dict."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ArtifactError(f"{path}: checkpoint not found; run the stage that trains it") from None
-    except Exception as exc:  # torch's advice (weights_only=False) would run the file's code: not given
-        reason = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:200]
-        raise ArtifactError(f"{path}: refused: not a plain tensor checkpoint ({reason}); this pipeline never "
-                            "unpickles code. Rerun the stage that trains it") from exc
+    except Exception as exc:
+        raise ArtifactError(f"{path}: refused: not a plain tensor checkpoint ({refusal_reason(exc)}); this "
+                            "pipeline never unpickles code. Rerun the stage that trains it") from exc
     missing = {"arch", "model_args", "classes", "state_dict"} - set(ckpt) if isinstance(ckpt, dict) else {"all"}
     if missing:
         raise ArtifactError(f"{path}: not a pipeline checkpoint (missing {sorted(missing)})")

