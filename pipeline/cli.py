@@ -29,9 +29,12 @@ def fit_paths(argv: list[str] | None, doc: str | None, stage: str, model: str) -
                  path("--live", f"dvclive/{stage}"))  # fmt: skip
 
 
-def model_paths(argv: list[str] | None, doc: str | None, stage: str, out: str | None = None) -> argparse.Namespace:
+def model_paths(
+    argv: list[str] | None, doc: str | None, stage: str, out: str | None = None, evaluation: bool = False
+) -> argparse.Namespace:
     """A stage that reads one trained model (`--model` under `--models`): its paths, with
-    `model_dir`, `live` (dvclive/<stage>/<model>) and, when `out` is given, `out` (<out>/<model>)."""
+    `model_dir`, `live` (dvclive/<stage>/<model>), when `out` is given, `out` (<out>/<model>),
+    and with `evaluation`, the model's evaluate folder (dvclive/evaluate/<model>)."""
     options = [
         ("--model", {"required": True, "help": "model name: scratch or finetune"}),
         path("--data", "data/prepared"),
@@ -40,10 +43,14 @@ def model_paths(argv: list[str] | None, doc: str | None, stage: str, out: str | 
     ]
     if out:
         options.append(path("--out", None, f"default: {out}/<model>"))
+    if evaluation:
+        options.append(path("--evaluation", None, "default: dvclive/evaluate/<model>"))
     args = parse(argv, doc, *options)
     args.model_dir = args.models / args.model
     args.producer = PRODUCERS.get(args.model, args.model)
     args.live = args.live or Path("dvclive") / stage / args.model
     if out:
         args.out = args.out or Path(out) / args.model
+    if evaluation:
+        args.evaluation = args.evaluation or Path("dvclive") / "evaluate" / args.model
     return args

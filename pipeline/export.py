@@ -1,13 +1,14 @@
 """Export one trained model to the formats that serve it, and check each against the model.
 
-Reads the model folder `models/<model>/` and the prepared test split (and a fixed sample of
-training images, which calibrate int8 quantisation); writes `exports/<model>/`:
+Reads the model folder `models/<model>/`, the prepared test split (and a fixed sample of
+training images, which calibrate int8 quantisation) and the temperature evaluate fitted
+(`dvclive/evaluate/<model>/calibration.json`); writes `exports/<model>/`:
 
 - torch models: `model.torchscript.pt` and `model.onnx`, float32 (N, C, H, W) input;
 - keras models: `saved_model/1/` (TensorFlow Serving), `model.tflite`, `model_int8.tflite`
   and `model.onnx`, float32 (N, H, W, C) input (int8 in and out for the int8 file);
 
-and `model.json` (classes, input format, preprocessing) beside them. Every format returns
+and `model.json` (classes, input format, preprocessing, calibration temperature) beside them. Every format returns
 class probabilities, with normalisation and resizing inside the graph. Each runs in its own
 runtime (ONNX Runtime, LiteRT, TensorFlow, TorchScript) on the test split, and
 `dvclive/export/<model>/metrics.json` records, per format, the largest absolute difference
@@ -27,7 +28,7 @@ import numpy as np
 from pipeline import cli, config, files, tracking
 from pipeline.config import check
 from pipeline.data import formats
-from pipeline.errors import PipelineError
+from pipeline.errors import ArtifactError, PipelineError
 from pipeline.frameworks import registry
 from pipeline.frameworks.card import ModelCard
 from pipeline.frameworks.interface import INPUT_NAME, OUTPUT_NAME, ExportOptions, RuntimeParams
@@ -59,9 +60,11 @@ class ExportParams:
         check(self.calibration_images >= 1, "calibration_images", f"must be at least 1, got {self.calibration_images}")
 
 
-def metadata(card: ModelCard, split: formats.Split, preprocessing: dict, layout: str) -> dict:
+def metadata(card: ModelCard, split: formats.Split, preprocessing: dict, layout: str, temperature: float) -> dict:
     """Everything a consumer needs to feed the model and read its output.
 
+    `temperature` is evaluate's, fitted on the val split: the exports output the model's own
+    probabilities, and a consumer wanting calibrated ones applies softmax(log(p) / T).
     `preprocessing` is prepare's record of how a file became a training array (resize mode,
     alpha background...); `pipeline.data.images.load_for_model` repeats it for a new file."""
     side, channels = split.image_size, split.channels
@@ -86,7 +89,18 @@ def metadata(card: ModelCard, split: formats.Split, preprocessing: dict, layout:
             ),
         },
         "output": {"name": OUTPUT_NAME, "meaning": "class probabilities, softmax over classes in 'classes' order"},
+        "calibration": {"temperature": temperature, "apply": "p_calibrated = softmax(log(p) / temperature)",
+                        "fitted_on": "the val split (evaluate)"},  # fmt: skip
     }
+
+
+def read_temperature(evaluation: Path) -> float:
+    """The temperature evaluate fitted for this model (its calibration.json)."""
+    path = Path(evaluation) / "calibration.json"
+    found = formats.read_json(path, "the model's calibration (written by evaluate)").get("temperature")
+    if not isinstance(found, int | float) or not 0 < found < float("inf"):
+        raise ArtifactError(f"{path}: 'temperature' must be a positive number, got {found!r}; rerun evaluate")
+    return float(found)
 
 
 def calibration_rows(n: int, count: int) -> np.ndarray:
@@ -123,7 +137,7 @@ def check_parity(
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = cli.model_paths(argv, __doc__, "export", out="exports")
+    args = cli.model_paths(argv, __doc__, "export", out="exports", evaluation=True)
     p = config.load("export", ExportParams)
     rt = config.load("runtime", RuntimeParams)
     files.verify_folder(args.data, "prepare")
@@ -134,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         args.model_dir, test.classes, args.data, dataclasses.replace(rt, device="cpu")
     )
     dataset = formats.read_json(args.data / "dataset.json", "the dataset description")
-    meta = metadata(card, test, dataset.get("preprocessing", {}), backend.layout)
+    meta = metadata(card, test, dataset.get("preprocessing", {}), backend.layout, read_temperature(args.evaluation))
     options = ExportOptions(opset=p.opset, onnx_exporter=p.onnx_exporter, batch_size=p.batch_size)
     with tracking.stage_run(
         f"export@{args.model}", {"export": p, "runtime": rt, "model": args.model}, args.live

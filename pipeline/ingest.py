@@ -210,6 +210,9 @@ def download(name: str, root: Path) -> None:
         socket.setdefaulttimeout(previous)
 
 
+DETAIL_KEYS = ("per_class/", "rejected_by/")  # to details.json: a column each would drown `dvc metrics show`
+
+
 def main(argv: list[str] | None = None) -> None:
     args = cli.parse(argv, __doc__, cli.path("--out", "data/ingested"), cli.path("--live", "dvclive/ingest"))
     params = config.load("data", DataParams)
@@ -228,7 +231,9 @@ def main(argv: list[str] | None = None) -> None:
                            "classes": len(source.classes), "source_files": source_files}  # fmt: skip
             files.write_json(tmp / "dataset.json", description)
         run.set_tags({"dataset_sha256": digest, "data_source": params.source})
-        run.log_summary(stats)
+        detail = {k: v for k, v in stats.items() if k.startswith(DETAIL_KEYS)}
+        run.log_summary({k: v for k, v in stats.items() if k not in detail})
+        run.log_details(detail)
         seconds = time.perf_counter() - started
         run.log_timing({"ingest_seconds": seconds, "images_per_second": len(manifest) / seconds})
         run.log_artifact(args.out, "ingested")

@@ -271,6 +271,13 @@ def statistics(
     return stats
 
 
+def is_detail(key: str) -> bool:
+    """Per-class counts, fractions and colour counts go to details.json: `dvc metrics show` keeps
+    the image size, channels, split sizes and near-duplicate counts."""
+    return "/per_class/" in key or key.endswith(("_fraction", "phash_candidates")) or (
+        key.startswith("colour/") and key != "colour/channels")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     args = cli.parse(argv, __doc__, cli.path("--ingested", "data/ingested"), cli.path("--out", "data/prepared"),
                      cli.path("--live", "dvclive/prepare"))  # fmt: skip
@@ -303,7 +310,10 @@ def main(argv: list[str] | None = None) -> None:
         print(colour_decision(prepared, storage))
         print(f"prepare: images stored at {storage.size} x {storage.size} px (prepare.image_size: {params.image_size})")
         run.set_tags({"dataset_sha256": dataset["sha256"], "data_source": dataset["source"]})
-        run.log_summary(statistics(prepared, classes, near, candidates, storage))
+        stats = statistics(prepared, classes, near, candidates, storage)
+        detail = {k: v for k, v in stats.items() if is_detail(k)}
+        run.log_summary({k: v for k, v in stats.items() if k not in detail})
+        run.log_details(detail)
         run.log_timing({"prepare_seconds": time.perf_counter() - started})
         run.log_artifact(args.out / "manifest.csv", "prepared")
         run.log_artifact(args.out / "near_duplicates.csv", "prepared")

@@ -226,6 +226,20 @@ class StageRun:
             self._live.make_summary()
         self._worker.call("log_metrics", metrics={k: float(v) for k, v in metrics.items()}, step=None)
 
+    def log_details(self, metrics: Mapping[str, float | int], name: str = "details.json") -> None:
+        """Figures too many for `dvc metrics show`'s columns (per class, per reason): nested in
+        `<live_dir>/<name>`, a file dvc.yaml declares as an output, not as metrics, and MLflow."""
+        if self.live_dir is not None:
+            nested: dict = {}
+            for key, value in metrics.items():
+                node = nested
+                *parents, leaf = key.split("/")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = value
+            files.write_json(self.live_dir / name, nested)
+        self._worker.call("log_metrics", metrics={k: float(v) for k, v in metrics.items()}, step=None)
+
     def log_timing(self, metrics: Mapping[str, float]) -> None:
         """Wall-clock figures: MLflow only, so DVC-tracked files stay reproducible."""
         self._worker.call("log_metrics", metrics={f"time/{k}": float(v) for k, v in metrics.items()}, step=None)
@@ -250,6 +264,31 @@ class StageRun:
         path = self._scratch / name
         figure.savefig(path, dpi=100, bbox_inches="tight")
         self.log_artifact(path)
+
+    def log_image(self, png: bytes, name: str) -> None:
+        """A PNG as a DVC image plot (`<live_dir>/plots/images/<name>`) and an MLflow artifact
+        (under `plots/`; from the scratch folder, as the live folder moves when the stage ends)."""
+        if self.live_dir is not None:
+            files.write_bytes(self.live_dir / "plots" / "images" / name, png)
+        path = self._scratch / name
+        path.write_bytes(png)
+        self.log_artifact(path, "plots")
+
+    @contextlib.contextmanager
+    def child(self, name: str, params: Mapping[str, Any]) -> Iterator[StageRun]:
+        """A nested MLflow run under this one (a cross-validation fold): what is logged through
+        the StageRun it yields goes to MLflow only, and the child ends FINISHED, FAILED or KILLED."""
+        self._worker.call("start_child", run_name=name, tags={"stage": self.stage, DRIVER_TAG: workspace.driver().key},
+                          params={k: str(v) for k, v in flatten(params).items()})  # fmt: skip
+        status = "FAILED"
+        try:
+            yield StageRun(self.stage, None, self._worker, self._scratch)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self._worker.call("end_child", status=status)
 
     def log_dict(self, obj: Any, name: str) -> None:
         path = self._scratch / name

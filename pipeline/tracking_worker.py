@@ -158,6 +158,13 @@ def serve(uri: str, experiment: str, root: str) -> None:
             state["run"] = retrying(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=msg["run_name"],
                                                              tags=tags), p.lock_wait_seconds)  # fmt: skip
             call(lambda: mlflow.log_params(msg["params"]))
+        elif op == "start_child":  # a nested run (cross-validation folds); later calls log into it
+            tags = {**msg["tags"], HOST_TAG: socket.gethostname(), PID_TAG: str(os.getppid())}
+            retrying(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=msg["run_name"], nested=True,
+                                              tags=tags), p.lock_wait_seconds)  # fmt: skip
+            call(lambda: mlflow.log_params(msg["params"]))
+        elif op == "end_child":
+            call(lambda: mlflow.end_run(msg["status"]))
         elif op == "end":
             state["status"] = msg["status"]
             state["failed"] = msg.get("fail_experiment")  # {"driver": ..., "stage": ...} or None
@@ -179,13 +186,17 @@ def serve(uri: str, experiment: str, root: str) -> None:
             if not apply(json.loads(line)):
                 break
     except BaseException:
-        if state["run"] is not None:  # FAILED, not the FINISHED that MLflow's exit handler would record
-            call(lambda: mlflow.end_run("FAILED"))
+        end_all(mlflow, "FAILED", p)  # FAILED, not the FINISHED that MLflow's exit handler would record
         raise
-    if state["run"] is not None:
-        call(lambda: mlflow.end_run(state["status"]))
+    end_all(mlflow, state["status"], p)
     if state.get("failed"):
         fail_experiment(client, experiment_id, state["failed"]["driver"], state["failed"]["stage"], p)
+
+
+def end_all(mlflow: Any, status: str, p: TrackingParams) -> None:
+    """End the open runs, a child left open by an interrupted fold first, with `status`."""
+    while mlflow.active_run() is not None:
+        retrying(lambda: mlflow.end_run(status), p.lock_wait_seconds)
 
 
 def fail_experiment(client: Any, experiment_id: str, driver: str, stage: str, p: TrackingParams) -> None:

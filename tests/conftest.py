@@ -37,6 +37,7 @@ finetune:
   batch_size: 64
 evaluate: {batch_size: 256}
 export: {opset: 18, batch_size: 256}
+crossval: {folds: 0}
 """
 
 
@@ -98,11 +99,12 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 900
 
 @pytest.fixture(scope="session")
 def trained(prepared) -> Path:
-    """Both models trained once per session on the tiny params; returns the work folder."""
+    """Both models trained and evaluated once per session on the tiny params (export reads the
+    temperature evaluate fits, from dvclive/evaluate/<model>/); returns the work folder."""
     work = prepared.parent.parent
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "PYTHONPATH": str(REPO)}
-    for stage in ("train", "finetune"):
-        run([sys.executable, "-m", "pipeline", stage], cwd=work, env=env)
+    for stage in (["train"], ["finetune"], ["evaluate", "--model", "scratch"], ["evaluate", "--model", "finetune"]):
+        run([sys.executable, "-m", "pipeline", *stage], cwd=work, env=env)
     return work
 
 

@@ -34,7 +34,9 @@ def test_ingest_records_every_digit_in_the_manifest_and_classes(workdir):
     row = manifest.iloc[5]
     assert row["sha256"] == formats.pixel_sha256(pixels[5]) and row["label"] == str(labels[5])
     metrics = json.loads((workdir / "live" / "metrics.json").read_text())
-    assert metrics["images"] == 1797 and metrics["rejected"] == 0 and sum(metrics["per_class"].values()) == 1797
+    details = json.loads((workdir / "live" / "details.json").read_text())
+    assert metrics["images"] == 1797 and metrics["rejected"] == 0 and sum(details["per_class"].values()) == 1797
+    assert "per_class" not in metrics and set(details) == {"per_class", "rejected_by"}  # readable metrics columns
     dataset = json.loads((workdir / "ingested" / "dataset.json").read_text())
     assert dataset["source"] == "digits" and dataset["sha256"] == ingest.dataset_hash(manifest)
 
@@ -123,7 +125,8 @@ def test_a_folder_dataset_runs_through_both_stages_the_same_way_twice(workdir, m
         ingest.main(["--out", f"{out}/ingested", "--live", f"{out}/live/ingest"])
         prepare.main(["--ingested", f"{out}/ingested", "--out", f"{out}/prepared", "--live", f"{out}/live/prepare"])
     for rel in ("ingested/manifest.csv", "ingested/excluded.csv", "prepared/manifest.csv", "prepared/train_images.npy",
-                "prepared/test_labels.npy", "prepared/near_duplicates.csv", "live/prepare/metrics.json"):
+                "prepared/test_labels.npy", "prepared/near_duplicates.csv", "live/prepare/metrics.json",
+                "live/prepare/details.json"):
         assert (workdir / "a" / rel).read_bytes() == (workdir / "b" / rel).read_bytes(), rel
     train = formats.load_split(workdir / "a" / "prepared", "train")
     assert train.classes == ("digit0", "digit1", "digit2", "digit3")
@@ -133,7 +136,10 @@ def test_a_folder_dataset_runs_through_both_stages_the_same_way_twice(workdir, m
     metrics = json.loads((workdir / "a" / "live" / "prepare" / "metrics.json").read_text())
     assert sum(metrics[s]["images"] for s in formats.SPLITS) == 48
     assert set(metrics["near_duplicates"]) >= {"test_in_train", "val_in_train", "test_in_val"}
-    assert metrics["colour"] == {"channels": 1, "colour_images": 0, "grey_images_in_rgb_files": 12}
+    details = json.loads((workdir / "a" / "live" / "prepare" / "details.json").read_text())
+    assert metrics["colour"] == {"channels": 1}
+    assert details["colour"] == {"colour_images": 0, "grey_images_in_rgb_files": 12}
+    assert sum(details["train"]["per_class"].values()) == metrics["train"]["images"]
     # the same statistics and the dataset's identity reach MLflow
     client = mlflow.MlflowClient(mlflow_store)
     experiment_id = client.get_experiment_by_name("cnn-pipeline").experiment_id

@@ -21,7 +21,7 @@ from ruamel.yaml import YAML
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "pipeline"
-STAGES = ("ingest", "prepare", "train", "finetune", "evaluate", "export")
+STAGES = ("ingest", "prepare", "train", "crossval", "finetune", "evaluate", "export", "report")
 FRAMEWORK_LIBRARIES = (
     "torch", "torchvision", "timm", "tensorflow", "keras", "tf2onnx", "ai_edge_litert", "onnxruntime",
 )
@@ -117,7 +117,8 @@ def layer_of(path: Path) -> str:
     rel = path.relative_to(PACKAGE).parts
     if len(rel) == 1 and path.stem in STAGES:
         return "stage"
-    return {"data": "data", "frameworks": "frameworks"}.get(rel[0], "shared") if len(rel) > 1 else "shared"
+    layers = {"data": "data", "evaluation": "evaluation", "frameworks": "frameworks"}
+    return layers.get(rel[0], "shared") if len(rel) > 1 else "shared"
 
 
 def all_modules() -> list[Path]:
@@ -155,9 +156,9 @@ def test_imports_point_down_the_layers(path):
         assert stages - {f"pipeline.{path.stem}"} == set(), f"{path.name} imports another stage: {sorted(stages)}"
     elif path.name != "__main__.py":
         assert not stages, f"{path.relative_to(REPO)} ({layer} layer) imports a stage: {sorted(stages)}"
-    if layer == "data":
+    if layer in ("data", "evaluation"):
         frameworks = {n for n in names if n.split(".")[0] in FRAMEWORK_LIBRARIES or n.startswith("pipeline.frameworks")}
-        assert not frameworks, f"{path.relative_to(REPO)} (data layer) imports a framework: {sorted(frameworks)}"
+        assert not frameworks, f"{path.relative_to(REPO)} ({layer} layer) imports a framework: {sorted(frameworks)}"
     if layer == "frameworks":
         parts = path.relative_to(PACKAGE / "frameworks").parts
         own = parts[0] if len(parts) > 1 else None  # torch/ or keras/, else the framework-free modules

@@ -35,7 +35,9 @@ def test_dvc_repro_twice_gives_identical_lock_and_then_has_nothing_to_do(tmp_rep
     first = run(["git", "show", "HEAD:dvc.lock"], repo, env).stdout  # the fixture's committed run
     for out in ("models/scratch/model.pt", "models/finetune/model.pt", "exports/scratch/model.onnx",
                 "exports/finetune/model.torchscript.pt",
-                "dvclive/evaluate/finetune/plots/sklearn/confusion_matrix.json", "data/prepared/classes.json"):
+                "dvclive/evaluate/finetune/plots/sklearn/confusion_matrix.json", "data/prepared/classes.json",
+                "dvclive/evaluate/scratch/plots/images/gradcam.png", "reports/report.md",
+                "reports/images/finetune_reliability.png", "dvclive/crossval/metrics.json"):
         assert (repo / out).is_file(), out
 
     run(["dvc", "repro", "-f"], repo, env)
@@ -46,13 +48,17 @@ def test_dvc_repro_twice_gives_identical_lock_and_then_has_nothing_to_do(tmp_rep
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
     (workspace,) = [rev["data"] for rev in metrics.values()]  # one revision: the workspace
     assert "test" in workspace["dvclive/evaluate/scratch/metrics.json"]["data"]
+    side_by_side = workspace["dvclive/report/metrics.json"]["data"]
+    assert set(side_by_side) == {"scratch", "finetune"} and side_by_side["scratch"]["test_acc"] > 0
     plots = run(["dvc", "plots", "show", "--json"], repo, env).stdout
-    assert "Scratch CNN loss" in plots and "confusion" in plots
+    assert "Scratch CNN loss" in plots and "confusion" in plots and "Reliability" in plots and "gradcam.png" in plots
+    report = (repo / "reports/report.md").read_text()
+    assert "| test accuracy |" in report and "(images/scratch_gradcam.png)" in report
     # every stage reported to the store in the repository root, each run tagged with its stage
     stages = {r.data.tags["stage"] for r in mlflow_runs(repo)}
     assert stages == {
-        "ingest", "prepare", "train", "finetune",
-        "evaluate@scratch", "evaluate@finetune", "export@scratch", "export@finetune",
+        "ingest", "prepare", "train", "crossval", "finetune",
+        "evaluate@scratch", "evaluate@finetune", "export@scratch", "export@finetune", "report",
     }
 
 
@@ -171,6 +177,7 @@ train: {framework: torch, seed: 0, epochs: 2, batch_size: 8}
 finetune: {seed: 0, head_epochs: 1, epochs: 1, batch_size: 8}
 evaluate: {batch_size: 64}
 export: {opset: 18, batch_size: 64}
+crossval: {folds: 0}
 """
 
 

@@ -15,7 +15,7 @@ import torch
 from conftest import run
 from PIL import Image
 
-from pipeline import evaluate, export, files, finetune, train
+from pipeline import crossval, evaluate, export, files, finetune, train
 from pipeline.data import formats, images
 from pipeline.data.sources import standard
 from pipeline.errors import ArtifactError
@@ -63,8 +63,19 @@ def test_evaluate_reports_metrics_per_class_figures_and_a_confusion_plot(workdir
         "--model", "scratch", "--data", str(trained / "data/prepared"), "--models", str(trained / "models"),
         "--live", "live",
     ])
-    metrics = json.loads((workdir / "live/metrics.json").read_text())["test"]
-    assert set(metrics) == {"acc", "precision_macro", "recall_macro", "f1_macro", "loss", "images"}
+    written = json.loads((workdir / "live/metrics.json").read_text())
+    metrics = written["test"]
+    assert set(metrics) == {"acc", "top_k_acc", "top_k", "balanced_acc", "precision_macro", "recall_macro",
+                            "f1_macro", "loss", "ece", "images", "roc_auc_macro"}  # fmt: skip
+    assert metrics["top_k"] == 5 and metrics["top_k_acc"] >= metrics["acc"]
+    assert set(written["calibrated"]) == {"temperature", "ece", "loss"} and written["model"]["parameters"] > 0
+    calibration = json.loads((workdir / "live/calibration.json").read_text())
+    assert calibration["temperature"] == written["calibrated"]["temperature"] and calibration["fitted_on"] == "val"
+    confusion = json.loads((workdir / "live/confusion.json").read_text())
+    assert sum(map(sum, confusion["counts"])) == metrics["images"]
+    images = {p.name for p in (workdir / "live/plots/images").iterdir()}
+    assert images == {"reliability.png", "gradcam.png", "errors.png", "confusion_counts.png",
+                      "confusion_normalised.png"}  # fmt: skip
     assert metrics["images"] == len(formats.load_split(trained / "data/prepared", "test"))
     per_class = json.loads((workdir / "live/per_class.json").read_text())
     assert sorted(per_class) == [str(i) for i in range(10)]
@@ -75,7 +86,9 @@ def test_evaluate_reports_metrics_per_class_figures_and_a_confusion_plot(workdir
     (run,) = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id])
     assert run.info.run_name == "evaluate@scratch"
     assert run.data.tags["dataset_sha256"] == json.loads((trained / "data/prepared/dataset.json").read_text())["sha256"]
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"confusion_matrix.png", "per_class.json"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"plots", "per_class.json", "calibration.json"}
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots >= {"plots/gradcam.png", "plots/errors.png", "plots/reliability.png"}
     assert run.data.tags["framework"] == "torch" and "tensorflow" not in sys.modules
 
 
@@ -106,12 +119,14 @@ def test_export_ships_onnx_and_torchscript_that_agree_with_pytorch(workdir, trai
     prepared = trained / "data/prepared"
     export.main([
         "--model", model, "--data", str(prepared), "--models", str(trained / "models"), "--out", "out",
-        "--live", "live",
+        "--live", "live", "--evaluation", str(trained / "dvclive/evaluate" / model),
     ])
     parity = json.loads((workdir / "live/metrics.json").read_text())
     assert parity["onnx"]["top1_agreement"] == 1.0 and parity["onnx"]["max_abs_diff"] < 1e-4
     meta = json.loads((workdir / "out/model.json").read_text())
     assert meta["classes"] == [str(i) for i in range(10)]
+    fitted = json.loads((trained / "dvclive/evaluate" / model / "calibration.json").read_text())["temperature"]
+    assert meta["calibration"]["temperature"] == fitted != 1.0  # evaluate's, for serving to apply
 
     # A consumer needs nothing from this repository: the ONNX file carries classes and input format.
     onnx_model = onnx.load(str(workdir / "out/model.onnx"))
@@ -156,7 +171,8 @@ def test_export_is_byte_identical_on_rerun(workdir, trained, repo_root):
     for name in ("a", "b"):
         run([sys.executable, "-m", "pipeline", "export", "--model", "finetune",
              "--data", str(trained / "data/prepared"), "--models", str(trained / "models"), "--out", name,
-             "--live", f"live-{name}"], cwd=workdir, env=env)
+             "--live", f"live-{name}", "--evaluation", str(trained / "dvclive/evaluate/finetune")],
+            cwd=workdir, env=env)  # fmt: skip
     for file in ("model.onnx", "model.torchscript.pt", "model.json"):
         assert (workdir / "a" / file).read_bytes() == (workdir / "b" / file).read_bytes(), file
     assert (workdir / "live-a/metrics.json").read_bytes() == (workdir / "live-b/metrics.json").read_bytes()
@@ -197,7 +213,7 @@ def test_a_model_folder_is_checked_before_any_framework_loads(tmp_path):
 def test_a_refused_export_leaves_the_previous_one_whole(workdir, trained):
     args = [
         "--model", "scratch", "--data", str(trained / "data/prepared"), "--models", str(trained / "models"),
-        "--out", "out", "--live", "live",
+        "--out", "out", "--live", "live", "--evaluation", str(trained / "dvclive/evaluate/scratch"),
     ]
     export.main(args)
     before = {p.name: p.read_bytes() for p in (workdir / "out").iterdir()}
@@ -207,3 +223,33 @@ def test_a_refused_export_leaves_the_previous_one_whole(workdir, trained):
         export.main(args)
     assert {p.name: p.read_bytes() for p in (workdir / "out").iterdir()} == before
     assert not [p for p in workdir.iterdir() if p.name.startswith(".out.")]  # no temporary folder left behind
+
+
+def test_crossval_trains_each_fold_and_reports_mean_and_spread(workdir, prepared, mlflow_store):
+    """Three stratified folds of train + val on the tiny params: a child MLflow run per fold
+    under one `crossval` run, and the summary equal to the folds' own figures."""
+    params = (workdir / "params.yaml").read_text().replace("crossval: {folds: 0}", "crossval: {folds: 3, seed: 0}")
+    (workdir / "params.yaml").write_text(params)
+    crossval.main(["--data", str(prepared), "--live", "live"])
+    summary = json.loads((workdir / "live/metrics.json").read_text())
+    folds = json.loads((workdir / "live/folds.json").read_text())
+    assert summary["folds"] == 3 and [f["fold"] for f in folds] == [0, 1, 2]
+    accuracies = [f["val_acc"] for f in folds]
+    assert summary["val_acc_mean"] == pytest.approx(np.mean(accuracies))
+    assert summary["val_acc_std"] == pytest.approx(np.std(accuracies))
+    train, val = (formats.load_split(prepared, s) for s in ("train", "val"))
+    assert sum(f["val_images"] for f in folds) == len(train) + len(val)  # every image held out once
+    client = mlflow.MlflowClient(mlflow_store)
+    runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id])
+    (parent,) = [r for r in runs if r.info.run_name == "crossval"]
+    children = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    assert children == ["crossval/fold0", "crossval/fold1", "crossval/fold2"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert parent.data.metrics["val_acc_mean"] == pytest.approx(summary["val_acc_mean"])
+
+
+def test_crossval_is_off_by_default_and_refuses_folds_a_class_cannot_fill(workdir, prepared):
+    crossval.main(["--data", str(prepared), "--live", "live"])
+    assert json.loads((workdir / "live/metrics.json").read_text()) == {"folds": 0}
+    with pytest.raises(formats.DataError, match=r"crossval.folds=5, but a class has only 2"):
+        crossval.fold_indices(np.array([0, 0, 1, 1, 1, 1, 1]), 5, 0)

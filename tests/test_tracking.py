@@ -28,7 +28,8 @@ def test_flatten_turns_sections_into_dotted_params():
     from pipeline.evaluate import EvaluateParams
 
     assert tracking.flatten({"evaluate": EvaluateParams(batch_size=8), "model": "scratch"}) == {
-        "evaluate.batch_size": 8, "model": "scratch",
+        "evaluate.batch_size": 8, "evaluate.calibrate": True, "evaluate.explain_images": 8,
+        "evaluate.error_images": 12, "evaluate.seed": 0, "model": "scratch",
     }
 
 

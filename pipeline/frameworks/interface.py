@@ -82,6 +82,15 @@ class Backend(ABC):
         read in batches (the array may be a memory map larger than memory)."""
 
     @abstractmethod
+    def explain(self, model: Any, images: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Grad-CAM maps (N, H, W), float32 in [0, 1], for uint8 (N, H, W, C) images, each for
+        its class in `targets`; computed on the CPU, the same every rerun."""
+
+    @abstractmethod
+    def count_parameters(self, model: Any) -> int:
+        """How many weights the model has (trainable or not; BatchNorm statistics excluded)."""
+
+    @abstractmethod
     def export(
         self, model: Any, out: Path, test: np.ndarray, calibration: np.ndarray, meta: dict, options: ExportOptions
     ) -> dict[str, np.ndarray]:

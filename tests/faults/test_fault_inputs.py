@@ -126,8 +126,9 @@ def fill(disk, leave: int) -> None:
 def trained(prepared, tmp_path_factory):
     work = tmp_path_factory.mktemp("trained")
     (work / "params.yaml").write_text(TINY_PARAMS.replace("epochs: 2,", "epochs: 1,"))
-    done = stage(work, "train", "--data", str(prepared))
-    assert done.returncode == 0, done.stderr[-3000:]
+    for args in (["train"], ["evaluate", "--model", "scratch", "--live", str(work / "live-evaluate")]):
+        done = stage(work, *args, "--data", str(prepared))
+        assert done.returncode == 0, done.stderr[-3000:]
     return work
 
 
@@ -137,7 +138,7 @@ def test_a_really_full_disk_while_writing_an_export_keeps_the_previous_one(prepa
     (previous / "model.onnx").write_bytes(b"the previous export")
     fill(small_disk, 16 * 1024)  # less than the tiny model's ONNX file
     done = stage(trained, "export", "--model", "scratch", "--data", str(prepared), "--out", str(previous),
-                 "--live", str(trained / "live-export"))  # fmt: skip
+                 "--live", str(trained / "live-export"), "--evaluation", str(trained / "live-evaluate"))  # fmt: skip
     assert_expected_failure(done, f"error: {previous}/", "no space left on the device while writing it")
     assert (previous / "model.onnx").read_bytes() == b"the previous export"
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "scratch"]  # no temporary folder left

@@ -106,6 +106,16 @@ class KerasBackend(interface.Backend):
     def predict(self, net: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
         return interface.softmax64(recipe.predict_logits(net, images, batch_size))
 
+    def explain(self, net: keras.Model, images: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        from pipeline.frameworks.keras import explain
+
+        return explain.grad_cam(net, images, targets)
+
+    def count_parameters(self, net: keras.Model) -> int:
+        # BatchNormalization's moving mean and variance are non-trainable weights; torch keeps them as buffers
+        stats = sum(int(np.prod(w.shape)) for w in net.non_trainable_weights if "moving_" in w.path)
+        return int(net.count_params()) - stats
+
     def export(
         self, net: keras.Model, out: Path, test: np.ndarray, calibration: np.ndarray, meta: dict, options: ExportOptions
     ) -> dict[str, np.ndarray]:

@@ -51,6 +51,14 @@ class TorchBackend(interface.Backend):
         logits = recipe.predict_logits(net.to(self.device), images, self.device, batch_size)  # streamed when large
         return interface.softmax64(logits.numpy())
 
+    def explain(self, net: nn.Module, images: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        from pipeline.frameworks.torch import explain
+
+        return explain.grad_cam(net, images, targets)
+
+    def count_parameters(self, net: nn.Module) -> int:
+        return sum(p.numel() for p in net.parameters())
+
     def export(
         self, net: nn.Module, out: Path, test: np.ndarray, calibration: np.ndarray, meta: dict, options: ExportOptions
     ) -> dict[str, np.ndarray]:
