@@ -163,7 +163,8 @@ def test_one_colourful_image_makes_the_dataset_rgb_and_is_named(workdir):
     colour = json.loads((workdir / "prepared" / "dataset.json").read_text())["preprocessing"]["colour"]
     assert colour["colour_images"] == 1 and colour["most_colourful"][0]["path"] == "digit1/red.png"
     metrics = json.loads((workdir / "live" / "prepare" / "metrics.json").read_text())
-    assert metrics["colour"]["channels"] == 3 and metrics["colour"]["grey_images_in_rgb_files"] == 12
+    details = json.loads((workdir / "live" / "prepare" / "details.json").read_text())
+    assert metrics["colour"]["channels"] == 3 and details["colour"]["grey_images_in_rgb_files"] == 12
 
 
 def planted(size: int = 48) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:

@@ -246,6 +246,8 @@ def test_crossval_trains_each_fold_and_reports_mean_and_spread(workdir, prepared
     assert children == ["crossval/fold0", "crossval/fold1", "crossval/fold2"]
     assert all(r.info.status == "FINISHED" for r in runs)
     assert parent.data.metrics["val_acc_mean"] == pytest.approx(summary["val_acc_mean"])
+    crossval.main(["--data", str(prepared), "--live", "again"])  # deterministic, like train
+    assert (workdir / "again/folds.json").read_bytes() == (workdir / "live/folds.json").read_bytes()
 
 
 def test_crossval_is_off_by_default_and_refuses_folds_a_class_cannot_fill(workdir, prepared):
