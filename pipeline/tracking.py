@@ -316,7 +316,9 @@ def stage_run(stage: str, params: Mapping[str, Any], live_dir: Path | None = Non
             worker.call(
                 "start",
                 run_name=stage,
-                tags={"stage": stage, DRIVER_TAG: workspace.driver().key, **git_tags(Path.cwd())},
+                tags={"stage": stage, DRIVER_TAG: workspace.driver().key, **git_tags(Path.cwd()),
+                      # the stage, not the worker process MLflow would name
+                      "mlflow.source.name": f"pipeline/{stage.split('@')[0]}.py", "mlflow.source.type": "LOCAL"},
                 params={k: str(v) for k, v in flatten(params).items()},
             )
             with contextlib.ExitStack() as stack:

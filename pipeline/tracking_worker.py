@@ -68,20 +68,26 @@ def bound_http(p: TrackingParams) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 
+# MLflow 3 opens an experiment on its GenAI overview unless it is tagged as model training
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def _experiment_id(mlflow: Any, name: str, root: Path) -> str:
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    # An absolute artifact root: the default ('./mlruns' under the current folder) would put
-    # artifacts of runs made in a temporary experiment copy into a folder DVC deletes.
-    location = (root / ARTIFACT_DIR).as_uri()
-    try:
-        return mlflow.create_experiment(name, artifact_location=location)
-    except Exception:  # a parallel stage created it first (queued experiments)
+    if experiment is None:
+        # An absolute artifact root: the default ('./mlruns' under the current folder) would put
+        # artifacts of runs made in a temporary experiment copy into a folder DVC deletes.
+        location = (root / ARTIFACT_DIR).as_uri()
+        try:
+            mlflow.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
+        except Exception:  # a parallel stage created it first (queued experiments)
+            pass
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
-            raise
-        return experiment.experiment_id
+            raise RuntimeError(f"MLflow experiment {name!r} could not be created")
+    if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:  # made by an older version
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def open_store(mlflow: Any, uri: str, experiment: str, root: Path, p: TrackingParams) -> str:

@@ -52,6 +52,9 @@ def test_a_stage_run_reaches_dvc_files_and_mlflow(workdir, mlflow_store, monkeyp
     assert run_info.data.params["train.lr"] == "0.1"
     assert run_info.data.tags["stage"] == "train"
     assert run_info.data.tags["dvc_exp_name"] == "lucky-lark"
+    assert run_info.data.tags["mlflow.source.name"] == "pipeline/train.py"  # the stage, not the worker
+    experiment = client.get_experiment(run_info.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
     assert {"git_commit", "git_dirty"} <= set(run_info.data.tags)
     assert [m.value for m in client.get_metric_history(run_info.info.run_id, "train/loss")] == [1.0, 0.5]
     assert run_info.data.metrics["time/fit_seconds"] == 1.5

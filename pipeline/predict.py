@@ -1,0 +1,154 @@
+"""`python -m pipeline.predict PATH... [--model exports/finetune] [--format csv|json] [--top 3]`:
+classify image files with a shipped model.
+
+Reads the export folder's `model.onnx` and `model.json` (classes, input format, the
+preprocessing prepare applied), verified against its SHA256SUMS. Each file goes through
+`images.load_for_model` with that preprocessing, exactly what prepare did to the training
+images (no train/serve skew), then ONNX Runtime in batches: no torch or TensorFlow import.
+Folders are walked recursively for files with an image extension, in sorted order.
+
+Writes one row per file to stdout (or `--out`): path, class, probability and the top-k classes;
+`--calibrated` applies the temperature evaluate fitted (model.json `calibration`). A file
+that cannot be used (unreadable, truncated, too large, not an image) gets a row with its error.
+Exit code 0 when at least one file was classified, 1 when none was, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import files
+from pipeline.data import images
+from pipeline.errors import PipelineError
+
+
+def image_paths(paths: list[Path]) -> list[Path]:
+    """The files named, and the image files under the folders named (hidden files skipped)."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and images.has_image_extension(p.name)
+                            and not any(images.is_ignored(part) for part in p.relative_to(path).parts))  # fmt: skip
+        else:
+            found.append(path)
+    return found
+
+
+def read_export(folder: Path) -> tuple[bytes, dict]:
+    """The ONNX bytes and model.json of an export folder, verified."""
+    files.verify_folder(folder, "export")
+    meta = json.loads((folder / "model.json").read_text())
+    return (folder / "model.onnx").read_bytes(), meta
+
+
+def load(path: Path, meta: dict) -> np.ndarray:
+    """One file as the model's float32 input (C, H, W) or (H, W, C); raises images.Rejected."""
+    prep = meta["preprocessing"]
+    pixels = images.load_for_model(path, prep["image_size"], prep["channels"], prep["resize"])
+    x = pixels.astype(np.float32) / 255
+    return x.transpose(2, 0, 1) if meta["input"]["layout"] == "NCHW" else x
+
+
+def classify(paths: list[Path], onnx_bytes: bytes, meta: dict, batch_size: int, threads: int,
+             temperature: float = 1.0) -> Iterator[dict]:  # fmt: skip
+    """A row per path, in order: {'path', 'probabilities'} or {'path', 'error'}."""
+    import onnxruntime as ort
+    from tqdm import tqdm
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    bar = tqdm(total=len(paths), desc="predict", unit="image", disable=len(paths) < 2 * batch_size, file=sys.stderr)
+    for start in range(0, len(paths), batch_size):
+        chunk, rows, inputs = paths[start : start + batch_size], [], []
+        for path in chunk:
+            try:
+                inputs.append(load(path, meta))
+                rows.append({"path": str(path)})
+            except images.Rejected as exc:
+                rows.append({"path": str(path), "error": str(exc)})
+        proba = session.run(None, {name: np.stack(inputs)})[0].astype(np.float64) if inputs else np.empty((0, 0))
+        if temperature != 1.0 and len(proba):
+            z = np.log(np.clip(proba, 1e-300, None)) / temperature
+            proba = np.exp(z - z.max(1, keepdims=True))
+            proba /= proba.sum(1, keepdims=True)
+        good = iter(proba)
+        for row in rows:
+            if "error" not in row:
+                row["probabilities"] = next(good)
+            yield row
+        bar.update(len(chunk))
+    bar.close()
+
+
+def render(rows: list[dict], classes: list[str], top: int, fmt: str) -> str:
+    out = []
+    for row in rows:
+        if "error" in row:
+            out.append({"path": row["path"], "class": None, "probability": None, "top": [], "error": row["error"]})
+            continue
+        p = row["probabilities"]
+        order = np.argsort(-p, kind="stable")[:top]
+        ranked = [{"class": classes[i], "probability": round(float(p[i]), 6)} for i in order]
+        out.append({"path": row["path"], "class": ranked[0]["class"], "probability": ranked[0]["probability"],
+                    "top": ranked, "error": None})  # fmt: skip
+    if fmt == "json":
+        return json.dumps(out, indent=2) + "\n"
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "class", "probability", "top", "error"])
+    for r in out:
+        ranked = ";".join(f"{t['class']}:{t['probability']:.6f}" for t in r["top"])
+        writer.writerow([r["path"], r["class"] or "", "" if r["probability"] is None else f"{r['probability']:.6f}",
+                         ranked, r["error"] or ""])  # fmt: skip
+    return buffer.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="image files and folders")
+    parser.add_argument("--model", type=Path, default=Path("exports/finetune"), help="an export folder")
+    parser.add_argument("--format", choices=("csv", "json"), default="csv")
+    parser.add_argument("--top", type=int, default=3, help="classes listed per image")
+    parser.add_argument("--calibrated", action="store_true", help="apply the export's calibration temperature")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, help="write here instead of stdout")
+    args = parser.parse_args(argv)
+    if args.top < 1 or args.batch_size < 1 or args.threads < 1:
+        parser.error("--top, --batch-size and --threads must be at least 1")
+    try:
+        onnx_bytes, meta = read_export(args.model)
+        missing = [p for p in args.paths if not p.exists()]
+        if missing:
+            raise PipelineError(f"{missing[0]}: no such file or folder")
+        paths = image_paths(args.paths)
+        temperature = float(meta.get("calibration", {}).get("temperature", 1.0)) if args.calibrated else 1.0
+        rows = list(classify(paths, onnx_bytes, meta, args.batch_size, args.threads, temperature))
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    text = render(rows, list(meta["classes"]), min(args.top, len(meta["classes"])), args.format)
+    if args.out:
+        files.write_text(args.out, text)
+    else:
+        sys.stdout.write(text)
+    failed = sum("error" in r for r in rows)
+    if failed:
+        print(f"predict: {failed} of {len(rows)} files could not be classified (see their error column)",
+              file=sys.stderr)  # fmt: skip
+    return 0 if len(rows) > failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
