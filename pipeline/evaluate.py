@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                                     f"{name}: the most confidently wrong test images")  # fmt: skip
         run.log_image(figures.png_bytes(figure), "errors.png")
         run.set_tags({"model": name, **backend.describe(), **formats.dataset_tags(args.data)})
+        run.log_dataset(args.data, "evaluation")
 
 
 if __name__ == "__main__":

@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         f"export@{args.model}", {"export": p, "runtime": rt, "model": args.model}, args.live
     ) as run:
         run.set_tags({"model": args.model, **backend.describe(), **formats.dataset_tags(args.data)})
+        run.log_dataset(args.data, "evaluation")
         reference = backend.predict(model, test.images, p.batch_size)
         train = formats.load_split(args.data, "train")
         calibration = train.images[calibration_rows(len(train), p.calibration_images)]

@@ -167,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
                         files.write_bytes(out / "images" / f"{m}_{file}", source.read_bytes())
                         images[m].append((f"{m}_{file}", caption))
             files.write_text(out / "report.md", markdown(rows, evaluations, dataset, images))
-        run.log_summary({f"{m}/{k}": v for m, row in rows.items() for k, v in row.items()})
+        side_by_side = {f"{m}/{k}": v for m, row in rows.items() for k, v in row.items()}
+        run.log_summary(side_by_side)
+        run.log_group_metrics(side_by_side)  # onto the execution's parent run: experiments compare there
         run.log_artifact(args.out, "report")
 
 

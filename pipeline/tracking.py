@@ -122,6 +122,13 @@ def git_tags(root: Path) -> dict[str, str]:
     }
 
 
+def group_name(git: Mapping[str, str]) -> str:
+    """The parent run's name: the DVC experiment, else the commit of a plain `dvc repro`."""
+    if git.get("dvc_exp_name"):
+        return git["dvc_exp_name"]
+    return f"repro {git['git_commit'][:7]}" if git.get("git_commit", "none") != "none" else "repro"
+
+
 class MlflowWorker:
     """The child process that makes this stage's MLflow calls, in order."""
 
@@ -240,6 +247,18 @@ class StageRun:
             files.write_json(self.live_dir / name, nested)
         self._worker.call("log_metrics", metrics={k: float(v) for k, v in metrics.items()}, step=None)
 
+    def log_dataset(self, prepared: Path, context: str) -> None:
+        """The prepared dataset as the run's MLflow input: its name (the source), the prepared
+        folder and the digest ingest computed (the pixels and labels of every image)."""
+        info = json.loads((Path(prepared) / "dataset.json").read_text())
+        self._worker.call("log_input", name=str(info.get("source")), uri=str(Path(prepared).resolve()),
+                          digest=str(info.get("sha256"))[:36], context=context)  # fmt: skip  # MLflow keeps 36 chars
+
+    def log_group_metrics(self, metrics: Mapping[str, float | int]) -> None:
+        """Headline figures onto the parent run of this pipeline execution too, so executions
+        compare side by side in MLflow's runs table."""
+        self._worker.call("log_group_metrics", metrics={k: float(v) for k, v in metrics.items()})
+
     def log_timing(self, metrics: Mapping[str, float]) -> None:
         """Wall-clock figures: MLflow only, so DVC-tracked files stay reproducible."""
         self._worker.call("log_metrics", metrics={f"time/{k}": float(v) for k, v in metrics.items()}, step=None)
@@ -313,13 +332,15 @@ def stage_run(stage: str, params: Mapping[str, Any], live_dir: Path | None = Non
     with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
         try:
             workspace.claim()  # before the run starts: a refused stage leaves no run behind
+            git = git_tags(Path.cwd())
             worker.call(
                 "start",
                 run_name=stage,
-                tags={"stage": stage, DRIVER_TAG: workspace.driver().key, **git_tags(Path.cwd()),
+                tags={"stage": stage, DRIVER_TAG: workspace.driver().key, **git,
                       # the stage, not the worker process MLflow would name
                       "mlflow.source.name": f"pipeline/{stage.split('@')[0]}.py", "mlflow.source.type": "LOCAL"},
                 params={k: str(v) for k, v in flatten(params).items()},
+                group={"driver": workspace.driver().key, "name": group_name(git)},
             )
             with contextlib.ExitStack() as stack:
                 live = None

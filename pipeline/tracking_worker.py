@@ -15,6 +15,8 @@ Faults, each bounded (params.yaml `tracking:`; `tracking.TrackingParams`):
   SIGINT, and ends the run as the stage tells it (KILLED), or KILLED when the stage vanishes without
   a word (SIGKILL, the OOM killer). A run left RUNNING because both died is marked KILLED by
   the next worker that starts, once the process that owned it is gone.
+- the stage runs of one `dvc repro` / `dvc exp run` are nested under one parent run (named
+  after the DVC experiment, or the commit), which the first stage that runs creates.
 - a failed or interrupted stage of a `dvc exp run`: DVC saves no experiment, so the runs its
   earlier stages finished (same `pipeline.driver` tag) are marked FAILED too, naming the stage.
 """
@@ -28,6 +30,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +41,7 @@ from pipeline.tracking import ARTIFACT_DIR, DRIVER_TAG, OFFLINE_STORE, TrackingP
 T = TypeVar("T")
 HOST_TAG, PID_TAG = "pipeline.host", "pipeline.pid"  # who owns a run while it is RUNNING
 FAILED_BY_TAG = "pipeline.experiment_failed_in"  # the stage whose failure lost the experiment
+GROUP_TAG = "pipeline.group"  # "true" on the parent run of one pipeline execution
 
 
 def say(message: str) -> None:
@@ -146,6 +150,9 @@ def serve(uri: str, experiment: str, root: str) -> None:
         sys.exit(3)
     bound_http(p)
     import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Metric
 
     experiment_id = open_store(mlflow, uri, experiment, Path(root), p)
     client = mlflow.MlflowClient()
@@ -161,9 +168,22 @@ def serve(uri: str, experiment: str, root: str) -> None:
         op = msg.pop("op")
         if op == "start":
             tags = {**msg["tags"], HOST_TAG: socket.gethostname(), PID_TAG: str(os.getppid())}
+            group = msg.get("group")
+            state["group"] = group_run(client, experiment_id, group["driver"], group["name"], p) if group else None
             state["run"] = retrying(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=msg["run_name"],
-                                                             tags=tags), p.lock_wait_seconds)  # fmt: skip
+                                                             parent_run_id=state["group"], tags=tags),
+                                    p.lock_wait_seconds)  # fmt: skip
             call(lambda: mlflow.log_params(msg["params"]))
+        elif op == "log_input":
+            with warnings.catch_warnings():  # resolving a plain path warns that it guesses a local source
+                warnings.simplefilter("ignore")
+                source = resolve_dataset_source(msg["uri"])
+            dataset = MetaDataset(source, name=msg["name"], digest=msg["digest"])
+            call(lambda: mlflow.log_input(dataset, context=msg["context"]))
+        elif op == "log_group_metrics":  # headline figures, copied onto the execution's parent run
+            if state.get("group"):
+                call(lambda: client.log_batch(state["group"], metrics=[
+                    Metric(k, float(v), int(time.time() * 1000), 0) for k, v in msg["metrics"].items()]))  # fmt: skip
         elif op == "start_child":  # a nested run (cross-validation folds); later calls log into it
             tags = {**msg["tags"], HOST_TAG: socket.gethostname(), PID_TAG: str(os.getppid())}
             retrying(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=msg["run_name"], nested=True,
@@ -197,6 +217,22 @@ def serve(uri: str, experiment: str, root: str) -> None:
     end_all(mlflow, state["status"], p)
     if state.get("failed"):
         fail_experiment(client, experiment_id, state["failed"]["driver"], state["failed"]["stage"], p)
+
+
+def group_run(client: Any, experiment_id: str, driver: str, name: str, p: TrackingParams) -> str:
+    """The parent run of one pipeline execution (`driver`: a `dvc repro` or `dvc exp run`
+    process), made by the first of its stages that runs: stages DVC skips leave no run, and
+    the parent still groups those that ran. It ends FINISHED at once; it holds no work of its
+    own, only the stage runs under it and the headline metrics copied onto it."""
+    query = f"tags.`{GROUP_TAG}` = 'true' and tags.`{DRIVER_TAG}` = '{driver}'"
+    found = retrying(lambda: client.search_runs([experiment_id], query, max_results=1), p.lock_wait_seconds)
+    if found:
+        return found[0].info.run_id
+    tags = {GROUP_TAG: "true", DRIVER_TAG: driver, HOST_TAG: socket.gethostname(),
+            "mlflow.note.content": "One pipeline execution: its stage runs are nested under this run."}  # fmt: skip
+    run = retrying(lambda: client.create_run(experiment_id, run_name=name, tags=tags), p.lock_wait_seconds)
+    retrying(lambda: client.set_terminated(run.info.run_id, "FINISHED"), p.lock_wait_seconds)
+    return run.info.run_id
 
 
 def end_all(mlflow: Any, status: str, p: TrackingParams) -> None:

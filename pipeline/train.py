@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     model = backend.build("scratch_cnn", margs)
     with tracking.stage_run("train", {"train": p, "runtime": rt}, live_dir=args.live) as run:
         run.set_tags({**backend.describe(), **formats.dataset_tags(args.data)})
+        run.log_dataset(args.data, "training")
         run.log_choices({"input_size": margs["input_size"], "augment": augmentation(p, train_set.image_size)})
         started = time.perf_counter()
         result = backend.fit(model, train_set, val_set, p, run, desc=f"train ({p.framework})")

@@ -50,7 +50,7 @@ def test_finetune_stage_repeats_exactly_and_logs_both_phases(workdir, prepared, 
     curve = (workdir / "a/live/plots/metrics/train/loss.tsv").read_text().splitlines()
     assert len(curve) == 1 + 2  # head epoch + one unfrozen epoch, one curve
     client = mlflow.MlflowClient(mlflow_store)
-    runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id], "tags.stage LIKE '%'")
     assert {r.data.tags["weights_sha256"] for r in runs} == {weights.PACKAGE_SHA256}
     dataset = json.loads((prepared / "dataset.json").read_text())
     tagged = {(r.data.tags["dataset_sha256"], r.data.tags["data_source"]) for r in runs}
@@ -83,7 +83,7 @@ def test_evaluate_reports_metrics_per_class_figures_and_a_confusion_plot(workdir
     rows = json.loads((workdir / "live/plots/sklearn/confusion_matrix.json").read_text())
     assert len(rows) == metrics["images"] and set(rows[0]) == {"actual", "predicted"}
     client = mlflow.MlflowClient(mlflow_store)
-    (run,) = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id], "tags.stage LIKE '%'")
     assert run.info.run_name == "evaluate@scratch"
     assert run.data.tags["dataset_sha256"] == json.loads((trained / "data/prepared/dataset.json").read_text())["sha256"]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"plots", "per_class.json", "calibration.json"}

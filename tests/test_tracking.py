@@ -1,11 +1,14 @@
 """One reporting path: DVCLive files for DVC, everything else to MLflow."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import mlflow
 
 from pipeline import tracking
+
+STAGE_RUNS = "tags.stage LIKE '%'"  # not the parent runs that group one execution's stages
 
 
 def test_repo_root_resolves_past_a_temporary_experiment_copy(tmp_path):
@@ -47,7 +50,7 @@ def test_a_stage_run_reaches_dvc_files_and_mlflow(workdir, mlflow_store, monkeyp
 
     client = mlflow.MlflowClient(mlflow_store)
     (experiment,) = [e for e in client.search_experiments() if e.name == tracking.DEFAULT_EXPERIMENT]
-    (run_info,) = client.search_runs([experiment.experiment_id])
+    (run_info,) = client.search_runs([experiment.experiment_id], STAGE_RUNS)
     assert run_info.info.run_name == "train"
     assert run_info.data.params["train.lr"] == "0.1"
     assert run_info.data.tags["stage"] == "train"
@@ -69,7 +72,7 @@ def test_a_failing_stage_marks_its_mlflow_run_failed(workdir, mlflow_store):
         pass
     client = mlflow.MlflowClient(mlflow_store)
     (experiment,) = [e for e in client.search_experiments() if e.name == tracking.DEFAULT_EXPERIMENT]
-    (run_info,) = client.search_runs([experiment.experiment_id])
+    (run_info,) = client.search_runs([experiment.experiment_id], STAGE_RUNS)
     assert run_info.info.status == "FAILED"
 
 
@@ -100,7 +103,38 @@ def test_artifacts_and_figures_reach_mlflow(workdir, mlflow_store):
         run.log_figure(plt.figure(), "figure.png")
     client = mlflow.MlflowClient(mlflow_store)
     (experiment,) = [e for e in client.search_experiments() if e.name == tracking.DEFAULT_EXPERIMENT]
-    (run_info,) = client.search_runs([experiment.experiment_id])
+    (run_info,) = client.search_runs([experiment.experiment_id], STAGE_RUNS)
     paths = {a.path for a in client.list_artifacts(run_info.info.run_id)}
     assert paths == {"model", "export", "report.json", "figure.png"}
     assert [a.path for a in client.list_artifacts(run_info.info.run_id, "export")] == ["export/model.onnx"]
+
+
+def test_the_stage_runs_of_one_execution_nest_under_one_parent_with_its_dataset(workdir, mlflow_store, monkeypatch):
+    """One parent run per `dvc repro` / `dvc exp run` (named after the experiment), made by the
+    first stage that runs; another execution gets its own; the dataset is each run's input."""
+    from pipeline import workspace
+
+    monkeypatch.setenv("DVC_EXP_NAME", "keen-kiwi")
+    prepared = workdir / "prepared"
+    prepared.mkdir()
+    (prepared / "dataset.json").write_text(json.dumps({"source": "digits", "sha256": "ab" * 32}))
+    with tracking.stage_run("train", {}) as run:
+        run.log_dataset(prepared, "training")
+    with tracking.stage_run("report", {}) as run:
+        run.log_group_metrics({"scratch/test_acc": 0.9})
+    monkeypatch.setattr(workspace, "_driver", dataclasses.replace(workspace.driver(), pid=1, started=1.0))
+    monkeypatch.setenv("DVC_EXP_NAME", "")
+    with tracking.stage_run("train", {}):
+        pass
+    client = mlflow.MlflowClient(mlflow_store)
+    runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id])
+    parents = {r.info.run_name: r for r in runs if r.data.tags.get("pipeline.group") == "true"}
+    assert set(parents) == {"keen-kiwi", "repro"}  # a plain run outside git: no commit to name it by
+    first = parents["keen-kiwi"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["report", "train"]
+    assert first.data.metrics == {"scratch/test_acc": 0.9} and first.info.status == "FINISHED"
+    train = next(r for r in children if r.info.run_name == "train")
+    (dataset,) = train.inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.digest) == ("digits", ("ab" * 32)[:36])
+    assert dataset.tags[0].value == "training"
