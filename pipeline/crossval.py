@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> None:
     files.verify_folder(args.data, "prepare")
     with tracking.stage_run("crossval", {"crossval": p, "train": t, "runtime": rt}, args.live) as run:
         per_fold: list[dict] = []
-        run.set_tags(formats.dataset_tags(args.data))
         run.log_dataset(args.data, "training")
         if p.folds:
             train, val = formats.load_split(args.data, "train"), formats.load_split(args.data, "val")

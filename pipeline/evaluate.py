@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         figure = figures.image_grid(np.asarray(test.images[wrong]), captions(wrong, test.labels, proba, classes),
                                     f"{name}: the most confidently wrong test images")  # fmt: skip
         run.log_image(figures.png_bytes(figure), "errors.png")
-        run.set_tags({"model": name, **backend.describe(), **formats.dataset_tags(args.data)})
+        run.set_tags({"model": name, **backend.describe()})
         run.log_dataset(args.data, "evaluation")
 
 

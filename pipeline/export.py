@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     with tracking.stage_run(
         f"export@{args.model}", {"export": p, "runtime": rt, "model": args.model}, args.live
     ) as run:
-        run.set_tags({"model": args.model, **backend.describe(), **formats.dataset_tags(args.data)})
+        run.set_tags({"model": args.model, **backend.describe()})
         run.log_dataset(args.data, "evaluation")
         reference = backend.predict(model, test.images, p.batch_size)
         train = formats.load_split(args.data, "train")

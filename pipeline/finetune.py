@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     margs = model_args(p, train_set, torch_model.pretrained_resolution(net))
     model = torch_model.PretrainedCNN(**margs, net=net)
     with tracking.stage_run("finetune", {"finetune": p, "runtime": rt}, live_dir=args.live) as run:
-        run.set_tags({**backend.describe(), **formats.dataset_tags(args.data), "weights_sha256": weights_sha256})
+        run.set_tags({**backend.describe(), "weights_sha256": weights_sha256})
         run.log_dataset(args.data, "training")
         run.log_choices({"input_size": margs["input_size"], "augment": augmentation(p, train_set.image_size),
                          "unfreeze_fraction": unfreeze_share(p, train_set.image_size)})  # fmt: skip

@@ -29,6 +29,9 @@ import numpy as np
 from pipeline import files
 from pipeline.data import images
 from pipeline.errors import PipelineError
+from pipeline.evaluation import calibration
+from pipeline.frameworks import onnx_format
+from pipeline.frameworks.interface import float_batches
 
 
 def image_paths(paths: list[Path]) -> list[Path]:
@@ -51,44 +54,42 @@ def read_export(folder: Path) -> tuple[bytes, dict]:
 
 
 def load(path: Path, meta: dict) -> np.ndarray:
-    """One file as the model's float32 input (C, H, W) or (H, W, C); raises images.Rejected."""
+    """One file as the export's uint8 (H, W, C) input; raises images.Rejected."""
     prep = meta["preprocessing"]
-    pixels = images.load_for_model(path, prep["image_size"], prep["channels"], prep["resize"])
-    x = pixels.astype(np.float32) / 255
-    return x.transpose(2, 0, 1) if meta["input"]["layout"] == "NCHW" else x
+    return images.load_for_model(path, prep["image_size"], prep["channels"], prep["resize"])
 
 
 def classify(paths: list[Path], onnx_bytes: bytes, meta: dict, batch_size: int, threads: int,
-             temperature: float = 1.0) -> Iterator[dict]:  # fmt: skip
-    """A row per path, in order: {'path', 'probabilities'} or {'path', 'error'}."""
-    import onnxruntime as ort
+             temperature: float = 1.0) -> list[dict]:  # fmt: skip
+    """A row per path, in order: {'path', 'probabilities'} or {'path', 'error'}. Files are
+    decoded a batch at a time while ONNX Runtime runs the batches before them."""
     from tqdm import tqdm
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    rows: list[dict] = []
     bar = tqdm(total=len(paths), desc="predict", unit="image", disable=len(paths) < 2 * batch_size, file=sys.stderr)
-    for start in range(0, len(paths), batch_size):
-        chunk, rows, inputs = paths[start : start + batch_size], [], []
-        for path in chunk:
-            try:
-                inputs.append(load(path, meta))
-                rows.append({"path": str(path)})
-            except images.Rejected as exc:
-                rows.append({"path": str(path), "error": str(exc)})
-        proba = session.run(None, {name: np.stack(inputs)})[0].astype(np.float64) if inputs else np.empty((0, 0))
-        if temperature != 1.0 and len(proba):
-            z = np.log(np.clip(proba, 1e-300, None)) / temperature
-            proba = np.exp(z - z.max(1, keepdims=True))
-            proba /= proba.sum(1, keepdims=True)
-        good = iter(proba)
-        for row in rows:
-            if "error" not in row:
-                row["probabilities"] = next(good)
-            yield row
-        bar.update(len(chunk))
+
+    def batches() -> Iterator[np.ndarray]:
+        for start in range(0, len(paths), batch_size):
+            decoded = []
+            for path in paths[start : start + batch_size]:
+                try:
+                    decoded.append(load(path, meta))
+                    rows.append({"path": str(path)})
+                except images.Rejected as exc:
+                    rows.append({"path": str(path), "error": str(exc)})
+            bar.update(min(batch_size, len(paths) - start))
+            if decoded:
+                yield next(float_batches(np.stack(decoded), len(decoded), meta["input"]["layout"]))
+
+    proba = onnx_format.predict_onnx(onnx_bytes, batches(), threads).astype(np.float64)
     bar.close()
+    if temperature != 1.0:
+        proba = calibration.scale(proba, temperature)
+    good = iter(proba)
+    for row in rows:
+        if "error" not in row:
+            row["probabilities"] = next(good)
+    return rows
 
 
 def render(rows: list[dict], classes: list[str], top: int, fmt: str) -> str:
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PipelineError(f"{missing[0]}: no such file or folder")
         paths = image_paths(args.paths)
         temperature = float(meta.get("calibration", {}).get("temperature", 1.0)) if args.calibrated else 1.0
-        rows = list(classify(paths, onnx_bytes, meta, args.batch_size, args.threads, temperature))
+        rows = classify(paths, onnx_bytes, meta, args.batch_size, args.threads, temperature)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

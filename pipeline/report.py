@@ -68,13 +68,18 @@ READING = """\
 """
 
 
+def lookup(metrics: dict, path: str) -> int | float | None:
+    """metrics["test"]["acc"] for 'test/acc'; None when it is not there (or not a number)."""
+    node = metrics
+    for part in path.split("/"):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node if isinstance(node, int | float) else None
+
+
 def headline(evaluation: dict, export: dict, onnx_bytes: int | None) -> dict:
     """One model's row of the comparison (evaluate's numbers; export's ONNX parity and size)."""
-    def get(path: str):
-        node = evaluation
-        for part in path.split("/"):
-            node = node.get(part, {}) if isinstance(node, dict) else {}
-        return node if isinstance(node, int | float) else None
+    def get(path: str) -> int | float | None:
+        return lookup(evaluation, path)
 
     row = {
         "test_acc": get("test/acc"), "f1_macro": get("test/f1_macro"), "balanced_acc": get("test/balanced_acc"),
@@ -121,9 +126,7 @@ def markdown(rows: dict[str, dict], evaluations: dict[str, dict], dataset: dict,
     for column, (path, fmt) in HEADLINE.items():
         cells = []
         for name in names:
-            node = evaluations[name]
-            for part in path.split("/"):
-                node = node.get(part) if isinstance(node, dict) else None
+            node = lookup(evaluations[name], path)
             if node is None:
                 cells.append("-")
             else:

@@ -74,6 +74,8 @@ def load_tracking_params(path: Path = config.PARAMS_FILE) -> TrackingParams:
     if "tracking" not in raw:
         return TrackingParams()
     return config.from_dict(raw["tracking"], TrackingParams, where=f"{path}: tracking")
+
+
 def repo_root(cwd: Path | None = None) -> Path:
     """The user's repository root, also when DVC runs the stage in a temporary copy."""
     cwd = (cwd or Path.cwd()).resolve()
@@ -120,6 +122,17 @@ def git_tags(root: Path) -> dict[str, str]:
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc_exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV", ""),
     }
+
+
+def nest_into(target: dict, metrics: Mapping[str, Any]) -> dict:
+    """'test/acc' -> target["test"]["acc"], as DVCLive nests curves; returns `target`."""
+    for key, value in metrics.items():
+        node = target
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return target
 
 
 def group_name(git: Mapping[str, str]) -> str:
@@ -224,12 +237,7 @@ class StageRun:
 
         'test/acc' nests as {"test": {"acc": ...}} in metrics.json, as DVCLive nests curves."""
         if self._live is not None:
-            for name, value in metrics.items():
-                node = self._live.summary
-                *parents, leaf = name.split("/")
-                for part in parents:
-                    node = node.setdefault(part, {})
-                node[leaf] = value
+            nest_into(self._live.summary, metrics)
             self._live.make_summary()
         self._worker.call("log_metrics", metrics={k: float(v) for k, v in metrics.items()}, step=None)
 
@@ -237,22 +245,19 @@ class StageRun:
         """Figures too many for `dvc metrics show`'s columns (per class, per reason): nested in
         `<live_dir>/<name>`, a file dvc.yaml declares as an output, not as metrics, and MLflow."""
         if self.live_dir is not None:
-            nested: dict = {}
-            for key, value in metrics.items():
-                node = nested
-                *parents, leaf = key.split("/")
-                for part in parents:
-                    node = node.setdefault(part, {})
-                node[leaf] = value
-            files.write_json(self.live_dir / name, nested)
+            files.write_json(self.live_dir / name, nest_into({}, metrics))
         self._worker.call("log_metrics", metrics={k: float(v) for k, v in metrics.items()}, step=None)
 
     def log_dataset(self, prepared: Path, context: str) -> None:
-        """The prepared dataset as the run's MLflow input: its name (the source), the prepared
-        folder and the digest ingest computed (the pixels and labels of every image)."""
-        info = json.loads((Path(prepared) / "dataset.json").read_text())
-        self._worker.call("log_input", name=str(info.get("source")), uri=str(Path(prepared).resolve()),
-                          digest=str(info.get("sha256"))[:36], context=context)  # fmt: skip  # MLflow keeps 36 chars
+        """The prepared dataset as the run's MLflow input (its name: the source; the prepared
+        folder; the digest ingest computed over every image's pixels and label) and as its tags
+        `dataset_sha256` and `data_source`."""
+        from pipeline.data import formats  # pandas: not at start-up, where the worker must start first
+
+        tags = formats.dataset_tags(prepared)
+        self.set_tags(tags)
+        self._worker.call("log_input", name=tags["data_source"], uri=str(Path(prepared).resolve()),
+                          digest=tags["dataset_sha256"][:36], context=context)  # fmt: skip  # MLflow keeps 36 chars
 
     def log_group_metrics(self, metrics: Mapping[str, float | int]) -> None:
         """Headline figures onto the parent run of this pipeline execution too, so executions

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     margs = model_args(p, train_set)
     model = backend.build("scratch_cnn", margs)
     with tracking.stage_run("train", {"train": p, "runtime": rt}, live_dir=args.live) as run:
-        run.set_tags({**backend.describe(), **formats.dataset_tags(args.data)})
+        run.set_tags(backend.describe())
         run.log_dataset(args.data, "training")
         run.log_choices({"input_size": margs["input_size"], "augment": augmentation(p, train_set.image_size)})
         started = time.perf_counter()

@@ -17,13 +17,18 @@ BINS = 15
 T_RANGE = (0.05, 20.0)  # a temperature outside this means the fit failed, not a real model
 
 
+def bin_index(confidence: np.ndarray, bins: int) -> np.ndarray:
+    """Each confidence's equal-width bin, right-closed (lo, hi]: exactly 1.0 falls in the last
+    bin, 0 in the first."""
+    return np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+
+
 def reliability(proba: np.ndarray, labels: np.ndarray, bins: int = BINS) -> list[dict]:
     """Per equal-width confidence bin: its range, image count, mean confidence and accuracy
     (bins with no image have count 0 and no confidence or accuracy)."""
     confidence = proba.max(1)
     correct = proba.argmax(1) == labels
-    # right-closed bins, (lo, hi]: a confidence of exactly 1.0 falls in the last one, 0 in the first
-    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    index = bin_index(confidence, bins)
     rows = []
     for b in range(bins):
         inside = index == b
@@ -40,7 +45,7 @@ def ece(proba: np.ndarray, labels: np.ndarray, bins: int = BINS) -> float:
     """Expected calibration error over `bins` equal-width bins (0 is perfectly calibrated)."""
     confidence = proba.max(1)
     correct = (proba.argmax(1) == labels).astype(np.float64)
-    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    index = bin_index(confidence, bins)
     total = 0.0
     for b in range(bins):
         inside = index == b

@@ -31,4 +31,5 @@ def predict_onnx(onnx_bytes: bytes, images: Iterable[np.ndarray], threads: int) 
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
     (name,) = [i.name for i in session.get_inputs()]
-    return np.concatenate([session.run(None, {name: batch})[0] for batch in images])
+    outputs = [session.run(None, {name: batch})[0] for batch in images]
+    return np.concatenate(outputs) if outputs else np.empty((0, 0), np.float32)
