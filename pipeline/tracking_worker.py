@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 
 from pipeline.config import ConfigError
 from pipeline.tracking import ARTIFACT_DIR, DRIVER_TAG, OFFLINE_STORE, TrackingParams, load_tracking_params
+from pipeline.workspace import alive_since
 
 T = TypeVar("T")
 HOST_TAG, PID_TAG = "pipeline.host", "pipeline.pid"  # who owns a run while it is RUNNING
@@ -114,16 +115,6 @@ def open_store(mlflow: Any, uri: str, experiment: str, root: Path, p: TrackingPa
                 f"Browse it with `mlflow ui --backend-store-uri {offline}`; copy its runs to the server later, "
                 "e.g. with the mlflow-export-import tool")
     raise AssertionError("unreachable")
-
-
-def alive_since(pid: int) -> float | None:
-    """Start time (epoch seconds) of process `pid` on this host, or None if there is none."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-        return None
 
 
 def mark_orphans_killed(client: Any, experiment_id: str, p: TrackingParams) -> None:

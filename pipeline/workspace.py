@@ -88,15 +88,24 @@ def _cmdline(proc) -> list[str]:
         return []
 
 
-def alive(claim: dict) -> bool:
-    """Whether the claim's driver is still running (one on another host counts as running)."""
+def alive_since(pid: int) -> float | None:
+    """Start time (epoch seconds) of process `pid` on this host, or None if there is none."""
     import psutil
 
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def alive(claim: dict) -> bool:
+    """Whether the claim's driver is still running (one on another host counts as running)."""
     if claim.get("host") != socket.gethostname():
         return True
     try:
-        return abs(psutil.Process(int(claim["pid"])).create_time() - float(claim["started"])) < 0.01
-    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError, ValueError):
+        since = alive_since(int(claim["pid"]))
+        return since is not None and abs(since - float(claim["started"])) < 0.01
+    except (KeyError, TypeError, ValueError):
         return False
 
 
