@@ -1,6 +1,7 @@
 """The pipeline's code, in layers that import downwards only.
 
-Stages (`ingest`, `prepare`, `train`, `finetune`, `evaluate`, `export`), each run as
+Stages (`ingest`, `prepare`, `train`, `crossval`, `finetune`, `evaluate`, `export`, `register`,
+`report`), each run as
 `python -m pipeline <stage>`, sit on top. Beneath them: `data/` (the formats stages hand to
 each other, image decoding, the sources, worker pools; no framework), `frameworks/` (the
 interface every framework implements and its torch-free types; `torch/` and `keras/` behind

@@ -23,7 +23,7 @@ import sys
 
 # The pipeline's own modules load inside main()'s try, so a Ctrl-C while they import still
 # ends in the one-line message; before it, Python dies by the signal with a traceback.
-STAGES = ("ingest", "prepare", "train", "crossval", "finetune", "evaluate", "export", "report")
+STAGES = ("ingest", "prepare", "train", "crossval", "finetune", "evaluate", "export", "register", "report")
 
 # glibc mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4

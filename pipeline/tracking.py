@@ -259,6 +259,32 @@ class StageRun:
         self._worker.call("log_input", name=tags["data_source"], uri=str(Path(prepared).resolve()),
                           digest=tags["dataset_sha256"][:36], context=context)  # fmt: skip  # MLflow keeps 36 chars
 
+    def log_model(self, export_dir: Path, example: Any, tags: Mapping[str, str], linked: Mapping[str, float]) -> None:
+        """An export folder as this run's MLflow model (`pipeline.serving`: uint8 images of any
+        size in, probabilities out), `example` (uint8 (1, H, W, C)) its input example, `linked`
+        the metrics shown with it under "Logged models"."""
+        self._worker.call("log_model", export_dir=str(Path(export_dir).resolve()), example=self._example(example),
+                          scratch=str(self._scratch), tags={k: str(v) for k, v in tags.items()},
+                          linked={k: float(v) for k, v in linked.items()})  # fmt: skip
+
+    def _example(self, example: Any) -> str:
+        """An input example saved for the worker (an array has no JSON form worth sending)."""
+        import numpy as np
+
+        path = self._scratch / "input_example.npy"
+        np.save(path, np.asarray(example), allow_pickle=False)
+        return str(path)
+
+    def register_model(self, name: str, alias: str, candidate: Mapping[str, Any], export_dir: Path, example: Any,
+                       tags: Mapping[str, str]) -> None:  # fmt: skip
+        """Register the chosen export's MLflow model (found by its ONNX file's hash; logged in
+        this run when the store has none) as a version of `name`, and move `alias` to it when
+        it beats the current holder (`tracking_models.register`)."""
+        self._worker.call("register", name=name, alias=alias, candidate=dict(candidate),
+                          export_dir=str(Path(export_dir).resolve()), example=self._example(example),
+                          scratch=str(self._scratch),
+                          tags={k: str(v) for k, v in tags.items()})  # fmt: skip
+
     def log_group_metrics(self, metrics: Mapping[str, float | int]) -> None:
         """Headline figures onto the parent run of this pipeline execution too, so executions
         compare side by side in MLflow's runs table."""

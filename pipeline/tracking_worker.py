@@ -35,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 from pipeline.config import ConfigError
 from pipeline.tracking import ARTIFACT_DIR, DRIVER_TAG, OFFLINE_STORE, TrackingParams, load_tracking_params
 from pipeline.workspace import alive_since
@@ -71,6 +73,7 @@ def bound_http(p: TrackingParams) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(p.timeout_seconds))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(p.http_retries))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for local copies, in DVC's log
 
 
 # MLflow 3 opens an experiment on its GenAI overview unless it is tagged as model training
@@ -145,6 +148,8 @@ def serve(uri: str, experiment: str, root: str) -> None:
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import Metric
 
+    from pipeline import tracking_models
+
     experiment_id = open_store(mlflow, uri, experiment, Path(root), p)
     client = mlflow.MlflowClient()
     mark_orphans_killed(client, experiment_id, p)
@@ -153,6 +158,11 @@ def serve(uri: str, experiment: str, root: str) -> None:
         retrying(fn, p.lock_wait_seconds)
 
     state = {"run": None, "status": "KILLED"}  # KILLED: the stage vanished without 'end' (SIGKILL, OOM)
+
+    def log_export(msg: dict) -> str:
+        example = np.load(msg["example"], allow_pickle=False)
+        return tracking_models.log_model(mlflow, Path(msg["export_dir"]), example, Path(msg["scratch"]), msg["tags"],
+                                         msg.get("linked", {}), state.get("dataset"))  # fmt: skip
 
     def apply(msg: dict) -> bool:
         """Apply one call; False once the stage said 'end'."""
@@ -169,8 +179,17 @@ def serve(uri: str, experiment: str, root: str) -> None:
             with warnings.catch_warnings():  # resolving a plain path warns that it guesses a local source
                 warnings.simplefilter("ignore")
                 source = resolve_dataset_source(msg["uri"])
-            dataset = MetaDataset(source, name=msg["name"], digest=msg["digest"])
+            dataset = state["dataset"] = MetaDataset(source, name=msg["name"], digest=msg["digest"])
             call(lambda: mlflow.log_input(dataset, context=msg["context"]))
+        elif op == "log_model":  # an export as this run's MLflow model
+            call(lambda: log_export(msg))
+        elif op == "register":  # the chosen export's logged model (logged here if none is found) into the registry
+            def register() -> None:
+                found = tracking_models.find_model(mlflow, experiment_id, msg["candidate"]["onnx_sha256"])
+                model_id = found or log_export(msg)
+                tracking_models.register(mlflow, client, msg["name"], msg["alias"], model_id, msg["candidate"])
+
+            call(register)
         elif op == "log_group_metrics":  # headline figures, copied onto the execution's parent run
             if state.get("group"):
                 call(lambda: client.log_batch(state["group"], metrics=[

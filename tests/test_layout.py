@@ -21,7 +21,7 @@ from ruamel.yaml import YAML
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "pipeline"
-STAGES = ("ingest", "prepare", "train", "crossval", "finetune", "evaluate", "export", "report")
+STAGES = ("ingest", "prepare", "train", "crossval", "finetune", "evaluate", "export", "register", "report")
 FRAMEWORK_LIBRARIES = (
     "torch", "torchvision", "timm", "tensorflow", "keras", "tf2onnx", "ai_edge_litert", "onnxruntime",
 )

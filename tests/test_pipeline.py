@@ -179,6 +179,7 @@ finetune: {seed: 0, head_epochs: 1, epochs: 1, batch_size: 8}
 evaluate: {batch_size: 64}
 export: {opset: 18, batch_size: 64}
 crossval: {folds: 0}
+register: {}
 """
 
 

@@ -114,6 +114,10 @@ def test_a_model_trained_on_other_classes_is_refused(workdir, trained):
         )
 
 
+def export_file(name: str) -> str:
+    return {"torchscript": "model.torchscript.pt", "onnx": "model.onnx", "onnx_int8": "model_int8.onnx"}[name]
+
+
 @pytest.mark.parametrize("model", ["scratch", "finetune"])
 def test_export_ships_onnx_and_torchscript_that_agree_with_pytorch(workdir, trained, model, repo_root):
     prepared = trained / "data/prepared"
@@ -123,6 +127,12 @@ def test_export_ships_onnx_and_torchscript_that_agree_with_pytorch(workdir, trai
     ])
     parity = json.loads((workdir / "live/metrics.json").read_text())
     assert parity["onnx"]["top1_agreement"] == 1.0 and parity["onnx"]["max_abs_diff"] < 1e-4
+    assert set(parity) == {"torchscript", "onnx", "onnx_int8"}
+    for name, result in parity.items():  # each format's own test accuracy and size on disk
+        assert 0 < result["test_acc"] <= 1 and result["bytes"] == (workdir / "out" / export_file(name)).stat().st_size
+    if model == "scratch":  # trained enough for the default int8 gate (the fine-tune here is near chance)
+        assert parity["onnx_int8"]["top1_agreement"] >= 0.98 and parity["onnx_int8"]["max_abs_diff"] < 0.25
+    assert parity["onnx_int8"]["bytes"] < parity["onnx"]["bytes"] / 3
     meta = json.loads((workdir / "out/model.json").read_text())
     assert meta["classes"] == [str(i) for i in range(10)]
     fitted = json.loads((trained / "dvclive/evaluate" / model / "calibration.json").read_text())["temperature"]

@@ -243,3 +243,18 @@ def load_for_model(
     limits = limits or Limits(max_pixels=64_000_000, min_side=1)  # still no decompression bombs at serving time
     pixels, _ = decode_file(Path(path), limits)
     return fit_square(pixels, size, channels, resize)
+
+
+def array_for_model(pixels: np.ndarray, size: int, channels: int, resize: Resize = "stretch") -> np.ndarray:
+    """An image array as a user holds it, uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) of any
+    size, as the exported model expects it: the rules `load_for_model` applies to a file (alpha
+    on ALPHA_BACKGROUND, grey or RGB as trained, `resize` to `size`). Raises Rejected."""
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (1, 3, 4)):
+        raise Rejected("unsupported_array", f"expected uint8 pixels of shape (H, W), (H, W, 1), (H, W, 3) or "
+                                            f"(H, W, 4), got {pixels.dtype} {pixels.shape}")  # fmt: skip
+    if min(pixels.shape[:2]) < 1:
+        raise Rejected("too_small", f"an image of {pixels.shape[1]}x{pixels.shape[0]} pixels")
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[..., 0]
+    return fit_square(canonical(Image.fromarray(np.ascontiguousarray(pixels))), size, channels, resize)

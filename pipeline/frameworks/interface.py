@@ -7,7 +7,7 @@ framework is installed or chosen.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -34,6 +34,19 @@ class RuntimeParams:
 
     def __post_init__(self) -> None:
         check(self.threads >= 1, "threads", f"must be at least 1, got {self.threads}")
+
+
+Runner = Callable[[Iterable[np.ndarray]], np.ndarray]  # float32 batches in the backend's layout -> probabilities
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """One exported format: its file or folder inside the export folder, and `run`, which
+    computes its probabilities on float32 [0, 1] batches (in the backend's layout) the way a
+    server would, in the format's own runtime, loaded once."""
+
+    path: str
+    run: Runner
 
 
 @dataclass(frozen=True)
@@ -92,11 +105,11 @@ class Backend(ABC):
 
     @abstractmethod
     def export(
-        self, model: Any, out: Path, test: np.ndarray, calibration: np.ndarray, meta: dict, options: ExportOptions
-    ) -> dict[str, np.ndarray]:
-        """Write the shipped files into `out` (a fresh folder) and return each format's
-        probabilities on `test` (uint8 NHWC) as its own runtime computes them, for the parity
-        check. `calibration` (uint8 NHWC training images) calibrates quantisation; formats
+        self, model: Any, out: Path, example: np.ndarray, calibration: np.ndarray, meta: dict, options: ExportOptions
+    ) -> dict[str, Shipped]:
+        """Write the shipped files into `out` (a fresh folder) and return each format by name,
+        for the export stage to check and time. `example` (a few uint8 NHWC test images) traces
+        the graph; `calibration` (uint8 NHWC training images) calibrates quantisation; formats
         named '*int8' are quantised and checked against export's int8 thresholds."""
 
 

@@ -24,7 +24,7 @@ from pipeline import files
 from pipeline.config import ConfigError
 from pipeline.frameworks import interface, onnx_format
 from pipeline.frameworks.card import ModelCard
-from pipeline.frameworks.interface import ExportOptions, RuntimeParams, float_batches
+from pipeline.frameworks.interface import ExportOptions, RuntimeParams, Shipped
 from pipeline.frameworks.keras import export, model, recipe
 
 if TYPE_CHECKING:
@@ -117,9 +117,10 @@ class KerasBackend(interface.Backend):
         return int(net.count_params()) - stats
 
     def export(
-        self, net: keras.Model, out: Path, test: np.ndarray, calibration: np.ndarray, meta: dict, options: ExportOptions
-    ) -> dict[str, np.ndarray]:
-        shape = tuple(test.shape[1:])
+        self, net: keras.Model, out: Path, example: np.ndarray, calibration: np.ndarray, meta: dict,
+        options: ExportOptions,
+    ) -> dict[str, Shipped]:
+        shape = tuple(example.shape[1:])
         saved = str(out / "saved_model" / "1")  # <model>/<version>/ is the folder TF Serving watches
         export.save_savedmodel(net, saved, shape)
         calibration = np.asarray(calibration, np.float32) / 255
@@ -128,10 +129,10 @@ class KerasBackend(interface.Backend):
         files.write_bytes(out / "model.tflite", tflite)
         files.write_bytes(out / "model_int8.tflite", int8)
         files.write_bytes(out / "model.onnx", onnx_bytes)
-        size, threads = options.batch_size, self.runtime.threads
+        threads = self.runtime.threads
         return {
-            "savedmodel": export.predict_savedmodel(saved, float_batches(test, size)),
-            "tflite": export.predict_tflite(tflite, float_batches(test, size), threads),
-            "tflite_int8": export.predict_tflite(int8, float_batches(test, size), threads),
-            "onnx": onnx_format.predict_onnx(onnx_bytes, float_batches(test, size), threads),
+            "savedmodel": Shipped("saved_model", export.savedmodel_runner(saved)),
+            "tflite": Shipped("model.tflite", export.tflite_runner(tflite, threads)),
+            "tflite_int8": Shipped("model_int8.tflite", export.tflite_runner(int8, threads)),
+            "onnx": Shipped("model.onnx", onnx_format.runner(onnx_bytes, threads)),
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -58,36 +59,41 @@ def to_tflite(saved_model_dir: str, calibration: np.ndarray | None = None) -> by
     return converter.convert()
 
 
-def predict_savedmodel(export_dir: str, images) -> np.ndarray:
-    """The SavedModel's serving_default signature, as TF Serving calls it, on float NHWC batches."""
+def savedmodel_runner(export_dir: str) -> Callable[[Iterable[np.ndarray]], np.ndarray]:
+    """The SavedModel's serving_default signature, as TF Serving calls it, as a function from
+    float NHWC batches to probabilities."""
     import tensorflow as tf
 
     serve = tf.saved_model.load(export_dir).signatures["serving_default"]
-    return np.concatenate([serve(**{INPUT_NAME: tf.constant(x)})[OUTPUT_NAME].numpy() for x in images])
+    return lambda images: np.concatenate([serve(**{INPUT_NAME: tf.constant(x)})[OUTPUT_NAME].numpy() for x in images])
 
 
-def predict_tflite(model_bytes: bytes, images, threads: int = 1) -> np.ndarray:
-    """Outputs of a TFLite model on float NHWC images (an array or batches of it), quantising
-    in and out where it is int8. LiteRT's interpreter, not TensorFlow's deprecated one."""
+def tflite_runner(model_bytes: bytes, threads: int = 1) -> Callable[[Iterable[np.ndarray]], np.ndarray]:
+    """A TFLite model as a function from float NHWC batches to probabilities, quantising in and
+    out where it is int8. LiteRT's interpreter, not TensorFlow's deprecated one."""
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_content=model_bytes, num_threads=threads)
     interpreter.allocate_tensors()
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    results = []
-    for image in (row for batch in ([images] if isinstance(images, np.ndarray) else images) for row in batch):
-        x = image[None]  # the converted graph has batch size 1
-        if inp["dtype"] == np.int8:
-            scale, zero = inp["quantization"]
-            x = np.clip(np.round(x / scale + zero), -128, 127).astype(np.int8)
-        interpreter.set_tensor(inp["index"], x)
-        interpreter.invoke()
-        y = interpreter.get_tensor(out["index"])[0]
-        if out["dtype"] == np.int8:
-            scale, zero = out["quantization"]
-            y = (y.astype(np.float32) - zero) * scale
-        results.append(y)
-    return np.stack(results)
+
+    def run(images: Iterable[np.ndarray]) -> np.ndarray:
+        results = []
+        for image in (row for batch in images for row in batch):
+            x = image[None]  # the converted graph has batch size 1
+            if inp["dtype"] == np.int8:
+                scale, zero = inp["quantization"]
+                x = np.clip(np.round(x / scale + zero), -128, 127).astype(np.int8)
+            interpreter.set_tensor(inp["index"], x)
+            interpreter.invoke()
+            y = interpreter.get_tensor(out["index"])[0]
+            if out["dtype"] == np.int8:
+                scale, zero = out["quantization"]
+                y = (y.astype(np.float32) - zero) * scale
+            results.append(y)
+        return np.stack(results)
+
+    return run
 
 
 def to_onnx(model: keras.Model, input_shape: tuple[int, int, int], opset: int, meta: dict | None = None) -> bytes:

@@ -1,8 +1,8 @@
 """The `torch` framework behind `frameworks.interface.Backend`: the default for every stage.
 
 Training is `recipe.fit`; a model file is `model.checkpoint_bytes`' checkpoint; the exports
-are `export`'s TorchScript and ONNX files (`model.torchscript.pt`, `model.onnx`), the model
-card embedded in each.
+are `export`'s TorchScript, ONNX and int8 ONNX files (`model.torchscript.pt`, `model.onnx`,
+`model_int8.onnx`), the model card embedded in each.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 from pipeline import files
 from pipeline.frameworks import interface, onnx_format
 from pipeline.frameworks.card import ModelCard
-from pipeline.frameworks.interface import ExportOptions, RuntimeParams, float_batches
+from pipeline.frameworks.interface import ExportOptions, RuntimeParams, Shipped, float_batches
 from pipeline.frameworks.torch import export, model, recipe, runtime
 
 
@@ -60,18 +60,23 @@ class TorchBackend(interface.Backend):
         return sum(p.numel() for p in net.parameters())
 
     def export(
-        self, net: nn.Module, out: Path, test: np.ndarray, calibration: np.ndarray, meta: dict, options: ExportOptions
-    ) -> dict[str, np.ndarray]:
+        self, net: nn.Module, out: Path, example: np.ndarray, calibration: np.ndarray, meta: dict,
+        options: ExportOptions,
+    ) -> dict[str, Shipped]:
         # traced on the CPU: the files must not depend on the GPU
         shipped = export.WithSoftmax(net.to(torch.device("cpu"))).eval()
-        example = torch.from_numpy(next(float_batches(test[:2], 2, "NCHW")))
+        traced_on = torch.from_numpy(next(float_batches(example[:2], 2, "NCHW")))
         with torch.no_grad():
-            script = export.to_torchscript(shipped, example, meta)
-            onnx_bytes = export.to_onnx(shipped, example, meta, options.opset, options.onnx_exporter)
-        files.write_bytes(out / "model.torchscript.pt", script)
-        files.write_bytes(out / "model.onnx", onnx_bytes)
-        size, threads = options.batch_size, self.runtime.threads
+            script = export.to_torchscript(shipped, traced_on, meta)
+            onnx_bytes = export.to_onnx(shipped, traced_on, meta, options.opset, options.onnx_exporter)
+        int8 = onnx_format.quantize_int8(onnx_bytes, list(float_batches(calibration, 32, "NCHW")), meta)
+        written = {"torchscript": ("model.torchscript.pt", script), "onnx": ("model.onnx", onnx_bytes),
+                   "onnx_int8": ("model_int8.onnx", int8)}  # fmt: skip
+        for name, blob in written.values():
+            files.write_bytes(out / name, blob)
+        threads = self.runtime.threads
         return {
-            "torchscript": export.predict_torchscript(script, float_batches(test, size, "NCHW")),
-            "onnx": onnx_format.predict_onnx(onnx_bytes, float_batches(test, size, "NCHW"), threads),
+            "torchscript": Shipped("model.torchscript.pt", export.torchscript_runner(script)),
+            "onnx": Shipped("model.onnx", onnx_format.runner(onnx_bytes, threads)),
+            "onnx_int8": Shipped("model_int8.onnx", onnx_format.runner(int8, threads)),
         }

@@ -1,4 +1,4 @@
-"""torch models as shipped files: TorchScript and ONNX, both taking float32 (N, C, H, W) images
+"""torch models as shipped files: TorchScript, ONNX and int8 ONNX, all taking float32 (N, C, H, W) images
 in [0, 1] and returning probabilities, byte-identical on every rerun."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import io
 import json
 import warnings
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -88,8 +88,13 @@ def to_onnx(model: nn.Module, example: torch.Tensor, meta: dict, opset: int, exp
     return onnx_format.with_metadata(proto, meta)
 
 
-def predict_torchscript(blob: bytes, images: Iterable[np.ndarray]) -> np.ndarray:
-    """The TorchScript file's outputs on batches of float32 NCHW input, loaded as a server loads it."""
+def torchscript_runner(blob: bytes) -> Callable[[Iterable[np.ndarray]], np.ndarray]:
+    """The TorchScript file, loaded as a server loads it, as a function from batches of float32
+    NCHW input to probabilities."""
     scripted = load_torchscript(blob)
-    with torch.no_grad():
-        return np.concatenate([scripted(torch.from_numpy(x)).numpy() for x in images])
+
+    def run(images: Iterable[np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            return np.concatenate([scripted(torch.from_numpy(x)).numpy() for x in images])
+
+    return run

@@ -1,0 +1,212 @@
+"""Models that ship through MLflow: the pyfunc over the ONNX export (`pipeline.serving`), its
+logging (`tracking_models.log_model`), the registry and its alias (`tracking_models.register`,
+the register stage's choice) and `mlflow models serve` on the champion."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+import pytest
+import skimage.data
+from conftest import REPO, run
+from onnx import TensorProto, helper
+from PIL import Image
+
+from pipeline import config, files, predict, register, tracking_models
+from pipeline.config import ConfigError
+from pipeline.data import images
+from pipeline.errors import ArtifactError
+
+
+def tiny_export(folder: Path) -> Path:
+    """An export folder whose ONNX model classifies 8x8 grey images by brightness: mean over
+    the pixels, then two logits (dark, light)."""
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 8, 8])
+    y = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["image"], ["mean"]),
+        helper.make_node("Flatten", ["mean"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "w", "b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    weights = [helper.make_tensor("w", TensorProto.FLOAT, [1, 2], [-8.0, 8.0]),
+               helper.make_tensor("b", TensorProto.FLOAT, [2], [4.0, -4.0])]  # fmt: skip
+    model = helper.make_model(helper.make_graph(nodes, "brightness", [x], [y], weights),
+                              opset_imports=[helper.make_opsetid("", 18)])  # fmt: skip
+    folder.mkdir(parents=True)
+    onnx.save(model, folder / "model.onnx")
+    files.write_json(folder / "model.json", {
+        "classes": ["dark", "light"], "input": {"layout": "NCHW"}, "calibration": {"temperature": 2.0},
+        "preprocessing": {"image_size": 8, "channels": 1, "resize": "stretch"}})  # fmt: skip
+    files.write_checksums(folder)
+    return folder
+
+
+def photo(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def test_an_array_becomes_what_the_same_pixels_in_a_file_become(tmp_path):
+    """Serving takes arrays, predict and prepare take files: the same pixels give the same input."""
+    for name, pixels in [("grey.png", photo((30, 50))), ("rgb.png", photo((40, 25, 3))),
+                         ("rgba.png", photo((20, 20, 4))), ("grey1.png", photo((12, 9, 1)))]:  # fmt: skip
+        path = tmp_path / name
+        Image.fromarray(pixels[..., 0] if pixels.shape[-1:] == (1,) else pixels).save(path)
+        for channels in (1, 3):
+            for resize in ("stretch", "crop", "pad"):
+                from_file = images.load_for_model(path, 16, channels, resize)
+                assert np.array_equal(images.array_for_model(pixels, 16, channels, resize), from_file), name
+    for bad in (np.zeros((4, 4, 2), np.uint8), np.zeros((4, 4), np.float32), np.zeros((2, 4, 4, 3), np.uint8)):
+        with pytest.raises(images.Rejected, match=r"expected uint8 pixels of shape \(H, W\)"):
+            images.array_for_model(bad, 16, 1)
+
+
+def experiment(name: str, tmp_path: Path) -> None:
+    """An experiment whose artifacts stay under `tmp_path` (the default is ./mlruns)."""
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment(name, (tmp_path / "artifacts").as_uri()))
+
+
+def test_the_logged_model_takes_any_image_and_answers_as_the_export(tmp_path):
+    export = tiny_export(tmp_path / "export")
+    onnx_bytes, meta = predict.read_export(export)
+    experiment("serving", tmp_path)
+    with mlflow.start_run():
+        model_id = tracking_models.log_model(mlflow, export, photo((1, 8, 8, 1)), tmp_path / "scratch",
+                                             {"model": "tiny"}, {"test/acc": 0.5})  # fmt: skip
+    logged = mlflow.get_logged_model(model_id)
+    assert {m.key for m in logged.metrics} == {"test/acc"} and logged.tags["model"] == "tiny"
+    model = mlflow.pyfunc.load_model(f"models:/{model_id}")
+    sig = model.metadata.signature
+    assert sig.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, -1, -1, -1)}}]
+    assert [c["name"] for c in sig.outputs.to_dict()] == ["class", "probability", "probabilities"]
+    assert model.metadata.saved_input_example_info["type"] == "ndarray"
+
+    dark, light = np.full((1, 40, 30, 3), 20, np.uint8), np.full((1, 40, 30, 3), 230, np.uint8)
+    answer = model.predict(np.concatenate([dark, light]))
+    assert list(answer["class"]) == ["dark", "light"]
+    # the same pixels as a file, through predict: the same probabilities (no train/serve skew)
+    Image.fromarray(light[0]).save(tmp_path / "light.png")
+    (row,) = predict.classify([tmp_path / "light.png"], onnx_bytes, meta, batch_size=4, threads=1)
+    assert np.allclose(answer["probabilities"][1], row["probabilities"], atol=1e-7)
+    assert answer["probability"][1] == pytest.approx(max(row["probabilities"]))
+    calibrated = model.predict(light, params={"calibrated": True})["probability"][0]
+    assert 0.5 < calibrated < answer["probability"][1]  # T = 2 softens it
+    with pytest.raises(Exception, match=r"uint8|shape"):
+        model.predict(np.zeros((1, 4, 4, 2), np.uint8))
+
+
+def test_the_alias_moves_only_to_a_better_model_on_the_same_data(tmp_path):
+    experiment("registry", tmp_path)
+    client = mlflow.MlflowClient()
+    logged = {}
+
+    def candidate(name: str, score: float, dataset: str = "d1", select_by: str = "val_acc") -> tuple[str, dict]:
+        if name not in logged:
+            logged[name] = mlflow.create_external_model(name=name).model_id
+        return logged[name], {"model": name, "score": score, "select_by": select_by, "higher_is_better": True,
+                              "dataset_sha256": dataset, "onnx_sha256": f"sha-{name}"}  # fmt: skip
+
+    def champion() -> tuple[str, str]:
+        version = client.get_model_version_by_alias("clf", "champion")
+        return int(version.version), version.tags["model"]
+
+    tracking_models.register(mlflow, client, "clf", "champion", *candidate("a", 0.90))
+    assert champion() == (1, "a")
+    tracking_models.register(mlflow, client, "clf", "champion", *candidate("b", 0.85))
+    assert champion() == (1, "a")  # registered as version 2, the alias stays
+    tracking_models.register(mlflow, client, "clf", "champion", *candidate("c", 0.90))
+    assert champion() == (1, "a")  # a tie does not move it
+    tracking_models.register(mlflow, client, "clf", "champion", *candidate("d", 0.95))
+    assert champion() == (4, "d")
+    tracking_models.register(mlflow, client, "clf", "champion", *candidate("a", 0.90))
+    assert champion() == (4, "d")  # the same ONNX file again: its old version, no new one
+    tracking_models.register(mlflow, client, "clf", "champion", *candidate("e", 0.10, dataset="d2"))
+    assert champion() == (5, "e")  # a champion chosen on other data says nothing about this data
+    tracking_models.register(mlflow, client, "clf", "champion", *candidate("f", 0.05, dataset="d2",
+                                                                           select_by="val_loss"))  # fmt: skip
+    assert champion() == (6, "f")
+    assert len(client.search_model_versions("name = 'clf'")) == 6
+
+
+def test_register_picks_by_validation_never_by_test():
+    curves = {"scratch": {"best": {"val_acc": 0.91, "val_loss": 0.30}},
+              "finetune": {"best": {"val_acc": 0.97, "val_loss": 0.35}}}  # fmt: skip
+    models = ["scratch", "finetune"]
+    assert register.choose(register.scores(models, curves, "val_acc"), True) == "finetune"
+    assert register.choose(register.scores(models, curves, "val_loss"), False) == "scratch"
+    assert register.choose({"a": 0.5, "b": 0.5}, True) == "a"  # a tie: the first listed
+    with pytest.raises(ArtifactError, match=r"dvclive/finetune/metrics.json: no best/val_acc for finetune"):
+        register.scores(models, {**curves, "finetune": {}}, "val_acc")
+    with pytest.raises(ConfigError, match=r"register.select_by.*test_acc.*val_acc"):
+        config.from_dict({"select_by": "test_acc"}, register.RegisterParams, where="params.yaml: register")
+    with pytest.raises(ConfigError, match="model_name"):
+        register.RegisterParams(model_name="my model's")
+    with pytest.raises(ConfigError, match="reserved"):
+        register.RegisterParams(alias="latest")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlflow_serves_the_champion_as_the_export_answers(trained, tmp_path):
+    """export and register on the tiny model, then `mlflow models serve` on models:/<name>@champion:
+    a real photo (any size, RGB for a grey model) in as JSON, the export's probabilities out."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": store}
+    out = tmp_path / "exports"
+    run([sys.executable, "-m", "pipeline", "export", "--model", "scratch", "--data", str(trained / "data/prepared"),
+         "--models", str(trained / "models"), "--out", str(out / "scratch"), "--live", str(tmp_path / "live"),
+         "--evaluation", str(trained / "dvclive/evaluate/scratch")], cwd=trained, env=env)  # fmt: skip
+    run([sys.executable, "-m", "pipeline", "register", "--models", "scratch", "--data", str(trained / "data/prepared"),
+         "--exports", str(out), "--curves", str(trained / "dvclive"), "--live", str(tmp_path / "reg")],
+        cwd=trained, env=env)  # fmt: skip
+    selection = json.loads((tmp_path / "reg/selection.json").read_text())
+    assert selection["model"] == "scratch" and selection["select_by"] == "val_acc"
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/cnn-pipeline@champion",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env={**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()[-3000:]
+                assert time.monotonic() < deadline, "mlflow models serve did not answer /ping in 180 s"
+                time.sleep(0.5)
+        astronaut = skimage.data.astronaut()[::2, ::3]  # 256 x 171 RGB, a grey 16 px model
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": astronaut[None].tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    Image.fromarray(astronaut).save(tmp_path / "astronaut.png")
+    onnx_bytes, meta = predict.read_export(out / "scratch")
+    (row,) = predict.classify([tmp_path / "astronaut.png"], onnx_bytes, meta, batch_size=1, threads=1)
+    (served,) = answer
+    assert served["class"] == meta["classes"][int(np.argmax(row["probabilities"]))]
+    assert np.allclose(served["probabilities"], row["probabilities"], atol=1e-6)
