@@ -136,10 +136,13 @@ def nest_into(target: dict, metrics: Mapping[str, Any]) -> dict:
 
 
 def group_name(git: Mapping[str, str]) -> str:
-    """The parent run's name: the DVC experiment, else the commit of a plain `dvc repro`."""
+    """The parent run's name: the DVC experiment, else the commit of a plain `dvc repro`, marked
+    `-dirty` (as `git describe --dirty` does) when tracked files differed from it as it began."""
     if git.get("dvc_exp_name"):
         return git["dvc_exp_name"]
-    return f"repro {git['git_commit'][:7]}" if git.get("git_commit", "none") != "none" else "repro"
+    if git.get("git_commit", "none") == "none":
+        return "repro"
+    return f"repro {git['git_commit'][:7]}{'-dirty' if git.get('git_dirty') == 'true' else ''}"
 
 
 class MlflowWorker:

@@ -109,6 +109,16 @@ def test_artifacts_and_figures_reach_mlflow(workdir, mlflow_store):
     assert [a.path for a in client.list_artifacts(run_info.info.run_id, "export")] == ["export/model.onnx"]
 
 
+def test_a_parent_is_named_after_the_experiment_else_the_commit():
+    def name(exp: str, commit: str, dirty: str) -> str:
+        return tracking.group_name({"dvc_exp_name": exp, "git_commit": commit, "git_dirty": dirty})
+
+    assert name("keen-kiwi", "20b81ab6e7", "true") == "keen-kiwi"
+    assert name("", "20b81ab6e7", "false") == "repro 20b81ab"
+    assert name("", "20b81ab6e7", "true") == "repro 20b81ab-dirty"
+    assert name("", "none", "unknown") == "repro"
+
+
 def test_the_stage_runs_of_one_execution_nest_under_one_parent_with_its_dataset(workdir, mlflow_store, monkeypatch):
     """One parent run per `dvc repro` / `dvc exp run` (named after the experiment), made by the
     first stage that runs; another execution gets its own; the dataset is each run's input."""
