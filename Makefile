@@ -39,6 +39,7 @@ bench: setup
 	$(VENV)/bin/python -m bench.integrity
 
 mlflow-ui: setup
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the model-training views)"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --port 5000
 
 clean:

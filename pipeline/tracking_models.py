@@ -54,10 +54,14 @@ def code_copy(scratch: Path) -> Path:
 
 def log_model(mlflow: Any, export_dir: Path, example: np.ndarray, scratch: Path, tags: dict[str, str],
               linked: dict[str, float], dataset: Any = None) -> str:  # fmt: skip
-    """Log `export_dir` as this run's MLflow model; returns its model id."""
+    """Log `export_dir` as this run's MLflow model, named after `tags["model"]`; returns its id.
+    Its source is the run's (the stage's file), not this worker's."""
     export_dir = Path(export_dir)
+    run = mlflow.active_run()
+    source = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.source.name") if run else None
+    tags = {**({"mlflow.source.name": source} if source else {}), **tags}
     info = mlflow.pyfunc.log_model(
-        name="model",
+        name=tags.get("model", "model"),
         python_model=str(PACKAGE / "serving.py"),
         artifacts={"onnx": str(export_dir / "model.onnx"), "card": str(export_dir / "model.json")},
         code_paths=[str(code_copy(scratch))],

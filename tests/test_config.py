@@ -83,7 +83,7 @@ def test_invalid_yaml_names_the_file(tmp_path):
 
 
 def test_the_repository_params_file_loads_into_every_stage(repo_root):
-    from pipeline import crossval, evaluate, export, finetune, prepare, train
+    from pipeline import crossval, evaluate, export, finetune, prepare, register, train
     from pipeline.data import sources
     from pipeline.frameworks.interface import RuntimeParams
 
@@ -92,8 +92,8 @@ def test_the_repository_params_file_loads_into_every_stage(repo_root):
         ("runtime", RuntimeParams), ("data", sources.DataParams), ("prepare", prepare.PrepareParams),
         ("train", train.TrainParams), ("finetune", finetune.FinetuneParams),
         ("evaluate", evaluate.EvaluateParams), ("export", export.ExportParams), ("tracking", TrackingParams),
-        ("crossval", crossval.CrossvalParams),
+        ("crossval", crossval.CrossvalParams), ("register", register.RegisterParams),
     ]:
         config.load(section, cls, path)
     assert set(config.read_params(path)) == {
-        "runtime", "tracking", "data", "prepare", "train", "crossval", "finetune", "evaluate", "export"}
+        "runtime", "tracking", "data", "prepare", "train", "crossval", "finetune", "evaluate", "export", "register"}

@@ -59,8 +59,14 @@ def test_dvc_repro_twice_gives_identical_lock_and_then_has_nothing_to_do(tmp_rep
     stages = {r.data.tags["stage"] for r in mlflow_runs(repo)}
     assert stages == {
         "ingest", "prepare", "train", "crossval", "finetune",
-        "evaluate@scratch", "evaluate@finetune", "export@scratch", "export@finetune", "report",
+        "evaluate@scratch", "evaluate@finetune", "export@scratch", "export@finetune", "register", "report",
     }
+    # the model register chose holds the alias in the store's registry; the rerun added no version
+    selection = json.loads((repo / "dvclive/register/selection.json").read_text())
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("cnn-pipeline", "champion")
+    assert champion.tags["model"] == selection["model"] and champion.tags["pipeline.select_by"] == "val_acc"
+    assert len(client.search_model_versions("name = 'cnn-pipeline'")) == 1
 
 
 def test_experiments_appear_in_dvc_exp_show_and_in_the_root_mlflow_store(tmp_repo):

@@ -81,11 +81,12 @@ def test_the_logged_model_takes_any_image_and_answers_as_the_export(tmp_path):
     export = tiny_export(tmp_path / "export")
     onnx_bytes, meta = predict.read_export(export)
     experiment("serving", tmp_path)
-    with mlflow.start_run():
+    with mlflow.start_run(tags={"mlflow.source.name": "pipeline/export.py"}):
         model_id = tracking_models.log_model(mlflow, export, photo((1, 8, 8, 1)), tmp_path / "scratch",
                                              {"model": "tiny"}, {"test/acc": 0.5})  # fmt: skip
     logged = mlflow.get_logged_model(model_id)
     assert {m.key for m in logged.metrics} == {"test/acc"} and logged.tags["model"] == "tiny"
+    assert logged.name == "tiny" and logged.tags["mlflow.source.name"] == "pipeline/export.py"  # not the worker
     model = mlflow.pyfunc.load_model(f"models:/{model_id}")
     sig = model.metadata.signature
     assert sig.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, -1, -1, -1)}}]
@@ -210,3 +211,12 @@ def test_mlflow_serves_the_champion_as_the_export_answers(trained, tmp_path):
     (served,) = answer
     assert served["class"] == meta["classes"][int(np.argmax(row["probabilities"]))]
     assert np.allclose(served["probabilities"], row["probabilities"], atol=1e-6)
+
+    # a store that never saw the export (a new machine, a deleted mlflow.db): register logs the model itself
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    run([sys.executable, "-m", "pipeline", "register", "--models", "scratch", "--data", str(trained / "data/prepared"),
+         "--exports", str(out), "--curves", str(trained / "dvclive"), "--live", str(tmp_path / "reg2")],
+        cwd=trained, env={**env, "MLFLOW_TRACKING_URI": fresh})  # fmt: skip
+    client = mlflow.MlflowClient(fresh)
+    version = client.get_model_version_by_alias("cnn-pipeline", "champion")
+    assert client.get_run(version.run_id).data.tags["stage"] == "register"
