@@ -114,7 +114,10 @@ def git_tags(root: Path) -> dict[str, str]:
         return done.stdout.strip()
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # what `dvc repro` itself rewrites (dvc.lock, the git-tracked metrics it deletes before a stage
+    # runs) is not a change to the code or params: counted, every repro would read as dirty
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                 *(f":(exclude,glob){p}" for p in pipeline_outputs(root)))  # fmt: skip
     return {
         "git_commit": commit or "none",
         "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
@@ -122,6 +125,27 @@ def git_tags(root: Path) -> dict[str, str]:
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc_exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV", ""),
     }
+
+
+def pipeline_outputs(root: Path) -> list[str]:
+    """dvc.lock and every output dvc.yaml declares (outs, metrics, plots), as git glob patterns
+    (a foreach stage's `${item}` matching any name), each also for what is under it."""
+    import re
+
+    import yaml
+
+    try:
+        spec = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return ["dvc.lock"]
+    found = ["dvc.lock"]
+    for stage in (spec.get("stages") or {}).values():
+        body = stage.get("do", stage) if isinstance(stage, dict) else {}
+        for key in ("outs", "metrics", "plots"):
+            for entry in body.get(key) or []:
+                path = re.sub(r"\$\{[^}]*\}", "*", str(next(iter(entry)) if isinstance(entry, dict) else entry))
+                found += [path, f"{path}/**"]
+    return found
 
 
 def nest_into(target: dict, metrics: Mapping[str, Any]) -> dict:

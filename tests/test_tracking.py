@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -107,6 +108,31 @@ def test_artifacts_and_figures_reach_mlflow(workdir, mlflow_store):
     paths = {a.path for a in client.list_artifacts(run_info.info.run_id)}
     assert paths == {"model", "export", "report.json", "figure.png"}
     assert [a.path for a in client.list_artifacts(run_info.info.run_id, "export")] == ["export/model.onnx"]
+
+
+def test_what_dvc_repro_rewrites_does_not_make_a_checkout_dirty(tmp_path):
+    """dvc.lock and the git-tracked metrics DVC deletes before a stage runs are the pipeline's own
+    writes; params.yaml or code are changes to the checkout."""
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  a:\n    cmd: x\n    outs: [{reports: {cache: false}}]\n    metrics: [{dvclive/a/metrics.json: "
+        "{cache: false}}]\n  b:\n    foreach: [m, n]\n    do:\n      cmd: y\n      outs:\n        - exports/${item}\n")
+    for rel in ("dvc.lock", "params.yaml", "reports/r.md", "dvclive/a/metrics.json", "exports/m/model.json"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("1")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "x")
+    assert tracking.git_tags(tmp_path)["git_dirty"] == "false"
+    (tmp_path / "dvclive/a/metrics.json").unlink()
+    (tmp_path / "dvc.lock").write_text("2")
+    (tmp_path / "reports/r.md").write_text("2")
+    (tmp_path / "exports/m/model.json").write_text("2")
+    assert tracking.git_tags(tmp_path)["git_dirty"] == "false"
+    (tmp_path / "params.yaml").write_text("2")
+    assert tracking.git_tags(tmp_path)["git_dirty"] == "true"
 
 
 def test_a_parent_is_named_after_the_experiment_else_the_commit():
