@@ -80,12 +80,19 @@ def bound_http(p: TrackingParams) -> None:
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
-def _experiment_id(mlflow: Any, name: str, root: Path) -> str:
+def is_local(uri: str) -> bool:
+    """A store on this machine (SQLite, a folder), not a tracking server."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def _experiment_id(mlflow: Any, name: str, root: Path, uri: str) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
-        # An absolute artifact root: the default ('./mlruns' under the current folder) would put
-        # artifacts of runs made in a temporary experiment copy into a folder DVC deletes.
-        location = (root / ARTIFACT_DIR).as_uri()
+        # A local store gets an absolute artifact root: the default ('./mlruns' under the current
+        # folder) would put artifacts of runs made in a temporary experiment copy into a folder
+        # DVC deletes. A server keeps its own (`--artifacts-destination`), which every client
+        # uploads to: a folder on one colleague's disk would be invisible to the others.
+        location = (root / ARTIFACT_DIR).as_uri() if is_local(uri) else None
         try:
             mlflow.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
         except Exception:  # a parallel stage created it first (queued experiments)
@@ -105,7 +112,7 @@ def open_store(mlflow: Any, uri: str, experiment: str, root: Path, p: TrackingPa
     for target in (uri, offline):
         mlflow.set_tracking_uri(target)
         try:
-            return retrying(lambda: _experiment_id(mlflow, experiment, root), p.lock_wait_seconds)
+            return retrying(lambda t=target: _experiment_id(mlflow, experiment, root, t), p.lock_wait_seconds)
         except Exception as exc:  # any failure to open a store: report it in one line
             first = str(exc).splitlines()[0] if str(exc) else ""
             reason = f"{type(exc).__name__}: {first[:240]}"

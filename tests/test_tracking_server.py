@@ -1,0 +1,74 @@
+"""A team's set-up: stages logging to a real `mlflow server` (database backend, artifact store
+on the server), as colleagues share one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import TINY_PARAMS, run
+
+from pipeline import tracking
+
+pytestmark = pytest.mark.slow  # a server and a stage in subprocesses
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """`mlflow server` on a free localhost port: SQLite backend, artifacts served from its own folder."""
+    port, home = free_port(), tmp_path / "server"
+    home.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+         "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+                assert time.monotonic() < deadline, "mlflow server did not answer /health in 120 s"
+                time.sleep(0.5)
+        yield uri, home
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_a_stage_logs_to_a_shared_server_and_its_artifacts_go_to_the_server(server, tmp_path):
+    uri, home = server
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "params.yaml").write_text(TINY_PARAMS)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MLFLOW_TRACKING_URI": uri}
+    run([sys.executable, "-m", "pipeline", "ingest"], cwd=work, env=env)
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    # the server's artifact store, not a folder on the client's disk that colleagues cannot see
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")
+    (ingest,) = client.search_runs([experiment.experiment_id], "tags.stage = 'ingest'")
+    assert ingest.info.status == "FINISHED" and ingest.data.metrics["images"] == 1797
+    assert client.list_artifacts(ingest.info.run_id), "the run's artifacts did not reach the server"
+    assert any(p.is_file() for p in (home / "artifacts").rglob("*"))
+    assert not (work / tracking.ARTIFACT_DIR).exists()
