@@ -185,3 +185,29 @@ def copy_project(dest: Path, store: Path, params: str = TINY_PARAMS) -> dict[str
     for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
         run(cmd, dest, env)
     return env
+
+
+def free_port() -> int:
+    """A localhost port nothing listens on now (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, seconds: float = 180) -> None:
+    """Poll `url` until it answers; fail with the server's output if it exits or takes too long."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, f"{url} did not answer in {seconds:.0f} s"
+            time.sleep(0.5)
+

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 import skimage.data
-from conftest import REPO, run
+from conftest import REPO, free_port, run, wait_until_up
 from onnx import TensorProto, helper
 from PIL import Image
 
@@ -157,12 +155,6 @@ def test_register_picks_by_validation_never_by_test():
         register.RegisterParams(alias="latest")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_mlflow_serves_the_champion_as_the_export_answers(trained, tmp_path):
     """export and register on the tiny model, then `mlflow models serve` on models:/<name>@champion:
@@ -187,15 +179,7 @@ def test_mlflow_serves_the_champion_as_the_export_answers(trained, tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stdout.read().decode()[-3000:]
-                assert time.monotonic() < deadline, "mlflow models serve did not answer /ping in 180 s"
-                time.sleep(0.5)
+        wait_until_up(f"http://127.0.0.1:{port}/ping", server)
         astronaut = skimage.data.astronaut()[::2, ::3]  # 256 x 171 RGB, a grey 16 px model
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": astronaut[None].tolist()}).encode(),

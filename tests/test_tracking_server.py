@@ -5,26 +5,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import TINY_PARAMS, run
+from conftest import TINY_PARAMS, free_port, run, wait_until_up
 
 from pipeline import tracking
 
 pytestmark = pytest.mark.slow  # a server and a stage in subprocesses
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -40,15 +31,7 @@ def server(tmp_path):
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-                assert time.monotonic() < deadline, "mlflow server did not answer /health in 120 s"
-                time.sleep(0.5)
+        wait_until_up(f"{uri}/health", proc, 120)
         yield uri, home
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
