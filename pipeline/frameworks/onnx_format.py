@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+
+from pipeline.frameworks.interface import Runner
 
 # The ops int8 quantisation covers: the convolutions and dense layers with what follows them
 # (ReLU6 is a Clip, residuals an Add, then the pooling), nothing else. ONNX Runtime's default
@@ -32,7 +34,7 @@ def with_metadata(proto: Any, meta: dict) -> bytes:
     return proto.SerializeToString(deterministic=True)
 
 
-def runner(onnx_bytes: bytes, threads: int) -> Callable[[Iterable[np.ndarray]], np.ndarray]:
+def runner(onnx_bytes: bytes, threads: int) -> Runner:
     """An ONNX Runtime session on the CPU with pinned threads, as a function from batches of
     float32 input to the concatenated outputs (an empty array for no batches)."""
     import onnxruntime as ort
@@ -74,16 +76,16 @@ def quantize_int8(onnx_bytes: bytes, calibration: Sequence[np.ndarray], meta: di
         quantize_static,
     )
 
+    graph = onnx.load_from_string(onnx_bytes).graph
+
     class Batches(CalibrationDataReader):
         def __init__(self) -> None:
             self.batches = iter(calibration)
-            self.input = onnx.load_from_string(onnx_bytes).graph.input[0].name
 
         def get_next(self) -> dict | None:
             batch = next(self.batches, None)
-            return None if batch is None else {self.input: batch}
+            return None if batch is None else {graph.input[0].name: batch}
 
-    graph = onnx.load_from_string(onnx_bytes).graph
     weighted = [n.name for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     keep_float = [n.name for n in graph.node if n.op_type in ("Softmax", "Resize")] + weighted[:1] + weighted[-1:]
     root = logging.getLogger()

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.frameworks import onnx_format
-from pipeline.frameworks.interface import INPUT_NAME, OUTPUT_NAME
+from pipeline.frameworks.interface import INPUT_NAME, OUTPUT_NAME, Runner
 
 if TYPE_CHECKING:
     import keras
@@ -59,7 +59,7 @@ def to_tflite(saved_model_dir: str, calibration: np.ndarray | None = None) -> by
     return converter.convert()
 
 
-def savedmodel_runner(export_dir: str) -> Callable[[Iterable[np.ndarray]], np.ndarray]:
+def savedmodel_runner(export_dir: str) -> Runner:
     """The SavedModel's serving_default signature, as TF Serving calls it, as a function from
     float NHWC batches to probabilities."""
     import tensorflow as tf
@@ -68,7 +68,7 @@ def savedmodel_runner(export_dir: str) -> Callable[[Iterable[np.ndarray]], np.nd
     return lambda images: np.concatenate([serve(**{INPUT_NAME: tf.constant(x)})[OUTPUT_NAME].numpy() for x in images])
 
 
-def tflite_runner(model_bytes: bytes, threads: int = 1) -> Callable[[Iterable[np.ndarray]], np.ndarray]:
+def tflite_runner(model_bytes: bytes, threads: int = 1) -> Runner:
     """A TFLite model as a function from float NHWC batches to probabilities, quantising in and
     out where it is int8. LiteRT's interpreter, not TensorFlow's deprecated one."""
     from ai_edge_litert.interpreter import Interpreter

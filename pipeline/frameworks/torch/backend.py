@@ -75,8 +75,6 @@ class TorchBackend(interface.Backend):
         for name, blob in written.values():
             files.write_bytes(out / name, blob)
         threads = self.runtime.threads
-        return {
-            "torchscript": Shipped("model.torchscript.pt", export.torchscript_runner(script)),
-            "onnx": Shipped("model.onnx", onnx_format.runner(onnx_bytes, threads)),
-            "onnx_int8": Shipped("model_int8.onnx", onnx_format.runner(int8, threads)),
-        }
+        runners = {"torchscript": export.torchscript_runner(script), "onnx": onnx_format.runner(onnx_bytes, threads),
+                   "onnx_int8": onnx_format.runner(int8, threads)}  # fmt: skip
+        return {name: Shipped(file, runners[name]) for name, (file, _) in written.items()}

@@ -8,14 +8,14 @@ import io
 import json
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline.frameworks import onnx_format
-from pipeline.frameworks.interface import INPUT_NAME, OUTPUT_NAME
+from pipeline.frameworks.interface import INPUT_NAME, OUTPUT_NAME, Runner
 
 
 class WithSoftmax(nn.Module):
@@ -88,7 +88,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor, meta: dict, opset: int, exp
     return onnx_format.with_metadata(proto, meta)
 
 
-def torchscript_runner(blob: bytes) -> Callable[[Iterable[np.ndarray]], np.ndarray]:
+def torchscript_runner(blob: bytes) -> Runner:
     """The TorchScript file, loaded as a server loads it, as a function from batches of float32
     NCHW input to probabilities."""
     scripted = load_torchscript(blob)
