@@ -47,7 +47,7 @@ def child(framework: str, epochs: int | None) -> dict:
     seconds = time.perf_counter() - started
     return {"images_per_second": result.epochs_run * len(trn) / seconds, "epochs": result.epochs_run,
             "startup_seconds": startup, "val_acc": result.history[-1]["val/acc"], "train_images": len(trn),
-            "threads": rt.threads}
+            "threads": rt.thread_count}
 
 
 def main() -> None:

@@ -207,7 +207,7 @@ def bench_throughput(repeats: int) -> list[str]:
     return [
         "## Train stage throughput against a bare PyTorch loop", "",
         f"Same model, batch size {p.batch_size}, {n} images of {prep.image_size}x{prep.image_size}, "
-        f"{rt.threads} threads, median of {repeats} alternating epochs each. The 'same recipe' loop "
+        f"{rt.thread_count} threads, median of {repeats} alternating epochs each. The 'same recipe' loop "
         "does the train params' maths inline (random shifts, label smoothing, clipping, one-cycle "
         "schedule); the plain loop shows what the recipe itself costs.", "",
         "| loop | images/s |", "|---|---|",

@@ -124,7 +124,7 @@ class Trainer:
         self.p = config.load("train", train.TrainParams, REPO / "params.yaml")
         rt = config.load("runtime", RuntimeParams, REPO / "params.yaml")
         self.device = runtime.configure(rt)
-        self.threads, self.split, self.steps = rt.threads, split, steps
+        self.threads, self.split, self.steps = rt.thread_count, split, steps
         started = time.perf_counter()
         self.model_args = train.model_args(self.p, split)  # streams the split through channel_stats
         self.stats_seconds = time.perf_counter() - started

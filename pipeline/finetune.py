@@ -14,18 +14,19 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 
-from pipeline import cli, config, files, tracking
+from pipeline import checkpoints, cli, config, files, tracking, trial
 from pipeline.config import check
 from pipeline.data import formats
 from pipeline.frameworks import card, shapes
 from pipeline.frameworks.interface import RuntimeParams
 from pipeline.frameworks.recipe import PHOTO_SIZE, FitParams, FitResult, augmentation
 from pipeline.frameworks.torch import model as torch_model
-from pipeline.frameworks.torch import recipe
+from pipeline.frameworks.torch import recipe, resume
 from pipeline.frameworks.torch import weights as pretrained  # `weights` is a FinetuneParams field
 from pipeline.frameworks.torch.backend import TorchBackend
 
@@ -79,20 +80,22 @@ def model_args(p: FinetuneParams, train: formats.Split, pretrained_size: int = 2
 
 def finetune(
     model: torch_model.PretrainedCNN, train: formats.Split, val: formats.Split, p: FinetuneParams,
-    device, generator, run: tracking.StageRun | None,
+    device, generator, run: tracking.StageRun | None, saved: checkpoints.Checkpoints | None = None,
 ) -> list[FitResult]:
-    """Both phases; curves continue across them so one plot shows the whole run."""
+    """Both phases; curves continue across them so one plot shows the whole run. With `saved`,
+    each phase checkpoints every epoch (slots 'head' and 'top') and resumes from there."""
     model.freeze_batch_norm = p.batch_norm == "frozen"
     results = []
     if p.head_epochs:
-        results.append(fit_head(model, train, val, p, device, generator, run))
+        results.append(fit_head(model, train, val, p, device, generator, run, saved.slot("head") if saved else None))
     share = unfreeze_share(p, train.image_size)
     if p.epochs and share > 0:
         model.set_trainable(share)
         first = results[0].epochs_run if results else 0
         groups = model.param_groups(p.lr, p.layer_decay)
         results.append(recipe.fit(model, train, val, p, device, generator, run, first_epoch=first,
-                                  desc="finetune top", param_groups=groups, keep_start=True))  # fmt: skip
+                                  desc="finetune top", param_groups=groups, keep_start=True,
+                                  checkpoint=saved.slot("top") if saved else None))  # fmt: skip
     return results
 
 
@@ -109,7 +112,7 @@ def unfreeze_share(p: FinetuneParams, image_size: int) -> float:
 
 def fit_head(
     model: torch_model.PretrainedCNN, train: formats.Split, val: formats.Split, p: FinetuneParams,
-    device, generator, run: tracking.StageRun | None,
+    device, generator, run: tracking.StageRun | None, checkpoint: Path | None = None,
 ) -> FitResult:
     """Phase 1, a linear probe: the frozen backbone's pooled features of the (unaugmented)
     images are computed once, and the new head alone trains on them for `head_epochs` epochs:
@@ -118,13 +121,16 @@ def fit_head(
     model.to(device, memory_format=torch.channels_last if p.channels_last else torch.preserve_format)
     size = max(p.batch_size, 256)
     with model.head_removed() as head:
-        features = [recipe.predict_logits(model, s.images, device, size, p.channels_last) for s in (train, val)]
+        if resume.finished(checkpoint, p.head_epochs):  # a resumed run past this phase: no epoch reads them
+            features = [torch.empty(len(s.labels), 1) for s in (train, val)]
+        else:
+            features = [recipe.predict_logits(model, s.images, device, size, p.channels_last) for s in (train, val)]
     # (N, F) features: no image augmentation, no channels_last (a 4-D layout)
     q = dataclasses.replace(p, epochs=p.head_epochs, lr=p.head_lr, augment="none", channels_last=False)
     train_x, val_x = (recipe.Images(f.to(device), device, channels_last=False) for f in features)
     labels = recipe.labels_on(train, device), recipe.labels_on(val, device)
     return recipe.fit_inputs(head, train_x, labels[0], val_x, labels[1], q, device, generator, run,
-                             desc="finetune head")  # fmt: skip
+                             desc="finetune head", checkpoint=checkpoint)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,11 +145,17 @@ def main(argv: list[str] | None = None) -> None:
     model = torch_model.PretrainedCNN(**margs, net=net)
     with tracking.stage_run("finetune", {"finetune": p, "runtime": rt}, live_dir=args.live) as run:
         run.set_tags({**backend.describe(), "weights_sha256": weights_sha256})
+        if (prune := trial.epoch_hook("finetune")) is not None:  # a trial of `python -m pipeline.sweep`
+            run.epoch_hooks.append(prune)
         run.log_dataset(args.data, "training")
         run.log_choices({"input_size": margs["input_size"], "augment": augmentation(p, train_set.image_size),
                          "unfreeze_fraction": unfreeze_share(p, train_set.image_size)})  # fmt: skip
+        # per-epoch checkpoints outside DVC's outputs: a killed run resumes
+        ran_on = {**backend.describe(), "weights_sha256": weights_sha256}
+        saved = checkpoints.for_stage(tracking.repo_root(), "finetune", {"finetune": p, "runtime": rt}, [args.data],
+                                      ran_on)  # fmt: skip
         started = time.perf_counter()
-        results = finetune(model, train_set, val_set, p, backend.device, backend.generator, run)
+        results = finetune(model, train_set, val_set, p, backend.device, backend.generator, run, saved)
         seconds = time.perf_counter() - started
         last = results[-1]
         run.log_summary({"best/val_loss": last.best_val_loss, "best/val_acc": last.best_val_acc,
@@ -151,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         run.log_timing({"fit_seconds": seconds})
         card.save(args.out, backend, model, "pretrained_cnn", margs, train_set.classes)
         run.log_artifact(args.out, "model")
+        saved.clear()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,11 @@ from pipeline.errors import TrackingError
 
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # on the worker's PYTHONPATH
+ATTEMPT_TAG = "pipeline.attempt"  # one process's try at a stage: a resumed run names the one it continues
 DRIVER_TAG = "pipeline.driver"  # the `dvc repro` / `dvc exp run` process a run belongs to (workspace.Driver)
 DEFAULT_EXPERIMENT = "cnn-pipeline"
+# a run id: the parent runs of the pipeline executions that see it nest under that run (a sweep's)
+PARENT_RUN_ENV = "PIPELINE_PARENT_RUN_ID"
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 OFFLINE_STORE = "mlflow-offline.db"  # tracking.offline_fallback's store, in the repository root
@@ -74,6 +78,10 @@ def load_tracking_params(path: Path = config.PARAMS_FILE) -> TrackingParams:
     if "tracking" not in raw:
         return TrackingParams()
     return config.from_dict(raw["tracking"], TrackingParams, where=f"{path}: tracking")
+
+
+def experiment_name() -> str:
+    return os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
 
 
 def repo_root(cwd: Path | None = None) -> Path:
@@ -185,7 +193,7 @@ class MlflowWorker:
                 "-m",
                 "pipeline.tracking_worker",
                 self.uri,
-                os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT),
+                experiment_name(),
                 str(root),
             ],
             stdin=subprocess.PIPE,
@@ -243,21 +251,32 @@ def _take_worker() -> MlflowWorker:
 class StageRun:
     """What a stage reports through; made by `stage_run`."""
 
-    def __init__(self, stage: str, live: Any | None, worker: MlflowWorker, scratch: Path) -> None:
+    def __init__(self, stage: str, live: Any | None, worker: MlflowWorker, scratch: Path, attempt: str = "") -> None:
         self.stage = stage
+        self.attempt = attempt  # the run's ATTEMPT_TAG: the checkpoints it writes carry it
         self._live = live
         self._worker = worker
         self._scratch = scratch  # files made only to be logged; removed once the worker is done
         # where the stage's own DVC metrics files go: DVCLive's folder, moved into place on success
         self.live_dir = Path(live.dir) if live is not None else None
+        # called with each epoch's metrics once they are logged (an Optuna trial's pruning check)
+        self.epoch_hooks: list[Callable[[int, Mapping[str, float]], None]] = []
 
-    def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        """Per-epoch curves: a DVC plot per metric and an MLflow metric history."""
+    def log_epoch(self, epoch: int, metrics: Mapping[str, float], hooks: bool = True) -> None:
+        """Per-epoch curves: a DVC plot per metric and an MLflow metric history; then the epoch
+        hooks (not for the epochs a resumed fit logs again)."""
         if self._live is not None:
             for name, value in metrics.items():
                 self._live.log_metric(name, float(value))
             self._live.next_step()
         self._worker.call("log_metrics", metrics={k: float(v) for k, v in metrics.items()}, step=epoch)
+        for hook in self.epoch_hooks if hooks else ():
+            hook(epoch, metrics)
+
+    def resumed_from(self, epoch: int, attempt: str) -> None:
+        """This fit carries on, at `epoch`, the checkpoint the run tagged `attempt` wrote."""
+        self.set_tags({"resumed_from_epoch": str(epoch)})
+        self._worker.call("link_resumed", attempt=attempt, epoch=epoch)
 
     def log_summary(self, metrics: Mapping[str, float | int]) -> None:
         """Final metrics: `dvc metrics show` (metrics.json) and MLflow.
@@ -387,6 +406,7 @@ def stage_run(stage: str, params: Mapping[str, Any], live_dir: Path | None = Non
     status, previous_sigint = "FAILED", None
     remove_orphan_scratch()
     prefix = f"{SCRATCH_PREFIX}{os.getpid()}-{stage.replace('@', '-')}-"
+    attempt = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
         try:
             workspace.claim()  # before the run starts: a refused stage leaves no run behind
@@ -394,7 +414,7 @@ def stage_run(stage: str, params: Mapping[str, Any], live_dir: Path | None = Non
             worker.call(
                 "start",
                 run_name=stage,
-                tags={"stage": stage, DRIVER_TAG: workspace.driver().key, **git,
+                tags={"stage": stage, DRIVER_TAG: workspace.driver().key, ATTEMPT_TAG: attempt, **git,
                       # the stage, not the worker process MLflow would name
                       "mlflow.source.name": f"pipeline/{stage.split('@')[0]}.py", "mlflow.source.type": "LOCAL"},
                 params={k: str(v) for k, v in flatten(params).items()},
@@ -410,7 +430,7 @@ def stage_run(stage: str, params: Mapping[str, Any], live_dir: Path | None = Non
                     staging = stack.enter_context(files.atomic_dir(live_dir, checksums=False))
                     # dvcyaml=None: dvc.yaml declares the metrics and plots; DVCLive must not rewrite it.
                     live = Live(str(staging), dvcyaml=None, save_dvc_exp=False, report=None)
-                run = StageRun(stage, live, worker, Path(scratch))
+                run = StageRun(stage, live, worker, Path(scratch), attempt)
                 yield run
                 if live is not None:
                     live.end()

@@ -23,6 +23,7 @@ Faults, each bounded (params.yaml `tracking:`; `tracking.TrackingParams`):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,7 +39,15 @@ from typing import Any, TypeVar
 import numpy as np
 
 from pipeline.config import ConfigError
-from pipeline.tracking import ARTIFACT_DIR, DRIVER_TAG, OFFLINE_STORE, TrackingParams, load_tracking_params
+from pipeline.tracking import (
+    ARTIFACT_DIR,
+    ATTEMPT_TAG,
+    DRIVER_TAG,
+    OFFLINE_STORE,
+    PARENT_RUN_ENV,
+    TrackingParams,
+    load_tracking_params,
+)
 from pipeline.workspace import alive_since
 
 T = TypeVar("T")
@@ -105,6 +114,29 @@ def _experiment_id(mlflow: Any, name: str, root: Path, uri: str) -> str:
     return experiment.experiment_id
 
 
+@contextlib.contextmanager
+def creating(uri: str) -> Any:
+    """Hold `<store>.lock` while MLflow opens a SQLite store: the first opener creates and
+    migrates the schema, the others wait and find it done. Queued experiments open one new
+    store at once; unserialised, a second migration failed with `duplicate column name: step`."""
+    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; MLflow's own retries are all there is
+        path = None
+    if path is None or path in ("", ":memory:"):
+        yield
+        return
+    try:
+        lock = open(f"{path}.lock", "a")  # noqa: SIM115 (held across the yield)
+    except OSError:  # no such folder: opening the store fails with MLflow's own message
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        yield
+
+
 def open_store(mlflow: Any, uri: str, experiment: str, root: Path, p: TrackingParams) -> str:
     """Point MLflow at `uri` (or, when it cannot be used and `offline_fallback`, the local
     store) and return the experiment's id; exit with one line when neither works."""
@@ -112,7 +144,8 @@ def open_store(mlflow: Any, uri: str, experiment: str, root: Path, p: TrackingPa
     for target in (uri, offline):
         mlflow.set_tracking_uri(target)
         try:
-            return retrying(lambda t=target: _experiment_id(mlflow, experiment, root, t), p.lock_wait_seconds)
+            with creating(target):
+                return retrying(lambda t=target: _experiment_id(mlflow, experiment, root, t), p.lock_wait_seconds)
         except Exception as exc:  # any failure to open a store: report it in one line
             first = str(exc).splitlines()[0] if str(exc) else ""
             reason = f"{type(exc).__name__}: {first[:240]}"
@@ -216,6 +249,8 @@ def serve(uri: str, experiment: str, root: str) -> None:
             call(lambda: mlflow.log_metrics(msg["metrics"], step=msg["step"]))
         elif op == "set_tags":
             call(lambda: mlflow.set_tags(msg["tags"]))
+        elif op == "link_resumed":  # this run carries on a checkpoint another run wrote
+            call(lambda: link_resumed(client, experiment_id, state["run"].info.run_id, msg["attempt"], msg["epoch"]))
         elif op == "log_artifact":
             call(lambda: mlflow.log_artifact(msg["path"], msg["folder"]))
         elif op == "log_artifacts":
@@ -247,9 +282,23 @@ def group_run(client: Any, experiment_id: str, driver: str, name: str, p: Tracki
         return found[0].info.run_id
     tags = {GROUP_TAG: "true", DRIVER_TAG: driver, HOST_TAG: socket.gethostname(),
             "mlflow.note.content": "One pipeline execution: its stage runs are nested under this run."}  # fmt: skip
+    if os.environ.get(PARENT_RUN_ENV):  # one trial of a sweep: under the sweep's run
+        tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
     run = retrying(lambda: client.create_run(experiment_id, run_name=name, tags=tags), p.lock_wait_seconds)
     retrying(lambda: client.set_terminated(run.info.run_id, "FINISHED"), p.lock_wait_seconds)
     return run.info.run_id
+
+
+def link_resumed(client: Any, experiment_id: str, run_id: str, attempt: str, epoch: int) -> None:
+    """Tag both ways between this run and the interrupted one whose checkpoint (`attempt`) it resumed."""
+    found = client.search_runs([experiment_id], f"tags.`{ATTEMPT_TAG}` = '{attempt}'", max_results=1)
+    note = f"Resumed at epoch {epoch} from a checkpoint"
+    if found:
+        old = found[0].info.run_id
+        client.set_tag(run_id, "resumed_from_run", old)
+        client.set_tag(old, "resumed_by_run", run_id)
+        note += f" of run {found[0].info.run_name} ({old}), which was interrupted"
+    client.set_tag(run_id, "mlflow.note.content", note + "; its curves here include the epochs before it.")
 
 
 def end_all(mlflow: Any, status: str, p: TrackingParams) -> None:

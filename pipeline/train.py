@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from pipeline import cli, config, files, tracking
+from pipeline import checkpoints, cli, config, files, tracking, trial
 from pipeline.data import formats
 from pipeline.frameworks import card, registry
 from pipeline.frameworks.interface import RuntimeParams
@@ -32,16 +32,25 @@ def main(argv: list[str] | None = None) -> None:
     model = backend.build("scratch_cnn", margs)
     with tracking.stage_run("train", {"train": p, "runtime": rt}, live_dir=args.live) as run:
         run.set_tags(backend.describe())
+        if (prune := trial.epoch_hook("train")) is not None:  # a trial of `python -m pipeline.sweep`
+            run.epoch_hooks.append(prune)
         run.log_dataset(args.data, "training")
         run.log_choices({"input_size": margs["input_size"], "augment": augmentation(p, train_set.image_size)})
+        saved = None
+        if backend.resumable:  # per-epoch checkpoints outside DVC's outputs: a killed run resumes
+            saved = checkpoints.for_stage(tracking.repo_root(), "train", {"train": p, "runtime": rt}, [args.data],
+                                          backend.describe())  # fmt: skip
         started = time.perf_counter()
-        result = backend.fit(model, train_set, val_set, p, run, desc=f"train ({p.framework})")
+        result = backend.fit(model, train_set, val_set, p, run, desc=f"train ({p.framework})",
+                             checkpoint=saved.slot("fit") if saved else None)  # fmt: skip
         seconds = time.perf_counter() - started
         run.log_summary({"best/epoch": result.best_epoch, "best/val_loss": result.best_val_loss,
                          "best/val_acc": result.best_val_acc, "epochs_run": result.epochs_run})  # fmt: skip
         run.log_timing({"fit_seconds": seconds, "images_per_second": result.epochs_run * len(train_set) / seconds})
         card.save(args.out, backend, model, "scratch_cnn", margs, train_set.classes)
         run.log_artifact(args.out, "model")
+        if saved is not None:
+            saved.clear()
 
 
 if __name__ == "__main__":

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
+import yaml
 from conftest import copy_project, digit_folder, run
+
+from pipeline import cpu_share
 
 pytestmark = pytest.mark.slow
 
@@ -89,6 +94,89 @@ def test_experiments_appear_in_dvc_exp_show_and_in_the_root_mlflow_store(tmp_rep
     assert ("fast-lr", "train") in tagged
     assert ("one-epoch", "train") in tagged
     assert not any(p.name == "mlflow.db" for p in (repo / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def wait_for_queue(repo: Path, env: dict, names: list[str], seconds: float = 900) -> dict[str, str]:
+    """Each queued experiment's final status ('Success', 'Failed'), once none is queued or running."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        rows = [r.split() for r in run(["dvc", "queue", "status"], repo, env).stdout.splitlines()[1:]]
+        status = {r[1]: r[-1] for r in rows if len(r) >= 4}
+        if all(status.get(n) in ("Success", "Failed") for n in names):
+            return {n: status[n] for n in names}
+        time.sleep(3)
+    raise AssertionError(f"queue still busy after {seconds} s: {status}")
+
+
+def test_queued_experiments_run_side_by_side_and_each_lands_once(tmp_repo, tmp_path):
+    """`dvc queue start -j 2` with `runtime.threads: auto`, into a store neither worker found
+    made: both create and migrate it at once (the race a lock now settles)."""
+    repo, env = tmp_repo
+    run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"}
+    (tmp_path / "fresh").mkdir()
+    names = ["queued-1", "queued-2"]
+    for seed, name in enumerate(names, 1):  # the train stage alone: what the threads and the store need
+        run(["dvc", "exp", "run", "--queue", "-q", "-n", name, "-S", f"train.seed={seed}",
+             "-S", "runtime.threads=auto", "train"], repo, env)  # fmt: skip
+    run(["dvc", "queue", "start", "-j", "2"], repo, env)
+    status = wait_for_queue(repo, env, names)
+    assert status == dict.fromkeys(names, "Success"), run(["dvc", "queue", "logs", names[0]], repo, env).stdout
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    listed = [exp.get("name") for base in shown for exp in base.get("experiments") or []]
+    assert sorted(n for n in listed if n in names) == names
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("cnn-pipeline")
+    runs = client.search_runs([experiment.experiment_id], "tags.stage LIKE '%'")
+    assert sorted((r.data.tags["dvc_exp_name"], r.data.tags["stage"], r.info.status) for r in runs) == [
+        (n, "train", "FINISHED") for n in names]  # fmt: skip
+    # the two ran at once: auto shared the cores between the two workers
+    assert {r.data.tags["threads"] for r in runs} == {str(cpu_share.auto_threads(workers=2))}
+    assert {r.data.params["runtime.threads"] for r in runs} == {"auto"}
+
+
+def test_a_three_trial_sweep_queues_experiments_and_applies_the_best(tmp_repo):
+    repo, env = tmp_repo
+    run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
+    (repo / "tiny-sweep.yaml").write_text(
+        'objective: {metric: "dvclive/train/metrics.json:best.val_loss"}\n'
+        "prune: {stage: train, metric: val/loss, warmup_epochs: 0, startup_trials: 1}\n"
+        "params:\n  train.lr: {low: 1.0e-3, high: 3.0e-2, log: true}\n  train.batch_size: {choices: [32, 64]}\n")
+    done = run([sys.executable, "-m", "pipeline.sweep", "--trials", "3", "--jobs", "2", "--space", "tiny-sweep.yaml",
+                "--study", "tiny", "--target", "train"], repo, env)  # fmt: skip
+    import optuna
+
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{repo / 'optuna.db'}")
+    trials = study.trials
+    assert len(trials) == 3 and all(t.state.is_finished() for t in trials), done.stdout
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and {t.user_attrs["dvc_exp"] for t in trials} == {"tiny-0", "tiny-1", "tiny-2"}
+    for t in trials:  # every trial reported its epochs to the study from inside the train stage
+        assert sorted(t.intermediate_values) in ([0, 1], [0]), t
+    # DVC's metrics are the objective: each complete trial's value is its experiment's best val loss
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    metrics = {exp.get("name"): exp["revs"][0]["data"] for base in shown for exp in base.get("experiments") or []}
+    for t in complete:
+        data = metrics[t.user_attrs["dvc_exp"]]
+        assert data["metrics"]["dvclive/train/metrics.json"]["data"]["best"]["val_loss"] == t.value
+        assert data["params"]["params.yaml"]["data"]["train"]["lr"] == t.params["train.lr"]
+    # the best trial is applied to the workspace
+    best = study.best_trial
+    applied = yaml.safe_load((repo / "params.yaml").read_text())["train"]
+    assert applied["lr"] == best.params["train.lr"] and applied["batch_size"] == best.params["train.batch_size"]
+    assert f"best: trial {best.number} (tiny-{best.number})" in done.stdout
+    # MLflow: one sweep parent, each trial's pipeline run nested under it, its train run under that
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cnn-pipeline")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`pipeline.sweep` = 'tiny'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_experiment"] == f"tiny-{best.number}"
+    groups = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(g.info.run_name for g in groups) == ["tiny-0", "tiny-1", "tiny-2"]
+    for g in groups:
+        (stage_run,) = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{g.info.run_id}'")
+        assert stage_run.data.tags["stage"] == "train"
+    run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
 
 
 def test_a_dvc_tracked_image_folder_drives_ingest_and_prepare(tmp_repo, tmp_path):

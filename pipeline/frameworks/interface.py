@@ -6,6 +6,7 @@ framework is installed or chosen.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
+from pipeline import cpu_share
 from pipeline.config import check
 
 if TYPE_CHECKING:
@@ -29,11 +31,19 @@ INPUT_NAME, OUTPUT_NAME = "image", "probabilities"  # every exported format's in
 class RuntimeParams:
     """params.yaml `runtime`: where and how a framework computes."""
 
-    threads: int = 2  # intra-op CPU threads; results are reproducible for a fixed count
+    # intra-op CPU threads; results are reproducible for a fixed count. auto: the cores shared
+    # out among the DVC queue's workers (`cpu_share`), all of them outside a queue.
+    threads: int | Literal["auto"] = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
-        check(self.threads >= 1, "threads", f"must be at least 1, got {self.threads}")
+        valid = self.threads == "auto" or self.threads >= 1
+        check(valid, "threads", f"must be 'auto' or at least 1, got {self.threads}")
+
+    @functools.cached_property
+    def thread_count(self) -> int:
+        """`threads`, with auto resolved once per stage (the run's MLflow tags record it)."""
+        return cpu_share.auto_threads() if self.threads == "auto" else self.threads
 
 
 Runner = Callable[[Iterable[np.ndarray]], np.ndarray]  # float32 batches in the backend's layout -> probabilities
@@ -65,6 +75,7 @@ class Backend(ABC):
     framework: ClassVar[str]
     model_file: ClassVar[str]  # the weights' file name inside the model folder
     layout: ClassVar[str]  # the exports' input layout: "NCHW" or "NHWC"
+    resumable: ClassVar[bool] = False  # fit takes a checkpoint file and resumes from it
 
     @abstractmethod
     def __init__(self, runtime: RuntimeParams, seed: int) -> None: ...
@@ -78,8 +89,10 @@ class Backend(ABC):
         """A fresh, randomly initialised network (seeded by the constructor)."""
 
     @abstractmethod
-    def fit(self, model: Any, train: Split, val: Split, p: FitParams, run: StageRun | None, desc: str) -> FitResult:
-        """The recipe in `p`; early-stops on the unsmoothed val loss and restores the best weights."""
+    def fit(self, model: Any, train: Split, val: Split, p: FitParams, run: StageRun | None, desc: str,
+            checkpoint: Path | None = None) -> FitResult:  # fmt: skip
+        """The recipe in `p`; early-stops on the unsmoothed val loss and restores the best weights.
+        With `checkpoint` (only where `resumable`), each epoch is saved there and resumed from it."""
 
     @abstractmethod
     def serialize(self, model: Any, card: ModelCard) -> bytes:

@@ -7,10 +7,11 @@ each framework's fit hands `fit_epochs` one function that runs an epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from tqdm import tqdm
 
@@ -93,6 +94,15 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+class Resume(Protocol):
+    """A fit's checkpoint (`frameworks.torch.resume.TorchResume`): `save` after each epoch,
+    `load` at the start (restoring the framework's state; the loop's state comes back)."""
+
+    def load(self) -> dict[str, Any] | None: ...
+
+    def save(self, loop: dict[str, Any]) -> None: ...
+
+
 def fit_epochs(
     p: FitParams,
     run_epoch: Callable[[int], dict[str, float]],
@@ -102,16 +112,30 @@ def fit_epochs(
     first_epoch: int = 0,
     desc: str = "train",
     start: tuple[float, float] = (math.inf, 0.0),
+    resume: Resume | None = None,
 ) -> FitResult:
     """Up to p.epochs of `run_epoch(epoch)`, which trains one epoch and returns its metrics
     (train/loss, train/acc, val/loss, val/acc, lr); stops early after p.early_stopping_patience
     epochs without a lower val/loss, and `restore`s the weights `snapshot` took at the best one.
 
     `start` is the (val loss, val acc) of the weights before the first epoch, when known (a
-    fine-tune's head phase): an epoch must beat it, or those weights come back (best_epoch -1)."""
+    fine-tune's head phase): an epoch must beat it, or those weights come back (best_epoch -1).
+
+    With `resume`, each epoch ends with a checkpoint, and a fit that finds one carries on after
+    its epoch: the curves so far are logged again (DVC's plots come out whole) and the run is
+    tagged with the epoch it resumed from and linked to the run that was interrupted."""
     result = FitResult(best_epoch=-1, best_val_loss=start[0], best_val_acc=start[1], epochs_run=0)
     best = snapshot()
-    bar = tqdm(range(p.epochs), desc=desc, unit="epoch", dynamic_ncols=True)
+    begin = 0
+    saved = resume.load() if resume is not None else None
+    if saved is not None:
+        result, best = FitResult(**saved["result"]), saved["best"]
+        begin = p.epochs if saved["stopped"] else saved["epoch"] + 1
+        if run is not None:
+            run.resumed_from(first_epoch + begin, saved["attempt"])
+            for epoch, metrics in enumerate(result.history):
+                run.log_epoch(first_epoch + epoch, metrics, hooks=False)
+    bar = tqdm(range(begin, p.epochs), desc=desc, unit="epoch", dynamic_ncols=True, initial=begin, total=p.epochs)
     for epoch in bar:
         metrics = run_epoch(epoch)
         result.history.append(metrics)
@@ -120,10 +144,15 @@ def fit_epochs(
             run.log_epoch(first_epoch + epoch, metrics)
         val_loss, val_acc = metrics["val/loss"], metrics["val/acc"]
         bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
+        stop = False
         if val_loss < result.best_val_loss:
             result.best_epoch, result.best_val_loss, result.best_val_acc = epoch, val_loss, val_acc
             best = snapshot()
-        elif p.early_stopping_patience and epoch - result.best_epoch >= p.early_stopping_patience:
+        else:
+            stop = bool(p.early_stopping_patience) and epoch - result.best_epoch >= p.early_stopping_patience
+        if resume is not None:
+            resume.save({"epoch": epoch, "stopped": stop, "result": dataclasses.asdict(result), "best": best})
+        if stop:
             break
     bar.close()
     restore(best)

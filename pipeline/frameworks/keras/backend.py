@@ -71,7 +71,7 @@ class KerasBackend(interface.Backend):
 
     def __init__(self, rt: RuntimeParams, seed: int = 0) -> None:
         self.runtime = rt
-        self.tf = configure(seed, rt.threads, rt.device)
+        self.tf = configure(seed, rt.thread_count, rt.device)
 
     def describe(self) -> dict[str, str]:
         import keras
@@ -82,7 +82,7 @@ class KerasBackend(interface.Backend):
             "tensorflow": self.tf.__version__,
             "keras": keras.__version__,
             "device": "gpu" if gpu else "cpu",
-            "threads": str(self.runtime.threads),
+            "threads": str(self.runtime.thread_count),
             "deterministic": "true",
         }
 
@@ -91,7 +91,8 @@ class KerasBackend(interface.Backend):
             raise ConfigError(f"the keras framework builds 'scratch_cnn' only, not {arch!r}; use train.framework torch")
         return model.build_scratch_cnn(**{k: tuple(v) if isinstance(v, list) else v for k, v in model_args.items()})
 
-    def fit(self, net, train, val, p, run=None, desc="train") -> recipe.FitResult:
+    def fit(self, net, train, val, p, run=None, desc="train", checkpoint=None) -> recipe.FitResult:
+        assert checkpoint is None, "the keras backend is not resumable"  # `resumable` is False
         return recipe.fit(net, train, val, p, run, desc)
 
     def serialize(self, net: keras.Model, card: ModelCard) -> bytes:
@@ -129,7 +130,7 @@ class KerasBackend(interface.Backend):
         files.write_bytes(out / "model.tflite", tflite)
         files.write_bytes(out / "model_int8.tflite", int8)
         files.write_bytes(out / "model.onnx", onnx_bytes)
-        threads = self.runtime.threads
+        threads = self.runtime.thread_count
         return {
             "savedmodel": Shipped("saved_model", export.savedmodel_runner(saved)),
             "tflite": Shipped("model.tflite", export.tflite_runner(tflite, threads)),

@@ -25,6 +25,7 @@ class TorchBackend(interface.Backend):
     framework = "torch"
     model_file = "model.pt"
     layout = "NCHW"
+    resumable = True
 
     def __init__(self, rt: RuntimeParams, seed: int = 0) -> None:
         self.runtime = rt
@@ -37,8 +38,8 @@ class TorchBackend(interface.Backend):
     def build(self, arch: str, model_args: dict[str, Any]) -> nn.Module:
         return model.build(arch, model_args)
 
-    def fit(self, net, train, val, p, run=None, desc="train") -> recipe.FitResult:
-        return recipe.fit(net, train, val, p, self.device, self.generator, run, desc=desc)
+    def fit(self, net, train, val, p, run=None, desc="train", checkpoint=None) -> recipe.FitResult:
+        return recipe.fit(net, train, val, p, self.device, self.generator, run, desc=desc, checkpoint=checkpoint)
 
     def serialize(self, net: nn.Module, card: ModelCard) -> bytes:
         return model.checkpoint_bytes(net.cpu(), card.arch, card.model_args, card.classes)
@@ -74,7 +75,7 @@ class TorchBackend(interface.Backend):
                    "onnx_int8": ("model_int8.onnx", int8)}  # fmt: skip
         for name, blob in written.values():
             files.write_bytes(out / name, blob)
-        threads = self.runtime.threads
+        threads = self.runtime.thread_count
         runners = {"torchscript": export.torchscript_runner(script), "onnx": onnx_format.runner(onnx_bytes, threads),
                    "onnx_int8": onnx_format.runner(int8, threads)}  # fmt: skip
         return {name: Shipped(file, runners[name]) for name, (file, _) in written.items()}

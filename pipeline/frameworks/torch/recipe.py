@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,6 +30,7 @@ from torch import nn
 
 from pipeline.data.formats import Split
 from pipeline.frameworks.recipe import FitParams, FitResult, augmentation, fit_epochs, schedule
+from pipeline.frameworks.torch.resume import TorchResume
 
 if TYPE_CHECKING:
     from pipeline.tracking import StageRun
@@ -246,16 +248,18 @@ def fit(
     desc: str = "train",
     param_groups: list[dict] | None = None,
     keep_start: bool = False,
+    checkpoint: Path | None = None,
 ) -> FitResult:
     """Train for up to p.epochs, early-stop on val loss and restore the best weights. With
     `keep_start`, the weights it starts from count as epoch -1: an epoch must beat their val
-    loss, or they come back (a fine-tune's second phase never ends worse than its first)."""
+    loss, or they come back (a fine-tune's second phase never ends worse than its first).
+    With `checkpoint` (a file), each epoch is saved there and a fit that finds one resumes it."""
     model.to(device, memory_format=torch.channels_last if p.channels_last else torch.preserve_format)
     train_x, val_x = Images(train.images, device, p.channels_last), Images(val.images, device, p.channels_last)
     train_y, val_y = labels_on(train, device), labels_on(val, device)
     start = evaluate(model, val_x, val_y, device, p) if keep_start else (math.inf, 0.0)
     return fit_inputs(model, train_x, train_y, val_x, val_y, p, device, generator, run, first_epoch, desc,
-                      param_groups, start)  # fmt: skip
+                      param_groups, start, checkpoint)  # fmt: skip
 
 
 def labels_on(split: Split, device: torch.device) -> torch.Tensor:
@@ -276,12 +280,16 @@ def fit_inputs(
     desc: str = "train",
     param_groups: list[dict] | None = None,
     start: tuple[float, float] = (math.inf, 0.0),
+    checkpoint: Path | None = None,
 ) -> FitResult:
     """`fit` on inputs already held as `Images`: a split's images, or (N, F) features that a
     frozen backbone computed once (the fine-tune's head phase)."""
     params = param_groups or [q for q in model.parameters() if q.requires_grad]
     optimizer = make_optimizer(params, p)
     scheduler = make_scheduler(optimizer, p, math.ceil(len(train_y) / p.batch_size))
+    resume = None
+    if checkpoint is not None:
+        resume = TorchResume(checkpoint, run.attempt if run else "", model, optimizer, scheduler, generator)
 
     def run_epoch(epoch: int) -> dict[str, float]:
         lr = optimizer.param_groups[-1]["lr"]  # the head's (the last group), or the only one
@@ -292,4 +300,4 @@ def fit_inputs(
     def snapshot() -> dict[str, torch.Tensor]:
         return copy.deepcopy(model.state_dict())
 
-    return fit_epochs(p, run_epoch, snapshot, model.load_state_dict, run, first_epoch, desc, start)
+    return fit_epochs(p, run_epoch, snapshot, model.load_state_dict, run, first_epoch, desc, start, resume)

@@ -45,7 +45,7 @@ def configure(params: RuntimeParams) -> torch.device:
     set_deterministic()
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
-    torch.set_num_threads(params.threads)
+    torch.set_num_threads(params.thread_count)
     if params.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "params.yaml: runtime.device is 'cuda' but torch sees no CUDA device; "
@@ -61,7 +61,7 @@ def describe(device: torch.device, params: RuntimeParams) -> dict[str, str]:
     info = {
         "torch": torch.__version__,
         "device": str(device),
-        "threads": str(params.threads),
+        "threads": str(params.thread_count),
         "deterministic": "true",
     }
     if device.type == "cuda":

@@ -1,0 +1,253 @@
+"""`python -m pipeline.sweep --trials N --jobs J`: an Optuna study whose trials are DVC experiments.
+
+Each trial's sampled params become `dvc exp run --queue -n <study>-<number> -S key=value ...`;
+`dvc queue start -j J` runs them J at a time, and the objective is read back from DVC's own
+metrics (`dvc exp show --json`). The search space, objective and pruning rule come from a
+YAML file (`search_space`, default sweep.yaml). The study lives in Optuna's RDB storage
+(SQLite in the repository by default; any SQLAlchemy URL): several sweep processes on
+different hosts that share one database and one study name are Optuna's distributed mode,
+each running its own --trials. Trials report each epoch's validation figure to the study
+from inside the stage (`pipeline.trial`) and a pruned one stops there. In MLflow every
+trial's pipeline run nests under one parent run, `sweep <study>`. At the end the best trial
+is applied to the workspace with `dvc exp apply`.
+
+Each batch of J trials is sampled together (TPE with the constant liar, so they differ) and
+the next batch waits for the slowest of them: the queue does the running, this loop only
+asks, queues, waits and tells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from pipeline import config, search_space, tracking, trial
+from pipeline.errors import PipelineError
+from pipeline.search_space import SearchSpace
+
+SWEEP_TAG = "pipeline.sweep"
+
+
+def dvc(*args: str, env: dict | None = None) -> str:
+    done = subprocess.run(["dvc", *args], capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise PipelineError(f"`dvc {' '.join(args)}` failed:\n{(done.stderr or done.stdout).strip()[-2000:]}")
+    return done.stdout
+
+
+def landed() -> set[str]:
+    """Names of the experiments DVC has saved (refs/exps/<baseline>/<name>): cheap to poll."""
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
+                          capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    return {ref.rsplit("/", 1)[-1] for ref in refs}
+
+
+def experiments_running(root: Path) -> int:
+    """`dvc exp exec-run` processes working for this repository's queue."""
+    count = 0
+    for proc in psutil.process_iter():
+        try:
+            args = proc.cmdline()
+        except psutil.Error:
+            continue
+        count += "exec-run" in args and any(str(root) in a for a in args)
+    return count
+
+
+def wait_for(names: list[str], root: Path, quiet_seconds: float = 12.0) -> dict[str, str]:
+    """Block until the queue has run `names`; each one's 'Success' or 'Failed'. Polls git refs
+    and the process table (cheap); asks `dvc queue status` only once the queue looks idle."""
+    idle_since = time.monotonic()
+    while True:
+        time.sleep(1.0)
+        if set(names) <= landed():
+            return dict.fromkeys(names, "Success")
+        if experiments_running(root):
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > quiet_seconds:
+            status = queue_status()
+            if all(status.get(n) in ("Success", "Failed") for n in names):
+                return {n: status[n] for n in names}
+            idle_since = time.monotonic()
+
+
+def queue_status() -> dict[str, str]:
+    rows = dvc("queue", "status").splitlines()
+    return {parts[1]: parts[-1] for parts in (r.split() for r in rows[1:]) if len(parts) >= 4}
+
+
+def experiment_metrics() -> dict[str, dict]:
+    """Metrics of every saved experiment, by name, from `dvc exp show --json`."""
+    found: dict[str, dict] = {}
+    for baseline in json.loads(dvc("exp", "show", "--json", "--no-fetch")):
+        for exp in baseline.get("experiments") or []:
+            rev = (exp.get("revs") or [{}])[0]
+            name = exp.get("name") or rev.get("name")
+            found[name] = ((rev.get("data") or {}).get("metrics")) or {}
+    return found
+
+
+def open_study(space: SearchSpace, name: str, storage: str, seed: int) -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    study = optuna.create_study(study_name=name, storage=trial.storage(storage), sampler=sampler, load_if_exists=True,
+                                direction=space.objective.direction)  # fmt: skip
+    described = json.loads(json.dumps(space.as_dict()))
+    previous = study.user_attrs.get("space")
+    if previous is not None and previous != described:
+        raise PipelineError(f"study '{name}' in {safe_url(storage)} was run with another search space; "
+                            "use a new --study name, or the same sweep file")  # fmt: skip
+    study.set_user_attr("space", described)
+    study.set_user_attr(trial.PRUNE_ATTR, described["prune"])
+    return study
+
+
+def safe_url(url: str) -> str:
+    """The storage URL without its password, for messages and MLflow."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+def run_batch(study: Any, space: SearchSpace, size: int, jobs: int, root: Path, env: dict,
+              targets: list[str]) -> list[tuple]:  # fmt: skip
+    """Ask `size` trials, queue them as experiments (of `targets` and what they need, or the
+    whole pipeline), run the queue, tell the study; the outcomes."""
+    import optuna
+
+    asked = []
+    for _ in range(size):
+        t = study.ask()
+        values = {name: r.sample(t, name) for name, r in space.params.items()}
+        exp = f"{study.study_name}-{t.number}"
+        t.set_user_attr(trial.EXP_ATTR, exp)
+        overrides = [arg for name, v in values.items() for arg in ("-S", search_space.as_override(name, v))]
+        dvc("exp", "run", "--queue", "-q", "-n", exp, *overrides, *targets)
+        asked.append((t, exp, values))
+    dvc("queue", "start", "-j", str(jobs), env=env)
+    status = wait_for([exp for _, exp, _ in asked], root)
+    metrics = experiment_metrics()
+    outcomes = []
+    for t, exp, values in asked:
+        value = search_space.metric_of(metrics.get(exp, {}), space.objective) if status[exp] == "Success" else None
+        pruned = study._storage.get_trial(t._trial_id).user_attrs.get(trial.PRUNED_ATTR)
+        if value is not None:
+            study.tell(t, value)
+            state = "COMPLETE"
+        elif pruned is not None:
+            study.tell(t, state=optuna.trial.TrialState.PRUNED)
+            state = f"PRUNED at epoch {pruned}"
+        else:
+            study.tell(t, state=optuna.trial.TrialState.FAIL)
+            state = f"FAILED (dvc queue logs {exp})"
+        outcomes.append((t.number, exp, values, value, state))
+    return outcomes
+
+
+def parent_run(study_name: str, args: argparse.Namespace, storage: str) -> tuple[Any, str]:
+    """The MLflow parent run of this sweep in the pipeline's store; its client and id."""
+    import mlflow
+
+    from pipeline import tracking_worker
+
+    root = tracking.repo_root()
+    uri = tracking.tracking_uri(root)
+    experiment_id = tracking_worker.open_store(mlflow, uri, tracking.experiment_name(), root,
+                                               tracking.load_tracking_params())  # fmt: skip
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(experiment_id, run_name=f"sweep {study_name}", tags={
+        SWEEP_TAG: study_name, "mlflow.note.content": "An Optuna sweep: each trial's pipeline run is nested here."})
+    params = {"study": study_name, "storage": safe_url(storage), "trials": args.trials, "jobs": args.jobs,
+              "seed": args.seed, "space_file": str(args.space)}  # fmt: skip
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, str(value))
+    return client, run.info.run_id
+
+
+def sweep(args: argparse.Namespace) -> int:
+    space = search_space.load(args.space)
+    root = Path.cwd()
+    storage = args.storage or f"sqlite:///{root / 'optuna.db'}"
+    study = open_study(space, args.study, storage, args.seed)
+    client, parent = parent_run(args.study, args, storage)
+    # the queue's workers (and so every stage they run) inherit these: pruning and nesting
+    env = {**os.environ, trial.STORAGE_ENV: storage, trial.STUDY_ENV: args.study, tracking.PARENT_RUN_ENV: parent}
+    status, remaining = "FAILED", args.trials
+    try:
+        while remaining > 0:
+            size = min(args.jobs, remaining)
+            for number, exp, values, value, state in run_batch(study, space, size, args.jobs, root, env, args.target):
+                shown = f"{value:.5g}" if value is not None else "-"
+                print(f"trial {number} ({exp}): {space.objective.key} {shown}, {state}; "
+                      + ", ".join(f"{k}={v}" for k, v in values.items()), flush=True)  # fmt: skip
+                if value is not None:
+                    client.log_metric(parent, "trial_value", value, step=number)
+            remaining -= size
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(parent, status)
+    return finish(study, client, parent, args.apply)
+
+
+def finish(study: Any, client: Any, parent: str, apply: bool) -> int:
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        print("no trial completed; nothing to apply", file=sys.stderr)
+        return 1
+    best = study.best_trial
+    exp = best.user_attrs[trial.EXP_ATTR]
+    client.set_tag(parent, "best_trial", str(best.number))
+    client.set_tag(parent, "best_experiment", exp)
+    client.log_metric(parent, "best_value", best.value)
+    print(f"best: trial {best.number} ({exp}), value {best.value:.5g}: {best.params}")
+    if apply:
+        dvc("exp", "apply", exp)
+        print(f"applied {exp} to the workspace (`dvc exp apply`); `git diff params.yaml` shows its params")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--trials", type=int, required=True, help="trials this process runs")
+    parser.add_argument("--jobs", type=int, default=1, help="experiments at once (dvc queue start -j)")
+    parser.add_argument("--space", type=Path, default=Path("sweep.yaml"), help="the search space (YAML)")
+    parser.add_argument("--study", default="sweep", help="the study's name; an existing one continues")
+    parser.add_argument("--storage", help="SQLAlchemy URL of the study (default sqlite:///<repo>/optuna.db)")
+    parser.add_argument("--seed", type=int, default=0, help="the TPE sampler's seed")
+    parser.add_argument("--target", action="append", default=[], metavar="STAGE",
+                        help="run only this stage and what it needs (repeatable; default: the whole pipeline)")
+    parser.add_argument("--no-apply", dest="apply", action="store_false", help="leave the workspace as it is")
+    args = parser.parse_args(argv)
+    if args.trials < 1 or args.jobs < 1:
+        parser.error("--trials and --jobs must be at least 1")
+    if not Path("dvc.yaml").is_file():
+        parser.error("run it in the repository root (no dvc.yaml here)")
+    try:
+        sys.exit(sweep(args))
+    except (PipelineError, config.ConfigError) as exc:
+        sys.exit(f"error: {exc}")
+    except KeyboardInterrupt:
+        sys.exit("sweep: interrupted (queued trials keep running: `dvc queue status`, `dvc queue kill`)")
+
+
+if __name__ == "__main__":
+    main()
