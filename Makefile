@@ -23,11 +23,15 @@ run: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# Two workers: stage subprocesses spend much of their time in single-threaded imports, which a
+# second worker overlaps; --dist loadgroup keeps each xdist_group (tests sharing a repository) on one.
+PYTEST := $(VENV)/bin/python -m pytest -n 2 --dist loadgroup
+
 test: lint
-	$(VENV)/bin/python -m pytest
+	$(PYTEST)
 
 test-fast: setup
-	$(VENV)/bin/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: setup
 	$(VENV)/bin/python -m bench.pipeline

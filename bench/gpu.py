@@ -9,7 +9,11 @@ What the README claims about GPUs, checked where one is lent (no GPU in CI):
 2. the fine-tune recipe (EfficientNet-Lite0 with the package's ImageNet weights) is also
    bit-identical across two CUDA runs;
 3. test accuracy on CUDA is close to the CPU's (the two differ in the last bits of every sum,
-   so not equal), with throughput on each.
+   so not equal), with throughput on each;
+4. `runtime.precision`: the fine-tune in bf16 and fp16 (autocast; fp16 with a gradient
+   scaler) beside fp32: test accuracy within one point of fp32's, images/s, and the share of
+   the GPU's peak dense throughput that makes (model FLOPs from torch's FlopCounterMode, x3
+   for the backward pass; the peak from `PEAK_TFLOPS` or --peak-tflops).
 Results go to stdout and <out>/gpu.json; nothing here is asserted in tests.
 """
 
@@ -56,21 +60,44 @@ def fit_scratch(prepared: Path, device: torch.device, p: train.TrainParams) -> d
             "images_per_s": round(result.epochs_run * len(tr) / seconds)}
 
 
+# dense tensor-core peaks (TFLOP/s, no sparsity) by precision, from the vendors' data sheets
+PEAK_TFLOPS = {
+    "H200": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
+    "H100": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
+    "A100": {"fp32": 19.5, "bf16": 312.0, "fp16": 312.0},
+}
+
+
+def forward_flops(model: torch.nn.Module, side: int, channels: int, device: torch.device) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, channels, side, side, device=device))
+    return counter.get_total_flops()
+
+
 def fit_finetune(prepared: Path, device: torch.device, p: finetune.FinetuneParams) -> dict:
     generator = runtime.seed_everything(p.seed)
     tr, va, te = (formats.load_split(prepared, s) for s in formats.SPLITS)
     net, _ = weights.load_pretrained(p.backbone, p.weights, p.weights_sha256)
     model = torch_model.PretrainedCNN(**finetune.model_args(p, tr), net=net)
     started = time.perf_counter()
-    finetune.finetune(model, tr, va, p, device, generator, None)
+    results = finetune.finetune(model, tr, va, p, device, generator, None)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    return {"digest": weights_digest(model), "test_acc": test_acc(model, te, device), "seconds": round(seconds, 1)}
+    images = sum(r.epochs_run for r in results) * len(tr)
+    return {"digest": weights_digest(model), "test_acc": test_acc(model, te, device), "seconds": round(seconds, 1),
+            "images_per_s": round(images / seconds), "flops_per_image": forward_flops(model, tr.image_size,
+                                                                                      tr.channels, device)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data/prepared"))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, when PEAK_TFLOPS lacks it")
     args = parser.parse_args()
     tp = config.load("train", train.TrainParams)
     fp = config.load("finetune", finetune.FinetuneParams)
@@ -81,6 +108,17 @@ def main() -> None:
     report["scratch_cuda_streamed"] = fit_scratch(args.data, cuda, tp)
     recipe.RESIDENT_BYTES = resident_bytes
     report["finetune_cuda"] = [fit_finetune(args.data, cuda, fp) for _ in range(2)]
+    for precision in ("bf16", "fp16"):
+        runtime.configure(RuntimeParams(device="cuda", precision=precision))
+        report[f"finetune_cuda_{precision}"] = fit_finetune(args.data, cuda, fp)
+    runtime.configure(RuntimeParams(device="cuda"))
+    name = next((k for k in PEAK_TFLOPS if k in report["gpu"]), None)
+    for precision in ("fp32", "bf16", "fp16"):
+        run = report["finetune_cuda"][0] if precision == "fp32" else report[f"finetune_cuda_{precision}"]
+        peak = (PEAK_TFLOPS[name][precision] if name else args.peak_tflops) or float("nan")
+        # forward + backward (about twice the forward) per training image; the head phase's
+        # epochs run on cached features, so this overstates them: a ceiling, not a measurement
+        run["share_of_peak"] = round(3 * run["flops_per_image"] * run["images_per_s"] / (peak * 1e12), 4)
     report["scratch_cpu"] = fit_scratch(args.data, torch.device("cpu"), dataclasses.replace(tp))
     runs = report["scratch_cuda"]
     report["checks"] = {
@@ -88,6 +126,10 @@ def main() -> None:
         "scratch_streamed_equals_resident": report["scratch_cuda_streamed"]["digest"] == runs[0]["digest"],
         "finetune_cuda_reruns_identical": report["finetune_cuda"][0]["digest"] == report["finetune_cuda"][1]["digest"],
         "scratch_acc_cuda_minus_cpu": round(runs[0]["test_acc"] - report["scratch_cpu"]["test_acc"], 4),
+        "finetune_bf16_within_one_point_of_fp32": abs(report["finetune_cuda_bf16"]["test_acc"]
+                                                      - report["finetune_cuda"][0]["test_acc"]) <= 0.01,
+        "finetune_fp16_within_one_point_of_fp32": abs(report["finetune_cuda_fp16"]["test_acc"]
+                                                      - report["finetune_cuda"][0]["test_acc"]) <= 0.01,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -20,6 +20,7 @@ import importlib
 import os
 import signal
 import sys
+import time
 
 # The pipeline's own modules load inside main()'s try, so a Ctrl-C while they import still
 # ends in the one-line message; before it, Python dies by the signal with a traceback.
@@ -53,9 +54,11 @@ def main(argv: list[str] | None = None) -> None:
     keep_heap()
     restore = restore_hint(argv)
     try:
-        from pipeline import tracking
+        from pipeline import launch, tracking
 
-        tracking.start_worker()
+        launch.relaunch(argv)  # nproc > 1: this process becomes torchrun's, and exits with the ranks
+        if launch.rank() == 0:  # the other ranks log nothing
+            tracking.start_worker()
         stage = importlib.import_module(f"pipeline.{argv[0]}")
         stage.main(argv[1:])
     except KeyboardInterrupt:
@@ -83,6 +86,7 @@ def restore_hint(argv: list[str]) -> str:
 
 
 DEBUG_ENV = "PIPELINE_DEBUG"
+RANK_ERROR_WAIT = 10.0  # seconds
 
 
 def exit_now(code: int) -> None:
@@ -104,6 +108,13 @@ def fail(message: str, code: int = 1) -> None:
     """End the stage on an expected failure: the message without a traceback, unless PIPELINE_DEBUG=1."""
     if os.environ.get(DEBUG_ENV) == "1":
         raise
+    if os.environ.get("RANK", "0") != "0":
+        # Under torchrun every rank meets the same error (Ctrl-C reaches them all) and rank 0
+        # says it; torchrun stops this rank once rank 0 exits. An error of this rank alone
+        # outlives the wait and is printed.
+        if code == 130:
+            exit_now(code)
+        time.sleep(RANK_ERROR_WAIT)
     print(message, file=sys.stderr)
     if code == 130:
         exit_now(code)

@@ -19,6 +19,8 @@ import re
 
 import psutil
 
+from pipeline import launch
+
 WORKER = re.compile(r"^(dvc-exp-[0-9a-f]+)-\d+@")  # a DVC queue worker's celery node name
 
 
@@ -55,8 +57,10 @@ def queue_workers(pid: int | None = None) -> int:
     return sum(1 for p in psutil.process_iter() if queue_node(p) == node)
 
 
-def auto_threads(cores: int | None = None, workers: int | None = None) -> int:
-    """The cores divided among the queue's workers (all of them outside a queue), at least 1."""
+def auto_threads(cores: int | None = None, workers: int | None = None, ranks: int | None = None) -> int:
+    """The cores divided among the queue's workers (all of them outside a queue) and among the
+    stage's own torchrun processes on this machine, at least 1."""
     cores = available_cores() if cores is None else cores
     workers = queue_workers() if workers is None else workers
-    return max(1, cores // max(1, workers))
+    ranks = launch.local_processes() if ranks is None else ranks
+    return max(1, cores // (max(1, workers) * max(1, ranks)))

@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from pipeline import checkpoints, cli, config, files, tracking, trial
+from pipeline import checkpoints, cli, config, files, launch, tracking, trial
 from pipeline.config import check
 from pipeline.data import formats
 from pipeline.frameworks import card, shapes
@@ -161,9 +161,10 @@ def main(argv: list[str] | None = None) -> None:
         run.log_summary({"best/val_loss": last.best_val_loss, "best/val_acc": last.best_val_acc,
                          "epochs_run": sum(r.epochs_run for r in results)})  # fmt: skip
         run.log_timing({"fit_seconds": seconds})
-        card.save(args.out, backend, model, "pretrained_cnn", margs, train_set.classes)
-        run.log_artifact(args.out, "model")
-        saved.clear()
+        if launch.rank() == 0:  # under torchrun the ranks hold equal weights; one writes them
+            card.save(args.out, backend, model, "pretrained_cnn", margs, train_set.classes)
+            run.log_artifact(args.out, "model")
+            saved.clear()
 
 
 if __name__ == "__main__":

@@ -140,10 +140,11 @@ def run_batch(study: Any, space: SearchSpace, size: int, jobs: int, root: Path, 
     dvc("queue", "start", "-j", str(jobs), env=env)
     status = wait_for([exp for _, exp, _ in asked], root)
     metrics = experiment_metrics()
+    attrs = {f.number: f.user_attrs for f in study.get_trials(deepcopy=False)}  # what the stages wrote
     outcomes = []
     for t, exp, values in asked:
         value = search_space.metric_of(metrics.get(exp, {}), space.objective) if status[exp] == "Success" else None
-        pruned = study._storage.get_trial(t._trial_id).user_attrs.get(trial.PRUNED_ATTR)
+        pruned = attrs[t.number].get(trial.PRUNED_ATTR)
         if value is not None:
             study.tell(t, value)
             state = "COMPLETE"

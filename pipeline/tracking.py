@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import config, files, workspace
+from pipeline import config, files, launch, workspace
 from pipeline.errors import TrackingError
 
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
@@ -345,7 +345,8 @@ class StageRun:
 
     def log_choices(self, choices: Mapping[str, object]) -> None:
         """What the stage's `auto` params resolved to: printed for the log and tagged in MLflow."""
-        print(f"{self.stage}: " + ", ".join(f"{k} {v}" for k, v in choices.items()))
+        if not isinstance(self._worker, SilentWorker):  # under torchrun, rank 0 says it
+            print(f"{self.stage}: " + ", ".join(f"{k} {v}" for k, v in choices.items()))
         self.set_tags({k: str(v) for k, v in choices.items()})
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
@@ -397,10 +398,27 @@ class StageRun:
             self._live.log_sklearn_plot("confusion_matrix", list(actual), list(predicted), name="confusion_matrix.json")
 
 
+class SilentWorker:
+    """The worker of a stage's rank > 0 under torchrun: rank 0 alone logs."""
+
+    uri = ""
+
+    def call(self, op: str, **kwargs: Any) -> None:
+        pass
+
+    def close(self, status: str, fail_experiment: dict | None = None) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], live_dir: Path | None = None) -> Iterator[StageRun]:
     """Claim the workspace (`workspace.claim`) and open the stage's MLflow run (and its DVCLive
-    folder, when the stage has DVC metrics)."""
+    folder, when the stage has DVC metrics). A rank > 0 under torchrun gets a run that logs
+    and writes nothing."""
+    if launch.rank() > 0:
+        with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
+            yield StageRun(stage, None, SilentWorker(), Path(scratch))  # type: ignore[arg-type]
+        return
     started = time.perf_counter()
     worker = _take_worker()
     status, previous_sigint = "FAILED", None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from pipeline import checkpoints, cli, config, files, tracking, trial
+from pipeline import checkpoints, cli, config, files, launch, tracking, trial
 from pipeline.data import formats
 from pipeline.frameworks import card, registry
 from pipeline.frameworks.interface import RuntimeParams
@@ -47,10 +47,11 @@ def main(argv: list[str] | None = None) -> None:
         run.log_summary({"best/epoch": result.best_epoch, "best/val_loss": result.best_val_loss,
                          "best/val_acc": result.best_val_acc, "epochs_run": result.epochs_run})  # fmt: skip
         run.log_timing({"fit_seconds": seconds, "images_per_second": result.epochs_run * len(train_set) / seconds})
-        card.save(args.out, backend, model, "scratch_cnn", margs, train_set.classes)
-        run.log_artifact(args.out, "model")
-        if saved is not None:
-            saved.clear()
+        if launch.rank() == 0:  # under torchrun the ranks hold equal weights; one writes them
+            card.save(args.out, backend, model, "scratch_cnn", margs, train_set.classes)
+            run.log_artifact(args.out, "model")
+            if saved is not None:
+                saved.clear()
 
 
 if __name__ == "__main__":

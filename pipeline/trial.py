@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from pipeline import launch
 from pipeline.errors import PipelineError
 
 STORAGE_ENV, STUDY_ENV = "PIPELINE_SWEEP_STORAGE", "PIPELINE_SWEEP_STUDY"
@@ -44,7 +45,7 @@ def epoch_hook(stage: str) -> Callable[[int, Mapping[str, float]], None] | None:
     """The function a stage calls after each epoch when it runs as a trial that prunes on this
     stage's figures; None otherwise."""
     url, study_name, exp = os.environ.get(STORAGE_ENV), os.environ.get(STUDY_ENV), os.environ.get("DVC_EXP_NAME")
-    if not (url and study_name and exp):
+    if not (url and study_name and exp) or launch.rank() > 0:  # under torchrun rank 0 reports
         return None
     import optuna
 

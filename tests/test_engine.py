@@ -265,3 +265,33 @@ def test_tiny_training_sets_get_a_one_cycle_schedule_torch_can_run():
         for _ in range(2 * steps_per_epoch):
             optimizer.step()
             scheduler.step()
+
+
+def test_bf16_autocast_tracks_fp32_reruns_identically_and_keeps_fp32_weights():
+    def fit(precision):
+        runtime.configure(RuntimeParams(threads=2, device="cpu", precision=precision))
+        generator = runtime.seed_everything(0)
+        model = torch_model.ScratchCNN(num_classes=3, in_channels=1, image_size=8)
+        train, val = tiny_splits()
+        return model, recipe.fit(model, train, val, FitParams(epochs=4, batch_size=16), torch.device("cpu"), generator)
+
+    try:
+        (a, bf16), (b, _) = fit("bf16"), fit("bf16")
+        with runtime.autocast(torch.device("cpu")):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16  # autocast is on
+    finally:
+        reference, fp32 = fit("fp32")
+    assert runtime.PRECISION == "fp32"
+    assert all(v.dtype in (torch.float32, torch.int64) for v in a.state_dict().values())
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    pairs = zip(a.state_dict().values(), reference.state_dict().values(), strict=True)
+    assert not all(torch.equal(x, y) for x, y in pairs)
+    # the same curve within bf16's rounding (measured: best val loss 0.790 against fp32's 0.780)
+    assert abs(bf16.best_val_loss - fp32.best_val_loss) < 0.05
+    assert bf16.history[-1]["train/loss"] < bf16.history[0]["train/loss"]
+
+
+def test_fp16_is_refused_on_the_cpu():
+    with pytest.raises(ConfigError, match="runtime.precision fp16 needs a CUDA device"):
+        runtime.configure(RuntimeParams(threads=2, device="cpu", precision="fp16"))
+    runtime.configure(RuntimeParams(threads=2, device="cpu"))

@@ -15,6 +15,8 @@ from conftest import copy_project, digit_folder, run
 
 from pipeline import cpu_share
 
+# `make test` runs pytest -n 2 --dist loadgroup: each group's tests share one worker and so one
+# tmp_repo (a module fixture is per worker); the two groups build theirs side by side
 pytestmark = pytest.mark.slow
 
 
@@ -36,6 +38,7 @@ def mlflow_runs(repo: Path) -> list:
     return client.search_runs([experiment.experiment_id], "tags.stage LIKE '%'", max_results=1000) if experiment else []
 
 
+@pytest.mark.xdist_group("repo-a")
 def test_dvc_repro_twice_gives_identical_lock_and_then_has_nothing_to_do(tmp_repo):
     repo, env = tmp_repo
     first = run(["git", "show", "HEAD:dvc.lock"], repo, env).stdout  # the fixture's committed run
@@ -74,11 +77,12 @@ def test_dvc_repro_twice_gives_identical_lock_and_then_has_nothing_to_do(tmp_rep
     assert len(client.search_model_versions("name = 'cnn-pipeline'")) == 1
 
 
+@pytest.mark.xdist_group("repo-a")
 def test_experiments_appear_in_dvc_exp_show_and_in_the_root_mlflow_store(tmp_repo):
     repo, env = tmp_repo
     run(["dvc", "exp", "run", "-n", "fast-lr", "-S", "train.lr=0.01"], repo, env)
     # --temp runs in .dvc/tmp/exps/...; its MLflow runs must still reach <repo>/mlflow.db
-    run(["dvc", "exp", "run", "--temp", "-n", "one-epoch", "-S", "train.epochs=1"], repo, env)
+    run(["dvc", "exp", "run", "--temp", "-n", "one-epoch", "-S", "train.epochs=1", "train"], repo, env)
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
     names = {}
@@ -108,6 +112,7 @@ def wait_for_queue(repo: Path, env: dict, names: list[str], seconds: float = 900
     raise AssertionError(f"queue still busy after {seconds} s: {status}")
 
 
+@pytest.mark.xdist_group("repo-b")
 def test_queued_experiments_run_side_by_side_and_each_lands_once(tmp_repo, tmp_path):
     """`dvc queue start -j 2` with `runtime.threads: auto`, into a store neither worker found
     made: both create and migrate it at once (the race a lock now settles)."""
@@ -136,6 +141,7 @@ def test_queued_experiments_run_side_by_side_and_each_lands_once(tmp_repo, tmp_p
     assert {r.data.params["runtime.threads"] for r in runs} == {"auto"}
 
 
+@pytest.mark.xdist_group("repo-b")
 def test_a_three_trial_sweep_queues_experiments_and_applies_the_best(tmp_repo):
     repo, env = tmp_repo
     run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
@@ -179,6 +185,7 @@ def test_a_three_trial_sweep_queues_experiments_and_applies_the_best(tmp_repo):
     run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
 
 
+@pytest.mark.xdist_group("repo-a")
 def test_a_dvc_tracked_image_folder_drives_ingest_and_prepare(tmp_repo, tmp_path):
     """The README's folder workflow: dvc add, push to a local remote, change an image, repro."""
     repo, env = tmp_repo
@@ -211,6 +218,7 @@ def test_a_dvc_tracked_image_folder_drives_ingest_and_prepare(tmp_repo, tmp_path
     assert (repo / "data" / "ingested" / "manifest.csv").read_text() != manifest
 
 
+@pytest.mark.xdist_group("repo-b")
 def test_the_keras_framework_runs_as_an_experiment_and_reruns_byte_identically(tmp_repo):
     """It leaves the workspace on the keras experiment (the photos test has its own repository)."""
     repo, env = tmp_repo

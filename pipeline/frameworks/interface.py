@@ -35,6 +35,8 @@ class RuntimeParams:
     # out among the DVC queue's workers (`cpu_share`), all of them outside a queue.
     threads: int | Literal["auto"] = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch: fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler, CUDA only); weights stay fp32
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     def __post_init__(self) -> None:
         valid = self.threads == "auto" or self.threads >= 1

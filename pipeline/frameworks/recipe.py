@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from tqdm import tqdm
 
+from pipeline import launch
 from pipeline.config import check
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ class FitParams:
     crop_scale: float = 0.35  # crop_flip: the smallest share of the image's area a crop keeps
     early_stopping_patience: int = 5  # epochs without a better val loss; 0 turns it off
     channels_last: bool = True
+    nproc: int = 1  # torch: processes under torchrun with DistributedDataParallel (pipeline.launch)
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
@@ -57,6 +59,7 @@ class FitParams:
         check(0 < self.crop_scale <= 1, "crop_scale", f"must be in (0, 1], got {self.crop_scale}")
         patience = self.early_stopping_patience
         check(patience >= 0, "early_stopping_patience", f"must be >= 0 (0 = off), got {patience}")
+        check(self.nproc >= 1, "nproc", f"must be at least 1, got {self.nproc}")
 
 
 PHOTO_SIZE = 64  # augment auto: images stored at least this large are photos
@@ -135,7 +138,8 @@ def fit_epochs(
             run.resumed_from(first_epoch + begin, saved["attempt"])
             for epoch, metrics in enumerate(result.history):
                 run.log_epoch(first_epoch + epoch, metrics, hooks=False)
-    bar = tqdm(range(begin, p.epochs), desc=desc, unit="epoch", dynamic_ncols=True, initial=begin, total=p.epochs)
+    bar = tqdm(range(begin, p.epochs), desc=desc, unit="epoch", dynamic_ncols=True, initial=begin, total=p.epochs,
+               disable=launch.rank() > 0)  # under torchrun one bar, rank 0's  # fmt: skip
     for epoch in bar:
         metrics = run_epoch(epoch)
         result.history.append(metrics)

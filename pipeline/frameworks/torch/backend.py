@@ -18,7 +18,7 @@ from pipeline import files
 from pipeline.frameworks import interface, onnx_format
 from pipeline.frameworks.card import ModelCard
 from pipeline.frameworks.interface import ExportOptions, RuntimeParams, Shipped, float_batches
-from pipeline.frameworks.torch import export, model, recipe, runtime
+from pipeline.frameworks.torch import distributed, export, model, recipe, runtime
 
 
 class TorchBackend(interface.Backend):
@@ -29,11 +29,15 @@ class TorchBackend(interface.Backend):
 
     def __init__(self, rt: RuntimeParams, seed: int = 0) -> None:
         self.runtime = rt
-        self.device = runtime.configure(rt)
+        self.device = distributed.device_for(runtime.configure(rt))
+        self.world = distributed.join(self.device)  # torchrun's process group, when the stage runs under it
         self.generator = runtime.seed_everything(seed)  # data order and augmentation
 
     def describe(self) -> dict[str, str]:
-        return {"framework": self.framework, **runtime.describe(self.device, self.runtime)}
+        info = {"framework": self.framework, **runtime.describe(self.device, self.runtime)}
+        if self.world.size > 1:
+            info["processes"] = str(self.world.size)
+        return info
 
     def build(self, arch: str, model_args: dict[str, Any]) -> nn.Module:
         return model.build(arch, model_args)

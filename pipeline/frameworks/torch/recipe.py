@@ -30,6 +30,7 @@ from torch import nn
 
 from pipeline.data.formats import Split
 from pipeline.frameworks.recipe import FitParams, FitResult, augmentation, fit_epochs, schedule
+from pipeline.frameworks.torch import distributed, runtime
 from pipeline.frameworks.torch.resume import TorchResume
 
 if TYPE_CHECKING:
@@ -87,6 +88,8 @@ class Images:
         if self.streamed is not None:
             # fancy indexing reads just these rows from the map into a fresh (B, H, W, C) array
             batch = torch.from_numpy(self.streamed[idx.numpy()]).permute(0, 3, 1, 2)
+            if self.device.type == "cuda":  # page-locked: the copy to the GPU runs asynchronously
+                batch = batch.pin_memory()
         else:
             batch = self.resident[idx]
         return as_input(batch, self.device, self.channels_last)
@@ -166,36 +169,51 @@ def train_one_epoch(
     p: FitParams,
     device: torch.device,
     generator: torch.Generator,
+    augment: torch.Generator | None = None,
 ) -> tuple[float, float]:
     """One pass over the training images; returns (mean loss, accuracy) over the epoch.
 
-    `images` is an `Images`, or an (N, C, H, W) tensor held as given."""
+    `images` is an `Images`, or an (N, C, H, W) tensor held as given. `generator` draws the
+    order, `augment` (default: the same one) the augmentation. Under torchrun `model` is the
+    DDP module and each rank trains on its share of every batch (`distributed.shard`)."""
     if not isinstance(images, Images):
         images = Images(images, device, p.channels_last)
+    augment = generator if augment is None else augment
+    world = distributed.current()
     model.train()
     trainable = [q for q in model.parameters() if q.requires_grad]
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = torch.zeros((), device=device, dtype=torch.long)
+    scaler = runtime.grad_scaler(device)
     mode = augmentation(p, images.side)
     for idx in batches(len(labels), p.batch_size, generator):
+        if len(idx) < world.size:  # a last batch too small to give every rank an image: all skip it
+            continue
+        idx = distributed.shard(idx, world)
         x = images.take(idx)
         if mode == "shift":
-            x = random_shift(x, p.augment_shift, generator)
+            x = random_shift(x, p.augment_shift, augment)
         elif mode == "crop_flip":
-            x = random_crop_flip(x, p.crop_scale, generator)
+            x = random_crop_flip(x, p.crop_scale, augment)
         y = labels[idx].to(device, non_blocking=True)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=p.label_smoothing)
+        with runtime.autocast(device):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=p.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if p.grad_clip:
+            scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
             nn.utils.clip_grad_norm_(trainable, p.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         # accumulate on the device: a .item() per step would sync the GPU every batch
         total_loss += loss.detach() * len(idx)
         correct += (logits.argmax(1) == y).sum()
-    n = len(labels)
+        seen += len(idx)
+    total_loss, correct, seen = distributed.all_sum(total_loss, correct, seen)  # every rank's share
+    n = int(seen.item())
     return total_loss.item() / n, correct.item() / n
 
 
@@ -214,7 +232,8 @@ def predict_logits(
     model.eval()
     out = None
     for idx in batches(len(images), batch_size, None):
-        logits = model(images.take(idx)).float().cpu()
+        with runtime.autocast(device):
+            logits = model(images.take(idx)).float().cpu()
         if out is None:
             out = torch.empty(len(images), logits.shape[1])
         # Filled in place: kept per-batch tensors would land in the holes that freed batches
@@ -287,13 +306,16 @@ def fit_inputs(
     params = param_groups or [q for q in model.parameters() if q.requires_grad]
     optimizer = make_optimizer(params, p)
     scheduler = make_scheduler(optimizer, p, math.ceil(len(train_y) / p.batch_size))
+    world = distributed.current()
+    net, augment = distributed.wrap(model, world), distributed.augment_generator(generator, p.seed, world)
     resume = None
-    if checkpoint is not None:
+    if checkpoint is not None and world.size == 1:  # DDP runs do not checkpoint (README: Several processes)
         resume = TorchResume(checkpoint, run.attempt if run else "", model, optimizer, scheduler, generator)
 
     def run_epoch(epoch: int) -> dict[str, float]:
         lr = optimizer.param_groups[-1]["lr"]  # the head's (the last group), or the only one
-        train_loss, train_acc = train_one_epoch(model, train_x, train_y, optimizer, scheduler, p, device, generator)
+        train_loss, train_acc = train_one_epoch(net, train_x, train_y, optimizer, scheduler, p, device, generator,
+                                                augment)  # fmt: skip
         val_loss, val_acc = evaluate(model, val_x, val_y, device, p)
         return {"train/loss": train_loss, "train/acc": train_acc, "val/loss": val_loss, "val/acc": val_acc, "lr": lr}
 

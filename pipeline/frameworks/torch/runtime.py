@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,9 +52,30 @@ def configure(params: RuntimeParams) -> torch.device:
             "params.yaml: runtime.device is 'cuda' but torch sees no CUDA device; "
             "use 'auto' or 'cpu'"
         )
-    if params.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(params.device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if params.device == "auto" else params.device)
+    if params.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("params.yaml: runtime.precision fp16 needs a CUDA device (its gradient scaler); "
+                          "use bf16 or fp32 on the CPU")  # fmt: skip
+    global PRECISION
+    PRECISION = params.precision
+    return device
+
+
+PRECISION = "fp32"  # runtime.precision, set by configure: what `autocast` computes in
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device) -> Any:
+    """Mixed precision for forward passes (a no-op in fp32): matmuls and convolutions in
+    bf16/fp16, reductions and the loss in fp32, the weights fp32 throughout."""
+    return torch.autocast(device.type, dtype=DTYPES.get(PRECISION, torch.float32), enabled=PRECISION != "fp32")
+
+
+def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """fp16's loss scaling (its small range underflows gradients); for fp32 and bf16 a scaler
+    that passes everything through unchanged."""
+    return torch.amp.GradScaler(device.type, enabled=PRECISION == "fp16")
 
 
 def describe(device: torch.device, params: RuntimeParams) -> dict[str, str]:
@@ -62,6 +84,7 @@ def describe(device: torch.device, params: RuntimeParams) -> dict[str, str]:
         "torch": torch.__version__,
         "device": str(device),
         "threads": str(params.thread_count),
+        "precision": params.precision,
         "deterministic": "true",
     }
     if device.type == "cuda":
