@@ -5,8 +5,8 @@
 
 In a temporary copy of the repository with the default params and `runtime.threads: auto`
 (early stopping off, so every experiment does the same work), one `dvc repro` makes the
-baseline; then N experiments, each a different `train.seed` (rerunning train, evaluate,
-export, register and report), run through the queue with `-j 1`, and N more with `-j 2`.
+baseline; then N experiments, each a different `train.seed` (rerunning train, crossval,
+evaluate, export, register and report), run through the queue with `-j 1`, and N more with `-j 2`.
 Work per second is experiments finished over the wall time from `dvc queue start` until the
 last one's process exits; the train stage's images/s come from its MLflow runs. Target:
 `-j 2` at least 0.9x the work per second of `-j 1`.
@@ -30,9 +30,10 @@ from pathlib import Path
 
 from bench import report
 from bench.pipeline import bench_env, copy_repo
-from pipeline.sweep import experiments_running
+from pipeline.sweep import experiments_running, start_queue
 
-RERUN = ("train", "evaluate@scratch", "export@scratch", "register", "report")  # what a train.seed change reruns
+# what a train.seed change reruns (crossval reads the train params too)
+RERUN = ("train", "crossval", "evaluate@scratch", "export@scratch", "register", "report")
 
 
 def sh(cmd: list[str], repo: Path) -> str:
@@ -47,7 +48,7 @@ def run_queue(repo: Path, seeds: list[int], jobs: int) -> float:
     for seed in seeds:
         sh(["dvc", "exp", "run", "--queue", "-q", "-n", f"j{jobs}-seed{seed}", "-S", f"train.seed={seed}"], repo)
     started = time.perf_counter()
-    sh(["dvc", "queue", "start", "-j", str(jobs)], repo)
+    start_queue(jobs, bench_env(repo), cwd=repo)
     last_seen, seen_any = started, False
     while True:
         time.sleep(0.25)
@@ -99,14 +100,14 @@ def lines_for(n: int, walls: dict[int, float], checks: dict, runs: list) -> list
     once = all(by_exp[name] == collections.Counter(RERUN) for name in by_exp)
     failed = re.findall(r"\b(Failed|Queued|Running)\b", checks["status"])
     lines = ["## Queued experiments, `-j 1` beside `-j 2`", "",
-             f"{n} experiments each way (train.seed changed: train, evaluate, export, register and report rerun); "
-             "default params, `runtime.threads: auto`, early stopping off.", "",
+             f"{n} experiments each way (train.seed changed: train, crossval, evaluate, export, register and report "
+             "rerun); default params, `runtime.threads: auto`, early stopping off.", "",
              "| queue | wall s | experiments/min | train fit s (median) | train images/s (sum over runs in flight) "
              "| threads per stage |", "|---|---|---|---|---|---|"]  # fmt: skip
     rate = {}
     for jobs in (1, 2):
-        fits = sorted(float(r.data.metrics.get("fit_seconds", 0)) for r in train[jobs])
-        ips = sorted(float(r.data.metrics.get("images_per_second", 0)) for r in train[jobs])
+        fits = sorted(float(r.data.metrics.get("time/fit_seconds", 0)) for r in train[jobs])
+        ips = sorted(float(r.data.metrics.get("time/images_per_second", 0)) for r in train[jobs])
         threads = sorted({r.data.tags.get("threads", "?") for r in train[jobs]})
         rate[jobs] = n / walls[jobs] * 60
         fit = fits[len(fits) // 2] if fits else float("nan")

@@ -43,6 +43,15 @@ def dvc(*args: str, env: dict | None = None) -> str:
     return done.stdout
 
 
+def start_queue(jobs: int, env: dict | None = None, cwd: Path | None = None) -> None:
+    """`dvc queue start -j jobs`, returning at once: the workers it spawns inherit its stdout and
+    stderr, so captured pipes would stay open (and this call wait) until the queue ran dry."""
+    done = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    if done.returncode:
+        raise PipelineError(f"`dvc queue start -j {jobs}` failed (exit {done.returncode}); see `dvc queue status`")
+
+
 def landed() -> set[str]:
     """Names of the experiments DVC has saved (refs/exps/<baseline>/<name>): cheap to poll."""
     refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
@@ -137,7 +146,7 @@ def run_batch(study: Any, space: SearchSpace, size: int, jobs: int, root: Path, 
         overrides = [arg for name, v in values.items() for arg in ("-S", search_space.as_override(name, v))]
         dvc("exp", "run", "--queue", "-q", "-n", exp, *overrides, *targets)
         asked.append((t, exp, values))
-    dvc("queue", "start", "-j", str(jobs), env=env)
+    start_queue(jobs, env)
     status = wait_for([exp for _, exp, _ in asked], root)
     metrics = experiment_metrics()
     attrs = {f.number: f.user_attrs for f in study.get_trials(deepcopy=False)}  # what the stages wrote
