@@ -108,13 +108,22 @@ def test_an_export_that_drifts_is_refused_and_the_previous_one_restored(repo):
     assert (path / "dvclive/export/scratch/metrics.json").read_bytes() == metrics
 
 
-def stage_pid(name: str, timeout: float = 120) -> int:
+def stage_pid(name: str, under: int, timeout: float = 120) -> int:
+    """The pid of stage `name` that the DVC process `under` started: only its descendants, as
+    other tests (pytest-xdist's other worker) run stages of the same name at the same time."""
     import psutil
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for proc in psutil.process_iter(["cmdline"]):
-            cmd = proc.info["cmdline"] or []
+        try:
+            children = psutil.Process(under).children(recursive=True)
+        except psutil.NoSuchProcess:
+            break
+        for proc in children:
+            try:
+                cmd = proc.cmdline()
+            except psutil.Error:
+                continue
             if cmd[-2:] == ["pipeline", name] or cmd[1:4] == ["-m", "pipeline", name]:
                 return proc.pid
         time.sleep(0.1)
@@ -129,7 +138,7 @@ def test_an_interrupted_stage_is_killed_in_mlflow_and_its_outputs_come_back(repo
     (path / "params.yaml").write_text(long)
     proc = subprocess.Popen(["dvc", "repro", "train"], cwd=path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    pid = stage_pid("train")
+    pid = stage_pid("train", proc.pid)
     for _ in range(600):  # until epochs are running: Ctrl-C during start-up is another case
         running = last_run(path, "train")
         if running.info.status == "RUNNING" and "train/loss" in running.data.metrics:
@@ -164,7 +173,7 @@ def test_two_exp_runs_in_one_workspace_fail_loudly_and_save_nothing(repo):
     first = subprocess.Popen(["dvc", "exp", "run", "-S", "train.epochs=60",
                               "-S", "+train.early_stopping_patience=0", "train"], cwd=path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    stage_pid("train")
+    stage_pid("train", first.pid)
     for _ in range(600):
         running = last_run(path, "train")
         if running.info.status == "RUNNING" and "train/loss" in running.data.metrics:
