@@ -30,7 +30,7 @@ from pathlib import Path
 
 from bench import report
 from bench.pipeline import bench_env, copy_repo
-from pipeline.sweep import experiments_running, start_queue
+from pipeline import dvc_queue
 
 # what a train.seed change reruns (crossval reads the train params too)
 RERUN = ("train", "crossval", "evaluate@scratch", "export@scratch", "register", "report")
@@ -44,20 +44,14 @@ def sh(cmd: list[str], repo: Path) -> str:
 
 
 def run_queue(repo: Path, seeds: list[int], jobs: int) -> float:
-    """Queue one experiment per seed, run them with `-j jobs`; the wall seconds until the last exits."""
-    for seed in seeds:
-        sh(["dvc", "exp", "run", "--queue", "-q", "-n", f"j{jobs}-seed{seed}", "-S", f"train.seed={seed}"], repo)
+    """Queue one experiment per seed, run them with `-j jobs`; the wall seconds until all have landed."""
+    names = [f"j{jobs}-seed{seed}" for seed in seeds]
+    for name, seed in zip(names, seeds, strict=True):
+        sh(["dvc", "exp", "run", "--queue", "-q", "-n", name, "-S", f"train.seed={seed}"], repo)
     started = time.perf_counter()
-    start_queue(jobs, bench_env(repo), cwd=repo)
-    last_seen, seen_any = started, False
-    while True:
-        time.sleep(0.25)
-        if experiments_running(repo):
-            last_seen, seen_any = time.perf_counter(), True
-        elif seen_any and time.perf_counter() - last_seen > 15:  # workers pick the next task within seconds
-            queued = sh(["dvc", "queue", "status"], repo)
-            if not re.search(r"\b(Queued|Running)\b", queued):
-                return last_seen - started
+    dvc_queue.start(jobs, bench_env(repo), cwd=repo)
+    dvc_queue.wait_for(names, repo, bench_env(repo))  # polls each second; a failure shows in the checks below
+    return time.perf_counter() - started
 
 
 def results(repo: Path) -> tuple[dict, list]:

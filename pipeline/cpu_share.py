@@ -15,13 +15,8 @@ results independent of how many experiments run beside it.
 from __future__ import annotations
 
 import os
-import re
 
-import psutil
-
-from pipeline import launch
-
-WORKER = re.compile(r"^(dvc-exp-[0-9a-f]+)-\d+@")  # a DVC queue worker's celery node name
+from pipeline import dvc_queue, launch
 
 
 def available_cores() -> int:
@@ -32,35 +27,10 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def queue_node(process: psutil.Process) -> str | None:
-    """`dvc-exp-<hash>` when `process` is a DVC queue worker, else None."""
-    try:
-        args = process.cmdline()
-    except (psutil.Error, OSError):
-        return None
-    if "queue-worker" not in args:
-        return None
-    names = [m.group(1) for m in map(WORKER.match, args) if m]
-    return names[0] if names else None
-
-
-def queue_workers(pid: int | None = None) -> int:
-    """How many workers of the DVC queue that runs this process are alive; 0 outside a queue."""
-    try:
-        me = psutil.Process(pid)
-        ancestors = me.parents()
-    except psutil.Error:
-        return 0
-    node = next((n for n in map(queue_node, ancestors) if n), None)
-    if node is None:
-        return 0
-    return sum(1 for p in psutil.process_iter() if queue_node(p) == node)
-
-
 def auto_threads(cores: int | None = None, workers: int | None = None, ranks: int | None = None) -> int:
     """The cores divided among the queue's workers (all of them outside a queue) and among the
     stage's own torchrun processes on this machine, at least 1."""
     cores = available_cores() if cores is None else cores
-    workers = queue_workers() if workers is None else workers
+    workers = dvc_queue.workers_around() if workers is None else workers
     ranks = launch.local_processes() if ranks is None else ranks
     return max(1, cores // (max(1, workers) * max(1, ranks)))

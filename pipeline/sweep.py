@@ -21,82 +21,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from pipeline import config, search_space, tracking, trial
+from pipeline import config, dvc_queue, search_space, tracking, trial
 from pipeline.errors import PipelineError
 from pipeline.search_space import SearchSpace
 
 SWEEP_TAG = "pipeline.sweep"
 
 
-def dvc(*args: str, env: dict | None = None) -> str:
-    done = subprocess.run(["dvc", *args], capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise PipelineError(f"`dvc {' '.join(args)}` failed:\n{(done.stderr or done.stdout).strip()[-2000:]}")
-    return done.stdout
-
-
-def start_queue(jobs: int, env: dict | None = None, cwd: Path | None = None) -> None:
-    """`dvc queue start -j jobs`, returning at once: the workers it spawns inherit its stdout and
-    stderr, so captured pipes would stay open (and this call wait) until the queue ran dry."""
-    done = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    if done.returncode:
-        raise PipelineError(f"`dvc queue start -j {jobs}` failed (exit {done.returncode}); see `dvc queue status`")
-
-
-def landed() -> set[str]:
-    """Names of the experiments DVC has saved (refs/exps/<baseline>/<name>): cheap to poll."""
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
-                          capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
-    return {ref.rsplit("/", 1)[-1] for ref in refs}
-
-
-def experiments_running(root: Path) -> int:
-    """`dvc exp exec-run` processes working for this repository's queue."""
-    count = 0
-    for proc in psutil.process_iter():
-        try:
-            args = proc.cmdline()
-        except psutil.Error:
-            continue
-        count += "exec-run" in args and any(str(root) in a for a in args)
-    return count
-
-
-def wait_for(names: list[str], root: Path, quiet_seconds: float = 12.0) -> dict[str, str]:
-    """Block until the queue has run `names`; each one's 'Success' or 'Failed'. Polls git refs
-    and the process table (cheap); asks `dvc queue status` only once the queue looks idle."""
-    idle_since = time.monotonic()
-    while True:
-        time.sleep(1.0)
-        if set(names) <= landed():
-            return dict.fromkeys(names, "Success")
-        if experiments_running(root):
-            idle_since = time.monotonic()
-        elif time.monotonic() - idle_since > quiet_seconds:
-            status = queue_status()
-            if all(status.get(n) in ("Success", "Failed") for n in names):
-                return {n: status[n] for n in names}
-            idle_since = time.monotonic()
-
-
-def queue_status() -> dict[str, str]:
-    rows = dvc("queue", "status").splitlines()
-    return {parts[1]: parts[-1] for parts in (r.split() for r in rows[1:]) if len(parts) >= 4}
-
-
 def experiment_metrics() -> dict[str, dict]:
     """Metrics of every saved experiment, by name, from `dvc exp show --json`."""
     found: dict[str, dict] = {}
-    for baseline in json.loads(dvc("exp", "show", "--json", "--no-fetch")):
+    for baseline in json.loads(dvc_queue.dvc("exp", "show", "--json", "--no-fetch")):
         for exp in baseline.get("experiments") or []:
             rev = (exp.get("revs") or [{}])[0]
             name = exp.get("name") or rev.get("name")
@@ -144,10 +83,10 @@ def run_batch(study: Any, space: SearchSpace, size: int, jobs: int, root: Path, 
         exp = f"{study.study_name}-{t.number}"
         t.set_user_attr(trial.EXP_ATTR, exp)
         overrides = [arg for name, v in values.items() for arg in ("-S", search_space.as_override(name, v))]
-        dvc("exp", "run", "--queue", "-q", "-n", exp, *overrides, *targets)
+        dvc_queue.dvc("exp", "run", "--queue", "-q", "-n", exp, *overrides, *targets)
         asked.append((t, exp, values))
-    start_queue(jobs, env)
-    status = wait_for([exp for _, exp, _ in asked], root)
+    dvc_queue.start(jobs, env)
+    status = dvc_queue.wait_for([exp for _, exp, _ in asked], root, env)
     metrics = experiment_metrics()
     attrs = {f.number: f.user_attrs for f in study.get_trials(deepcopy=False)}  # what the stages wrote
     outcomes = []
@@ -229,7 +168,7 @@ def finish(study: Any, client: Any, parent: str, apply: bool) -> int:
     client.log_metric(parent, "best_value", best.value)
     print(f"best: trial {best.number} ({exp}), value {best.value:.5g}: {best.params}")
     if apply:
-        dvc("exp", "apply", exp)
+        dvc_queue.dvc("exp", "apply", exp)
         print(f"applied {exp} to the workspace (`dvc exp apply`); `git diff params.yaml` shows its params")
     return 0
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -13,7 +12,7 @@ import pytest
 import yaml
 from conftest import copy_project, digit_folder, run
 
-from pipeline import cpu_share
+from pipeline import cpu_share, dvc_queue
 
 # `make test` runs pytest -n 2 --dist loadgroup: each group's tests share one worker and so one
 # tmp_repo (a module fixture is per worker); the two groups build theirs side by side
@@ -100,18 +99,6 @@ def test_experiments_appear_in_dvc_exp_show_and_in_the_root_mlflow_store(tmp_rep
     assert not any(p.name == "mlflow.db" for p in (repo / ".dvc" / "tmp").rglob("mlflow.db"))
 
 
-def wait_for_queue(repo: Path, env: dict, names: list[str], seconds: float = 900) -> dict[str, str]:
-    """Each queued experiment's final status ('Success', 'Failed'), once none is queued or running."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        rows = [r.split() for r in run(["dvc", "queue", "status"], repo, env).stdout.splitlines()[1:]]
-        status = {r[1]: r[-1] for r in rows if len(r) >= 4}
-        if all(status.get(n) in ("Success", "Failed") for n in names):
-            return {n: status[n] for n in names}
-        time.sleep(3)
-    raise AssertionError(f"queue still busy after {seconds} s: {status}")
-
-
 @pytest.mark.xdist_group("repo-b")
 def test_queued_experiments_run_side_by_side_and_each_lands_once(tmp_repo, tmp_path):
     """`dvc queue start -j 2` with `runtime.threads: auto`, into a store neither worker found
@@ -124,8 +111,8 @@ def test_queued_experiments_run_side_by_side_and_each_lands_once(tmp_repo, tmp_p
     for seed, name in enumerate(names, 1):  # the train stage alone: what the threads and the store need
         run(["dvc", "exp", "run", "--queue", "-q", "-n", name, "-S", f"train.seed={seed}",
              "-S", "runtime.threads=auto", "train"], repo, env)  # fmt: skip
-    run(["dvc", "queue", "start", "-j", "2"], repo, env)
-    status = wait_for_queue(repo, env, names)
+    dvc_queue.start(2, env, repo)
+    status = dvc_queue.wait_for(names, repo, env, timeout=900)
     assert status == dict.fromkeys(names, "Success"), run(["dvc", "queue", "logs", names[0]], repo, env).stdout
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)

@@ -1,0 +1,106 @@
+"""DVC's experiment queue as this project drives and watches it: starting it, reading its
+status, finding its processes (`dvc exp queue-worker` nodes and the `dvc exp exec-run` each
+experiment runs in), and waiting for named experiments to finish. The sweep, the
+`runtime.threads: auto` share, bench/queue.py and the tests all go through here.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+from pipeline.errors import PipelineError
+
+WORKER = re.compile(r"^(dvc-exp-[0-9a-f]+)-\d+@")  # a queue worker's celery node name: one hash per repository
+DONE = ("Success", "Failed")
+
+
+def dvc(*args: str, env: dict | None = None, cwd: Path | None = None) -> str:
+    """`dvc <args>`'s stdout; a PipelineError with its last words when it fails."""
+    done = subprocess.run(["dvc", *args], capture_output=True, text=True, env=env, cwd=cwd)
+    if done.returncode:
+        raise PipelineError(f"`dvc {' '.join(args)}` failed:\n{(done.stderr or done.stdout).strip()[-2000:]}")
+    return done.stdout
+
+
+def start(jobs: int, env: dict | None = None, cwd: Path | None = None) -> None:
+    """`dvc queue start -j jobs`, returning at once: the workers it spawns inherit its stdout and
+    stderr, so captured pipes would stay open (and this call wait) until the queue ran dry."""
+    done = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    if done.returncode:
+        raise PipelineError(f"`dvc queue start -j {jobs}` failed (exit {done.returncode}); see `dvc queue status`")
+
+
+def status(env: dict | None = None, cwd: Path | None = None) -> dict[str, str]:
+    """Each queued experiment's state by name ('Queued', 'Running', 'Success', 'Failed')."""
+    rows = dvc("queue", "status", env=env, cwd=cwd).splitlines()[1:]  # under the header: Task Name Created Status
+    return {parts[1]: parts[-1] for parts in (r.split() for r in rows) if len(parts) >= 4}
+
+
+def landed(cwd: Path | None = None) -> set[str]:
+    """Names of the experiments DVC has saved (refs/exps/<baseline>/<name>): cheap to poll."""
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=cwd,
+                          capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    return {ref.rsplit("/", 1)[-1] for ref in refs}
+
+
+def cmdline(process: psutil.Process) -> list[str]:
+    """The process's arguments; none for one that has gone or that this user may not read."""
+    try:
+        return process.cmdline()
+    except (psutil.Error, OSError):
+        return []
+
+
+def worker_node(process: psutil.Process) -> str | None:
+    """`dvc-exp-<hash>` when `process` is a DVC queue worker, else None."""
+    args = cmdline(process)
+    if "queue-worker" not in args:
+        return None
+    return next((m.group(1) for m in map(WORKER.match, args) if m), None)
+
+
+def workers_around(pid: int | None = None) -> int:
+    """How many workers of the queue that runs process `pid` (this one by default) are alive;
+    0 outside a queue."""
+    try:
+        ancestors = psutil.Process(pid).parents()
+    except psutil.Error:
+        return 0
+    node = next((n for n in map(worker_node, ancestors) if n), None)
+    if node is None:
+        return 0
+    return sum(1 for p in psutil.process_iter() if worker_node(p) == node)
+
+
+def experiments_running(root: Path) -> int:
+    """`dvc exp exec-run` processes working for the queue of the repository at `root`."""
+    running = (cmdline(p) for p in psutil.process_iter())
+    return sum(1 for args in running if "exec-run" in args and any(str(root) in a for a in args))
+
+
+def wait_for(names: list[str], root: Path, env: dict | None = None, quiet_seconds: float = 12.0,
+             timeout: float | None = None) -> dict[str, str]:  # fmt: skip
+    """Block until the queue of the repository at `root` has run `names`; each one's 'Success'
+    or 'Failed'. Polls git refs and the process table (cheap); asks `dvc queue status` only
+    once no experiment has run for `quiet_seconds` (workers take the next task within seconds)."""
+    started = idle_since = time.monotonic()
+    while True:
+        time.sleep(1.0)
+        if set(names) <= landed(root):
+            return dict.fromkeys(names, "Success")
+        if experiments_running(root):
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > quiet_seconds:
+            now = status(env, root)
+            if all(now.get(n) in DONE for n in names):
+                return {n: now[n] for n in names}
+            idle_since = time.monotonic()
+        if timeout is not None and time.monotonic() - started > timeout:
+            raise PipelineError(f"the DVC queue in {root} has not run {names} after {timeout:g} s: "
+                                f"{status(env, root)}")  # fmt: skip
