@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Stages and tests find the venv's dvc and python first.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run lint test test-fast bench mlflow-ui clean
+.PHONY: setup run lint test test-fast e2e bench mlflow-ui clean
 
 setup: $(STAMP)
 
@@ -27,11 +27,17 @@ lint: setup
 # second worker overlaps; --dist loadgroup keeps each xdist_group (tests sharing a repository) on one.
 PYTEST := $(VENV)/bin/python -m pytest -n 2 --dist loadgroup
 
+# The suite without the end-to-end DVC runs (about 13 min on 2 cores); CI runs `make e2e` after it.
 test: lint
-	$(PYTEST)
+	$(PYTEST) -m "not e2e"
 
 test-fast: setup
 	$(PYTEST) -m "not slow"
+
+# The real dvc.yaml end to end in temporary repositories: repro twice, experiments, the queue, a
+# sweep, photos, and the DVC fault tests (about 12 min on 2 cores).
+e2e: setup
+	$(PYTEST) -m e2e
 
 bench: setup
 	$(VENV)/bin/python -m bench.pipeline

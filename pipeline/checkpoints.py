@@ -8,7 +8,8 @@ checkpoint from other params, other data or other code has another key and is ne
 resumed; a stage that finishes removes its folder. Queued experiments, which run in a copy of
 the repository, keep theirs in the root repository too, under their own keys.
 
-What a checkpoint holds is the framework's business (`frameworks.torch.resume`); this module
+What a checkpoint holds is the framework's business (`frameworks.torch.resume`,
+`frameworks.keras.resume`); this module
 knows only folders and keys.
 """
 
@@ -53,9 +54,10 @@ class Checkpoints:
 
     folder: Path
 
-    def slot(self, name: str) -> Path:
-        """The file of one fit (a fine-tune has two phases: 'head' and 'top')."""
-        return self.folder / f"{name}.pt"
+    def slot(self, name: str, suffix: str = ".pt") -> Path:
+        """The file of one fit (a fine-tune has two phases: 'head' and 'top'); the suffix is the
+        framework's format."""
+        return self.folder / f"{name}{suffix}"
 
     def clear(self) -> None:
         """The stage finished: nothing is left to resume."""

@@ -36,13 +36,12 @@ def main(argv: list[str] | None = None) -> None:
             run.epoch_hooks.append(prune)
         run.log_dataset(args.data, "training")
         run.log_choices({"input_size": margs["input_size"], "augment": augmentation(p, train_set.image_size)})
-        saved = None
-        if backend.resumable:  # per-epoch checkpoints outside DVC's outputs: a killed run resumes
-            saved = checkpoints.for_stage(tracking.repo_root(), "train", {"train": p, "runtime": rt}, [args.data],
-                                          backend.describe())  # fmt: skip
+        # per-epoch checkpoints outside DVC's outputs: a killed run resumes
+        saved = checkpoints.for_stage(tracking.repo_root(), "train", {"train": p, "runtime": rt}, [args.data],
+                                      backend.describe())  # fmt: skip
         started = time.perf_counter()
         result = backend.fit(model, train_set, val_set, p, run, desc=f"train ({p.framework})",
-                             checkpoint=saved.slot("fit") if saved else None)  # fmt: skip
+                             checkpoint=saved.slot("fit", backend.checkpoint_suffix))  # fmt: skip
         seconds = time.perf_counter() - started
         run.log_summary({"best/epoch": result.best_epoch, "best/val_loss": result.best_val_loss,
                          "best/val_acc": result.best_val_acc, "epochs_run": result.epochs_run})  # fmt: skip
@@ -50,8 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         if launch.rank() == 0:  # under torchrun the ranks hold equal weights; one writes them
             card.save(args.out, backend, model, "scratch_cnn", margs, train_set.classes)
             run.log_artifact(args.out, "model")
-            if saved is not None:
-                saved.clear()
+            saved.clear()
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@ on the CPU, with its own MLflow store."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,16 +81,37 @@ def workdir(tmp_path, monkeypatch) -> Path:
     return work
 
 
+def shared_folder(tmp_path_factory, name: str, step: str, build: Callable[[Path], None]) -> Path:
+    """A folder all pytest-xdist workers share, where `build` has run once: the first worker to
+    ask runs it while the others wait for it (each building its own would cost every worker
+    the same minutes). Consumers read it and write nowhere inside it but their own outputs."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's, above each worker's
+    folder, done = root / name, root / f"{name}.{step}.done"
+    folder.mkdir(exist_ok=True)
+    with open(root / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            build(folder)
+            done.touch()
+    return folder
+
+
+def stage_env(work: Path) -> dict[str, str]:
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "PYTHONPATH": str(REPO)}
+
+
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory, _migrated_store) -> Path:
-    """The digits ingested and prepared once per session with the tiny params."""
-    work = tmp_path_factory.mktemp("prepared")
-    (work / "params.yaml").write_text(TINY_PARAMS)
-    shutil.copy(_migrated_store, work / "mlflow.db")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "PYTHONPATH": str(REPO)}
-    for stage in ("ingest", "prepare"):
-        run([sys.executable, "-m", "pipeline", stage], cwd=work, env=env)
-    return work / "data" / "prepared"
+    """The digits ingested and prepared once per test run with the tiny params."""
+
+    def build(work: Path) -> None:
+        (work / "params.yaml").write_text(TINY_PARAMS)
+        shutil.copy(_migrated_store, work / "mlflow.db")
+        for stage in ("ingest", "prepare"):
+            run([sys.executable, "-m", "pipeline", stage], cwd=work, env=stage_env(work))
+
+    return shared_folder(tmp_path_factory, "prepared", "prepared", build) / "data" / "prepared"
 
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -101,14 +124,15 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 900
 
 
 @pytest.fixture(scope="session")
-def trained(prepared) -> Path:
-    """Both models trained and evaluated once per session on the tiny params (export reads the
+def trained(prepared, tmp_path_factory) -> Path:
+    """Both models trained and evaluated once per test run on the tiny params (export reads the
     temperature evaluate fits, from dvclive/evaluate/<model>/); returns the work folder."""
-    work = prepared.parent.parent
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "PYTHONPATH": str(REPO)}
-    for stage in (["train"], ["finetune"], ["evaluate", "--model", "scratch"], ["evaluate", "--model", "finetune"]):
-        run([sys.executable, "-m", "pipeline", *stage], cwd=work, env=env)
-    return work
+
+    def build(work: Path) -> None:
+        for stage in (["train"], ["finetune"], ["evaluate", "--model", "scratch"], ["evaluate", "--model", "finetune"]):
+            run([sys.executable, "-m", "pipeline", *stage], cwd=work, env=stage_env(work))
+
+    return shared_folder(tmp_path_factory, "prepared", "trained", build)
 
 
 def digit_folder(root, per_class: int = 12) -> None:

@@ -17,7 +17,8 @@ from PIL import Image
 from pipeline import predict
 from pipeline.data import formats
 
-pytestmark = pytest.mark.slow  # an export of the tiny model first
+# an export of the tiny model first, by the one worker that runs this module's tests
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("predict")]
 
 
 @pytest.fixture(scope="module")

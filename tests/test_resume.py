@@ -53,7 +53,9 @@ def train_runs(stage: str) -> list:
 def saves(work: Path) -> set[tuple[str, int]]:
     """Each checkpoint write seen so far: (file, modification time); a write replaces the file."""
     found = set()
-    for path in (work / checkpoints.FOLDER).rglob("*.pt"):
+    for path in (work / checkpoints.FOLDER).rglob("*"):
+        if path.suffix not in (".pt", ".npz"):  # torch's and Keras' checkpoints, not their temporary files
+            continue
         try:
             found.add((path.name, path.stat().st_mtime_ns))
         except FileNotFoundError:  # replaced between the listing and the stat
@@ -77,25 +79,32 @@ def kill_after(cmd: list[str], work: Path, env: dict, writes: int, delay: float)
     proc.wait()
 
 
-@pytest.mark.parametrize("stage", ["train", "finetune"])
-def test_killed_at_random_points_and_rerun_it_ends_byte_identical(stage, tmp_path, prepared):
+# Keras (train.framework: keras) starts TensorFlow in each run (~10 s): one kill mid-training
+KILLS = {"train": 2, "finetune": 2, "keras": 1}
+
+
+@pytest.mark.parametrize("case", ["train", "finetune", "keras"])
+def test_killed_at_random_points_and_rerun_it_ends_byte_identical(case, tmp_path, prepared):
+    stage = "finetune" if case == "finetune" else "train"
     params = PARAMS.replace(*FINETUNE)
+    if case == "keras":
+        params = params.replace("framework: torch", "framework: keras")
     reference, env = fresh(tmp_path, "reference", params)
     run(stage_cmd(stage, prepared), reference, env)
     expected = outputs(reference, stage)
     assert not (reference / checkpoints.FOLDER).exists()  # a finished stage leaves no checkpoint
 
     work, env = fresh(tmp_path, "killed", params)
-    rng = random.Random(f"{stage}-kill-points")
+    rng = random.Random(f"{case}-kill-points")
     kill_after(stage_cmd(stage, prepared), work, env, writes=0, delay=rng.uniform(0.5, 3.0))  # during start-up
-    for _ in range(2):  # then two more, each one or two epochs on and a random moment into the next
+    for _ in range(KILLS[case]):  # then more, each one or two epochs on and a random moment into the next
         kill_after(stage_cmd(stage, prepared), work, env, writes=rng.randint(1, 2), delay=rng.uniform(0, 0.3))
-    assert any((work / checkpoints.FOLDER).rglob("*.pt")), "no checkpoint was left to resume from"
+    assert saves(work), "no checkpoint was left to resume from"
     done = run(stage_cmd(stage, prepared), work, env)
     assert outputs(work, stage) == expected  # weights, model card, metrics and every curve
     assert not (work / checkpoints.FOLDER).exists()
     last = train_runs(stage)[-1]
-    assert int(last.data.tags["resumed_from_epoch"]) >= 2
+    assert int(last.data.tags["resumed_from_epoch"]) >= KILLS[case]
     linked = last.data.tags["resumed_from_run"]
     client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])  # not the URI another test set in-process
     assert client.get_run(linked).data.tags["resumed_by_run"] == last.info.run_id

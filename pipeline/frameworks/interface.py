@@ -77,7 +77,7 @@ class Backend(ABC):
     framework: ClassVar[str]
     model_file: ClassVar[str]  # the weights' file name inside the model folder
     layout: ClassVar[str]  # the exports' input layout: "NCHW" or "NHWC"
-    resumable: ClassVar[bool] = False  # fit takes a checkpoint file and resumes from it
+    checkpoint_suffix: ClassVar[str]  # of the per-epoch checkpoint file fit writes and resumes from
 
     @abstractmethod
     def __init__(self, runtime: RuntimeParams, seed: int) -> None: ...
@@ -94,7 +94,7 @@ class Backend(ABC):
     def fit(self, model: Any, train: Split, val: Split, p: FitParams, run: StageRun | None, desc: str,
             checkpoint: Path | None = None) -> FitResult:  # fmt: skip
         """The recipe in `p`; early-stops on the unsmoothed val loss and restores the best weights.
-        With `checkpoint` (only where `resumable`), each epoch is saved there and resumed from it."""
+        With `checkpoint` (a file), each epoch is saved there and a fit that finds one resumes it."""
 
     @abstractmethod
     def serialize(self, model: Any, card: ModelCard) -> bytes:

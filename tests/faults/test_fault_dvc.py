@@ -20,7 +20,8 @@ import pytest
 from conftest import TINY_PARAMS, copy_project, run
 from helpers import REPO, assert_expected_failure, snapshot, stage
 
-pytestmark = pytest.mark.slow
+# one worker builds and shares `project` (module fixtures are per worker)
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.xdist_group("faults-dvc")]
 
 
 @pytest.fixture(scope="module")

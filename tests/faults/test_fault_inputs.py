@@ -19,7 +19,8 @@ from pipeline import tracking
 from pipeline.frameworks.torch import weights
 from pipeline.frameworks.torch.model import WeightsError
 
-pytestmark = pytest.mark.slow  # stages in subprocesses; make test runs them, test-fast does not
+# stages in subprocesses (make test runs them, test-fast does not), on one worker: one `trained` below
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fault-inputs")]
 
 
 class RunsCode:

@@ -25,7 +25,7 @@ from pipeline.config import ConfigError
 from pipeline.frameworks import interface, onnx_format
 from pipeline.frameworks.card import ModelCard
 from pipeline.frameworks.interface import ExportOptions, RuntimeParams, Shipped
-from pipeline.frameworks.keras import export, model, recipe
+from pipeline.frameworks.keras import export, model, recipe, resume
 
 if TYPE_CHECKING:
     import keras
@@ -68,6 +68,7 @@ class KerasBackend(interface.Backend):
     framework = "keras"
     model_file = "model.keras"
     layout = "NHWC"
+    checkpoint_suffix = resume.SUFFIX
 
     def __init__(self, rt: RuntimeParams, seed: int = 0) -> None:
         if rt.precision != "fp32":
@@ -95,8 +96,7 @@ class KerasBackend(interface.Backend):
         return model.build_scratch_cnn(**{k: tuple(v) if isinstance(v, list) else v for k, v in model_args.items()})
 
     def fit(self, net, train, val, p, run=None, desc="train", checkpoint=None) -> recipe.FitResult:
-        assert checkpoint is None, "the keras backend is not resumable"  # `resumable` is False
-        return recipe.fit(net, train, val, p, run, desc)
+        return recipe.fit(net, train, val, p, run, desc, checkpoint)
 
     def serialize(self, net: keras.Model, card: ModelCard) -> bytes:
         return model.save_keras(net)

@@ -7,12 +7,14 @@ on the unsmoothed validation loss with the best weights restored.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.data.formats import Split
 from pipeline.frameworks.interface import float_batches
+from pipeline.frameworks.keras.resume import KerasResume
 from pipeline.frameworks.recipe import FitParams, FitResult, augmentation, fit_epochs, schedule
 
 if TYPE_CHECKING:
@@ -164,11 +166,13 @@ def crop_flip_batch(index, batch, min_scale: float, seed: int):
 
 
 def fit(
-    model: keras.Model, train: Split, val: Split, p: FitParams, run: StageRun | None = None, desc: str = "train"
+    model: keras.Model, train: Split, val: Split, p: FitParams, run: StageRun | None = None, desc: str = "train",
+    checkpoint: Path | None = None,
 ) -> FitResult:
     """`frameworks.torch.recipe.fit` in Keras: up to p.epochs, early stopping on val loss, the
     best weights restored. Both splits are read batch by batch, so they may be memory maps
-    larger than memory."""
+    larger than memory. With `checkpoint` (a file), each epoch is saved there and a fit that
+    finds one resumes it (`frameworks.keras.resume`)."""
     import keras
 
     steps = math.ceil(len(train) / p.batch_size)
@@ -195,7 +199,10 @@ def fit(
         return {"train/loss": logs["loss"][-1], "train/acc": logs["acc"][-1], "val/loss": val_loss, "val/acc": val_acc,
                 "lr": lr}  # fmt: skip
 
-    return fit_epochs(p, run_epoch, model.get_weights, model.set_weights, run, desc=desc)
+    resume = None
+    if checkpoint is not None:
+        resume = KerasResume(checkpoint, run.attempt if run else "", model, optimizer)
+    return fit_epochs(p, run_epoch, model.get_weights, model.set_weights, run, desc=desc, resume=resume)
 
 
 def predict_logits(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

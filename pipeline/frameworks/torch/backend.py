@@ -25,7 +25,7 @@ class TorchBackend(interface.Backend):
     framework = "torch"
     model_file = "model.pt"
     layout = "NCHW"
-    resumable = True
+    checkpoint_suffix = ".pt"
 
     def __init__(self, rt: RuntimeParams, seed: int = 0) -> None:
         self.runtime = rt
