@@ -21,7 +21,7 @@ from pipeline.data import formats
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("predict")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # a module fixture is rebuilt each time a worker comes back to the module
 def exported(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("exported") / "scratch"
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent}/m.db"}

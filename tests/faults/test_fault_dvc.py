@@ -24,7 +24,7 @@ from helpers import REPO, assert_expected_failure, snapshot, stage
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.xdist_group("faults-dvc")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # a module fixture is rebuilt each time a worker comes back to the module
 def project(tmp_path_factory, _migrated_store) -> tuple[Path, dict]:
     repo = tmp_path_factory.mktemp("faults-repo")
     env = copy_project(repo, _migrated_store)

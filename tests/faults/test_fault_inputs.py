@@ -19,7 +19,7 @@ from pipeline import tracking
 from pipeline.frameworks.torch import weights
 from pipeline.frameworks.torch.model import WeightsError
 
-# stages in subprocesses (make test runs them, test-fast does not), on one worker: one `trained` below
+# stages in subprocesses (make test runs them, test-fast does not), on one worker: one `trained_briefly` below
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fault-inputs")]
 
 
@@ -123,8 +123,8 @@ def fill(disk, leave: int) -> None:
     (disk / "filler").write_bytes(b"\0" * max(free - leave, 0))
 
 
-@pytest.fixture(scope="module")
-def trained(prepared, tmp_path_factory):
+@pytest.fixture(scope="session")  # a module fixture is rebuilt each time a worker comes back to the module
+def trained_briefly(prepared, tmp_path_factory):
     work = tmp_path_factory.mktemp("trained")
     (work / "params.yaml").write_text(TINY_PARAMS.replace("epochs: 2,", "epochs: 1,"))
     for args in (["train"], ["evaluate", "--model", "scratch", "--live", str(work / "live-evaluate")]):
@@ -133,25 +133,26 @@ def trained(prepared, tmp_path_factory):
     return work
 
 
-def test_a_really_full_disk_while_writing_an_export_keeps_the_previous_one(prepared, trained, small_disk):
+def test_a_really_full_disk_while_writing_an_export_keeps_the_previous_one(prepared, trained_briefly, small_disk):
     previous = small_disk / "scratch"
     previous.mkdir()
     (previous / "model.onnx").write_bytes(b"the previous export")
     fill(small_disk, 16 * 1024)  # less than the tiny model's ONNX file
-    done = stage(trained, "export", "--model", "scratch", "--data", str(prepared), "--out", str(previous),
-                 "--live", str(trained / "live-export"), "--evaluation", str(trained / "live-evaluate"))  # fmt: skip
+    work = trained_briefly
+    done = stage(work, "export", "--model", "scratch", "--data", str(prepared), "--out", str(previous),
+                 "--live", str(work / "live-export"), "--evaluation", str(work / "live-evaluate"))  # fmt: skip
     assert_expected_failure(done, f"error: {previous}/", "no space left on the device while writing it")
     assert (previous / "model.onnx").read_bytes() == b"the previous export"
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "scratch"]  # no temporary folder left
-    assert not (trained / "live-export").exists()
+    assert not (trained_briefly / "live-export").exists()
 
 
-def test_a_really_full_disk_while_writing_metrics_keeps_the_previous_ones(prepared, trained, small_disk):
+def test_a_really_full_disk_while_writing_metrics_keeps_the_previous_ones(prepared, trained_briefly, small_disk):
     live = small_disk / "evaluate"
     live.mkdir()
     (live / "metrics.json").write_text('{"test_acc": 0.5}\n')
     fill(small_disk, 2 * 1024)  # less than the confusion-matrix plot
-    done = stage(trained, "evaluate", "--model", "scratch", "--data", str(prepared), "--live", str(live))
+    done = stage(trained_briefly, "evaluate", "--model", "scratch", "--data", str(prepared), "--live", str(live))
     assert_expected_failure(done, "no space left on the device while writing it", str(small_disk))
     assert (live / "metrics.json").read_text() == '{"test_acc": 0.5}\n'
     assert sorted(p.name for p in small_disk.iterdir()) == ["evaluate", "filler"]
