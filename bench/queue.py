@@ -72,6 +72,7 @@ def bench_queue(n: int) -> list[str]:
         copy_repo(repo)
         params = (repo / "params.yaml").read_text()
         params = params.replace("  threads: 2 ", "  threads: auto ", 1)
+        params = params.replace("  portable: true ", "  portable: false ", 1)  # auto follows the cores
         params = re.sub(r"(?m)^(  early_stopping_patience:) 10", r"\1 0", params, count=1)
         (repo / "params.yaml").write_text(params)
         sh(["dvc", "repro", "-q"], repo)

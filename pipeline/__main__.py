@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     keep_heap()
     restore = restore_hint(argv)
     try:
+        from pipeline import portable
+
+        portable.pin(portable.requested())  # before torch or TensorFlow loads: the CPU code paths they take
         from pipeline import launch, tracking
 
         launch.relaunch(argv)  # nproc > 1: this process becomes torchrun's, and exits with the ranks

@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         last = results[-1]
         run.log_summary({"best/val_loss": last.best_val_loss, "best/val_acc": last.best_val_acc,
                          "epochs_run": sum(r.epochs_run for r in results)})  # fmt: skip
-        run.log_timing({"fit_seconds": seconds})
+        epochs = sum(r.epochs_run for r in results)  # both phases; a resumed run counts epochs run before it too
+        run.log_timing({"fit_seconds": seconds, "images_per_second": epochs * len(train_set) / seconds})
         if launch.rank() == 0:  # under torchrun the ranks hold equal weights; one writes them
             card.save(args.out, backend, model, "pretrained_cnn", margs, train_set.classes)
             run.log_artifact(args.out, "model")

@@ -40,7 +40,7 @@ def report_from_inside(node: str) -> str:
 def test_outside_a_queue_a_stage_gets_every_core():
     assert dvc_queue.workers_around() == 0
     assert cpu_share.auto_threads(cores=8) == 8
-    assert RuntimeParams(threads="auto").thread_count == cpu_share.available_cores()
+    assert RuntimeParams(threads="auto", portable=False).thread_count == cpu_share.available_cores()
 
 
 def test_the_cores_are_divided_among_the_live_workers_of_this_queue_only():

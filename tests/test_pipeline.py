@@ -19,7 +19,7 @@ from pipeline import cpu_share, dvc_queue
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # a module fixture is rebuilt each time a worker comes back to the module
 def tmp_repo(tmp_path_factory, _migrated_store) -> tuple[Path, dict]:
     """A git + DVC repository holding this project's tracked files and the tiny params, with
     one `dvc repro` committed: every test here starts from it, in any order or alone."""
@@ -110,7 +110,7 @@ def test_queued_experiments_run_side_by_side_and_each_lands_once(tmp_repo, tmp_p
     names = ["queued-1", "queued-2"]
     for seed, name in enumerate(names, 1):  # the train stage alone: what the threads and the store need
         run(["dvc", "exp", "run", "--queue", "-q", "-n", name, "-S", f"train.seed={seed}",
-             "-S", "runtime.threads=auto", "train"], repo, env)  # fmt: skip
+             "-S", "runtime.threads=auto", "-S", "runtime.portable=false", "train"], repo, env)  # fmt: skip
     dvc_queue.start(2, env, repo)
     status = dvc_queue.wait_for(names, repo, env, timeout=900)
     assert status == dict.fromkeys(names, "Success"), run(["dvc", "queue", "logs", names[0]], repo, env).stdout

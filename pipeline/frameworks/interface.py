@@ -37,10 +37,15 @@ class RuntimeParams:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch: fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler, CUDA only); weights stay fp32
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # the same numbers on any x86-64 CPU: the libraries' CPU code paths pinned (`pipeline.portable`)
+    portable: bool = True
 
     def __post_init__(self) -> None:
         valid = self.threads == "auto" or self.threads >= 1
         check(valid, "threads", f"must be 'auto' or at least 1, got {self.threads}")
+        check(not (self.portable and self.threads == "auto"), "threads",
+              "auto follows the machine's cores and the queue, so results would too; runtime.portable: true "
+              "needs a fixed number of threads (or set runtime.portable: false)")  # fmt: skip
 
     @functools.cached_property
     def thread_count(self) -> int:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import files
+from pipeline import files, portable
 from pipeline.config import ConfigError
 from pipeline.frameworks import interface, onnx_format
 from pipeline.frameworks.card import ModelCard
@@ -88,6 +88,7 @@ class KerasBackend(interface.Backend):
             "device": "gpu" if gpu else "cpu",
             "threads": str(self.runtime.thread_count),
             "deterministic": "true",
+            **portable.record(self.runtime.portable),
         }
 
     def build(self, arch: str, model_args: dict[str, Any]) -> keras.Model:

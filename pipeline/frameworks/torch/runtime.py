@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import portable
 from pipeline.config import ConfigError
 from pipeline.frameworks.interface import RuntimeParams
 
@@ -86,6 +87,8 @@ def describe(device: torch.device, params: RuntimeParams) -> dict[str, str]:
         "threads": str(params.thread_count),
         "precision": params.precision,
         "deterministic": "true",
+        **portable.record(params.portable),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the path ATen's kernels took
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
