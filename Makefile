@@ -48,6 +48,7 @@ bench: setup
 	$(VENV)/bin/python -m bench.finetune
 	$(VENV)/bin/python -m bench.integrity
 	$(VENV)/bin/python -m bench.queue
+	$(VENV)/bin/python -m bench.portable
 
 mlflow-ui: setup
 	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the model-training views)"

@@ -13,7 +13,10 @@ What the README claims about GPUs, checked where one is lent (no GPU in CI):
 4. `runtime.precision`: the fine-tune in bf16 and fp16 (autocast; fp16 with a gradient
    scaler) beside fp32: test accuracy within one point of fp32's, images/s, and the share of
    the GPU's peak dense throughput that makes (model FLOPs from torch's FlopCounterMode, x3
-   for the backward pass; the peak from `PEAK_TFLOPS` or --peak-tflops).
+   for the backward pass; the peak from `PEAK_TFLOPS` or --peak-tflops);
+5. `runtime.portable` on another CPU: the whole pipeline on this machine's CPU (the GPU hidden,
+   `runtime.threads: 2` as committed) in a copy of the repository, `dvc repro -f`, must give
+   every output hash the committed dvc.lock records (`--no-portable-check` skips it).
 Results go to stdout and <out>/gpu.json; nothing here is asserted in tests.
 """
 
@@ -93,11 +96,44 @@ def fit_finetune(prepared: Path, device: torch.device, p: finetune.FinetuneParam
                                                                                       tr.channels, device)}
 
 
+def portable_check() -> dict:
+    """`dvc repro -f` on the CPU in a copy of the repository; the stages whose outputs differ
+    from the committed dvc.lock's (none, when portable mode holds on this machine's CPU)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    from bench import REPO
+    from bench.pipeline import bench_env, copy_repo
+    from pipeline import portable
+
+    def outs(lock: dict) -> dict:
+        return {s: {o["path"]: o.get("md5") for o in v.get("outs", [])} for s, v in lock["stages"].items()}
+
+    committed = outs(yaml.safe_load((REPO / "dvc.lock").read_text()))
+    with tempfile.TemporaryDirectory(prefix="gpu-portable-") as tmp:
+        repo = Path(tmp)
+        copy_repo(repo)
+        env = {**bench_env(repo), "CUDA_VISIBLE_DEVICES": ""}  # runtime.device auto: the CPU, as committed
+        started = time.perf_counter()
+        done = subprocess.run(["dvc", "repro", "-f"], cwd=repo, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if done.returncode:
+            return {"error": done.stderr[-2000:]}
+        rebuilt = outs(yaml.safe_load((repo / "dvc.lock").read_text()))
+    differ = sorted(s for s in committed if committed[s] != rebuilt.get(s))
+    return {"cpu": portable.cpu_model(), "cpu_isa": portable.cpu_isa(), "cores": os.cpu_count(),
+            "seconds": round(seconds, 1), "stages_differing": differ}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data/prepared"))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, when PEAK_TFLOPS lacks it")
+    parser.add_argument("--no-portable-check", dest="portable_check", action="store_false")
     args = parser.parse_args()
     tp = config.load("train", train.TrainParams)
     fp = config.load("finetune", finetune.FinetuneParams)
@@ -120,6 +156,8 @@ def main() -> None:
         # epochs run on cached features, so this overstates them: a ceiling, not a measurement
         run["share_of_peak"] = round(3 * run["flops_per_image"] * run["images_per_s"] / (peak * 1e12), 4)
     report["scratch_cpu"] = fit_scratch(args.data, torch.device("cpu"), dataclasses.replace(tp))
+    if args.portable_check:
+        report["portable_cpu_repro"] = portable_check()
     runs = report["scratch_cuda"]
     report["checks"] = {
         "scratch_cuda_reruns_identical": runs[0]["digest"] == runs[1]["digest"],
@@ -131,6 +169,9 @@ def main() -> None:
         "finetune_fp16_within_one_point_of_fp32": abs(report["finetune_cuda_fp16"]["test_acc"]
                                                       - report["finetune_cuda"][0]["test_acc"]) <= 0.01,
     }
+    if args.portable_check:
+        differing = report["portable_cpu_repro"].get("stages_differing")
+        report["checks"]["portable_cpu_repro_matches_dvc_lock"] = differing == []
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
