@@ -77,9 +77,29 @@ def has_avx512() -> bool:
     return portable.cpu_isa() in ("avx512", "amx")
 
 
+# The digits stored at their own 8 px, as the default prepare stores them, and resized to 16
+# inside the CNN: at the tiny params' stored 16 px the unpinned run happened to match the
+# pinned one bit for bit (measured), so the control below could not tell them apart.
+STORED_AT_8 = TINY_PARAMS.replace("prepare: {seed: 0, image_size: 16,", "prepare: {seed: 0,")
+
+
+@pytest.fixture(scope="session")
+def prepared_at_8(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("prepared-at-8")
+    (work / "params.yaml").write_text(STORED_AT_8)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
+    for stage in ("ingest", "prepare"):
+        done = subprocess.run([sys.executable, "-m", "pipeline", stage], cwd=work, env=env, capture_output=True,
+                              text=True)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    return work / "data" / "prepared"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["torch", "keras"])
-def test_portable_training_is_the_same_under_other_isa_paths_and_fewer_cores(framework, tmp_path, prepared):
-    params = TINY_PARAMS.replace("framework: torch", f"framework: {framework}")
+def test_portable_training_is_the_same_under_other_isa_paths_and_fewer_cores(framework, tmp_path, prepared_at_8):
+    prepared = prepared_at_8
+    params = STORED_AT_8.replace("framework: torch", f"framework: {framework}")
     outputs, recorded = {}, {}
     for name, extra, one_core in (("exposed", EXPOSED, False), ("masked", MASKED, False), ("one-core", EXPOSED, True)):
         work = tmp_path / name
