@@ -27,7 +27,7 @@ lint: setup
 # second worker overlaps; --dist loadgroup keeps each xdist_group (tests sharing a repository) on one.
 PYTEST := $(VENV)/bin/python -m pytest -n 2 --dist loadgroup
 
-# The suite without the end-to-end DVC runs (about 13 min on 2 cores); CI runs `make e2e` after it.
+# The suite without the end-to-end DVC runs (about 15 min on 2 cores); CI runs `make e2e` after it.
 test: lint
 	$(PYTEST) -m "not e2e"
 

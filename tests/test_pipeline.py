@@ -110,7 +110,7 @@ def test_queued_experiments_run_side_by_side_and_each_lands_once(tmp_repo, tmp_p
     names = ["queued-1", "queued-2"]
     for seed, name in enumerate(names, 1):  # the train stage alone: what the threads and the store need
         run(["dvc", "exp", "run", "--queue", "-q", "-n", name, "-S", f"train.seed={seed}",
-             "-S", "runtime.threads=auto", "-S", "runtime.portable=false", "train"], repo, env)  # fmt: skip
+             "-S", "runtime.threads=auto", "-S", "+runtime.portable=false", "train"], repo, env)  # fmt: skip
     dvc_queue.start(2, env, repo)
     status = dvc_queue.wait_for(names, repo, env, timeout=900)
     assert status == dict.fromkeys(names, "Success"), run(["dvc", "queue", "logs", names[0]], repo, env).stdout
@@ -125,7 +125,7 @@ def test_queued_experiments_run_side_by_side_and_each_lands_once(tmp_repo, tmp_p
         (n, "train", "FINISHED") for n in names]  # fmt: skip
     # the two ran at once: auto shared the cores between the two workers
     assert {r.data.tags["threads"] for r in runs} == {str(cpu_share.auto_threads(workers=2))}
-    assert {r.data.params["runtime.threads"] for r in runs} == {"auto"}
+    assert {r.data.params["runtime.threads"] for r in runs} == {"auto"}  # with runtime.portable: false, added by -S +
 
 
 @pytest.mark.xdist_group("repo")
