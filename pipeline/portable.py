@@ -25,6 +25,7 @@ so a shell's leftovers cannot change results. What each run computed on is recor
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from pathlib import Path
@@ -56,24 +57,27 @@ def pin(portable: bool) -> dict[str, str]:
     return dict(PINS)
 
 
+@functools.cache
+def cpuinfo(field: str) -> str | None:
+    """The first `field` line of /proc/cpuinfo (Linux), read once per process; None elsewhere."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(field)), None)
+
+
 def cpu_model() -> str:
     """The CPU's model name (Linux: /proc/cpuinfo), else what Python knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_isa() -> str:
     """The widest vector ISA the CPU offers (avx512 / avx2 / older), from its flags."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
+    flags = cpuinfo("flags")
+    if flags is None:
         return platform.machine()
-    names = set(flags.split(":", 1)[1].split())
+    names = set(flags.split())
     return next((isa for isa, flag in (("amx", "amx_tile"), ("avx512", "avx512f"), ("avx2", "avx2")) if flag in names),
                 "sse")  # fmt: skip
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import REPO, TINY_PARAMS
+from conftest import TINY_PARAMS, run, shared_folder, stage_env
 
 from pipeline import config, portable
 from pipeline.config import ConfigError
@@ -55,7 +55,7 @@ def test_the_pins_override_what_the_shell_set(monkeypatch):
 
 def train(work: Path, prepared: Path, extra_env: dict, one_core: bool = False) -> dict[str, bytes]:
     """The train stage in `work`; its model folder and curves, byte for byte."""
-    env = {**os.environ, **extra_env, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
+    env = {**stage_env(work), **extra_env}
     core = min(os.sched_getaffinity(0))
     cmd = [sys.executable, "-m", "pipeline", "train", "--data", str(prepared), "--out", "models/scratch",
            "--live", "dvclive/train"]  # fmt: skip
@@ -85,14 +85,12 @@ STORED_AT_8 = TINY_PARAMS.replace("prepare: {seed: 0, image_size: 16,", "prepare
 
 @pytest.fixture(scope="session")
 def prepared_at_8(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("prepared-at-8")
-    (work / "params.yaml").write_text(STORED_AT_8)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
-    for stage in ("ingest", "prepare"):
-        done = subprocess.run([sys.executable, "-m", "pipeline", stage], cwd=work, env=env, capture_output=True,
-                              text=True)  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
-    return work / "data" / "prepared"
+    def build(work: Path) -> None:
+        (work / "params.yaml").write_text(STORED_AT_8)
+        for stage in ("ingest", "prepare"):
+            run([sys.executable, "-m", "pipeline", stage], cwd=work, env=stage_env(work))
+
+    return shared_folder(tmp_path_factory, "prepared-at-8", "prepared", build) / "data" / "prepared"
 
 
 @pytest.mark.slow
