@@ -63,6 +63,18 @@ def _migrated_store(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test leaves the worker's environment as it found it. A test that runs a stage's entry
+    point in-process sets runtime.portable's pins there (portable.pin), and every later test's
+    stage subprocess inherited them: a `portable: false` control run was pinned all the same
+    (CI failed on it under xdist, passing alone)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def mlflow_store(tmp_path_factory, _migrated_store, monkeypatch) -> str:
     path = tmp_path_factory.mktemp("mlflow-store") / "mlflow.db"
     shutil.copy(_migrated_store, path)

@@ -21,6 +21,8 @@ from pipeline.frameworks.interface import RuntimeParams
 
 # what a user's shell might hold: the widest paths exposed, or an AVX2 machine's paths
 EXPOSED = {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "ALL"}
+# the control's shell: the widest paths, and no pin left over (one would make it portable too)
+UNPINNED = {**EXPOSED, "MKL_CBWR": None, "MKL_ENABLE_INSTRUCTIONS": None}
 MASKED = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
@@ -45,7 +47,8 @@ def test_portable_needs_a_fixed_thread_count(tmp_path):
 
 def test_the_pins_override_what_the_shell_set(monkeypatch):
     for name in portable.PINS:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "shell")  # recorded, so monkeypatch takes back what pin sets
+        monkeypatch.delenv(name)
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")
     assert portable.pin(False) == {} and os.environ["ATEN_CPU_CAPABILITY"] == "avx512"
     assert portable.pin(True) == portable.PINS
@@ -53,9 +56,11 @@ def test_the_pins_override_what_the_shell_set(monkeypatch):
     assert "ATEN_CPU_CAPABILITY=avx2" in portable.record(True)["numeric_switches"]
 
 
-def train(work: Path, prepared: Path, extra_env: dict, one_core: bool = False) -> dict[str, bytes]:
-    """The train stage in `work`; its model folder and curves, byte for byte."""
-    env = {**stage_env(work), **extra_env}
+def train(work: Path, prepared: Path, shell: dict[str, str | None], one_core: bool = False) -> dict[str, bytes]:
+    """The train stage in `work`, its environment changed by `shell` (None unsets); its model
+    folder and curves, byte for byte."""
+    env = {**stage_env(work), **shell}
+    env = {name: value for name, value in env.items() if value is not None}
     core = min(os.sched_getaffinity(0))
     cmd = [sys.executable, "-m", "pipeline", "train", "--data", str(prepared), "--out", "models/scratch",
            "--live", "dvclive/train"]  # fmt: skip
@@ -119,5 +124,5 @@ def test_portable_training_is_the_same_under_other_isa_paths_and_fewer_cores(fra
         work.mkdir()
         fastest = params.replace("runtime: {threads: 2,", "runtime: {threads: 2, portable: false,")
         (work / "params.yaml").write_text(fastest)
-        assert train(work, prepared, {}) != outputs["exposed"]
+        assert train(work, prepared, UNPINNED) != outputs["exposed"]
         assert tags(work)["aten_cpu_capability"] in ("AVX512", "AVX512_BF16", "AMX")
