@@ -101,6 +101,23 @@ if check == "unit":
     except ConfigError as exc:
         out["cuda_error"] = str(exc)
     print(json.dumps(out))
+elif check == "paths":
+    # the split held as one tensor and gathered in the graph, or streamed from its memory map
+    # by a Python generator: the same batches, so the same weights bit for bit
+    from pipeline.frameworks.keras import backend as kb_backend, model as kb_model, recipe as kb_recipe
+    kb_backend.configure(0, 2)
+    q = train.TrainParams(epochs=2, batch_size=64)
+    weights = {}
+    for path, limit in (("resident", kb_recipe.RESIDENT_BYTES), ("streamed", 0)):
+        kb_recipe.RESIDENT_BYTES = limit
+        import keras
+        keras.utils.set_random_seed(0)
+        net = kb_model.build_scratch_cnn(**args)
+        result = kb_recipe.fit(net, trn, formats.load_split(prepared, "val"), q)
+        weights[path] = [w.tobytes().hex() for w in net.get_weights()]
+        weights[path + "_val_loss"] = result.history[-1]["val/loss"]
+    print(json.dumps({"same": weights["resident"] == weights["streamed"],
+                      "val_loss": [weights["resident_val_loss"], weights["streamed_val_loss"]]}))
 elif check == "overfit":
     from pipeline.frameworks.keras import backend as kb_backend, model as kb_model, recipe as kb_recipe
     kb_backend.configure(0, 1)
@@ -138,6 +155,11 @@ def test_keras_builds_torchs_network_with_torchs_schedules_and_optimizers(repo_r
     torch_bounds, keras_bounds = out["bounds"]  # torch's initial weight scale, layer by layer
     assert len(keras_bounds) == len(torch_bounds) and np.allclose(keras_bounds, torch_bounds, rtol=0.05)
     assert "runtime.device is 'cuda' but TensorFlow sees no GPU" in out["cuda_error"]
+
+
+def test_the_resident_and_streamed_splits_train_the_same_weights(repo_root, prepared):
+    out = keras_run(repo_root, "paths", str(prepared))
+    assert out["same"], out["val_loss"]
 
 
 def test_one_batch_is_learnt_by_heart(repo_root, prepared):

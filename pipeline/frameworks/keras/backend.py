@@ -14,7 +14,10 @@ touches TensorFlow: it fixes the environment TensorFlow reads once, at import.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,13 +37,18 @@ if TYPE_CHECKING:
 def configure(seed: int, threads: int, device: str = "cpu") -> Any:
     """Deterministic TensorFlow: fixed threads, deterministic ops, seeds, the device; returns the module.
 
-    oneDNN is switched off explicitly: TensorFlow turns it on by itself on AVX-512 CPUs, and
-    its kernels change results. The thread count changes float sums, so it is pinned."""
+    oneDNN's kernels are switched on explicitly, on every CPU: TensorFlow's own default turns
+    them on for some CPUs only (AVX-512 and newer), so results would depend on the CPU's
+    generation. With them, the scratch CNN trains about twice as fast as on TensorFlow's Eigen
+    kernels (bench/frameworks.py), and reruns stay byte-identical for a fixed thread count
+    (tested end to end); in portable mode ONEDNN_MAX_CPU_ISA caps them at AVX2, as it caps
+    torch's (tests/test_portable.py). The thread count changes float sums, so it is pinned."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no C++ start-up chatter in stage logs
-    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"  # read once, when TensorFlow loads
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import keras
-    import tensorflow as tf
+    with native_stderr_silenced():
+        import keras
+        import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
     if device == "cuda" and not gpus:
@@ -59,6 +67,22 @@ def configure(seed: int, threads: int, device: str = "cpu") -> Any:
     tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(seed)
     return tf
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null while TensorFlow loads: its C++ start-up notices ("oneDNN
+    custom operations are on", twice) ignore TF_CPP_MIN_LOG_LEVEL since TensorFlow logs through
+    absl before absl is initialised. A Python exception raised meanwhile is printed after."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class KerasBackend(interface.Backend):
