@@ -13,8 +13,9 @@ since Haswell, AMD since Zen) through the switches they read at load time:
 - MKL_CBWR=COMPATIBLE: MKL's conditional numerical reproducibility on its SSE2 branch, the
   one branch MKL honours on both Intel and AMD CPUs (its AVX2 branch is Intel-only), with
   fixed cache-size assumptions and static scheduling (torch's matrix products on the CPU);
-- TF_ENABLE_ONEDNN_OPTS=0 (always set for Keras): TensorFlow's Eigen kernels, compiled for
-  one ISA, instead of oneDNN's, which TensorFlow switches on by itself on AVX-512 CPUs.
+- TF_ENABLE_ONEDNN_OPTS=1 (always set for Keras, `frameworks.keras.backend.configure`):
+  oneDNN's kernels on every CPU, where TensorFlow's own default switches them on for newer
+  CPUs only; the cap above then holds them at AVX2 as it holds torch's.
 
 The thread count is the last pin: `runtime.threads` must be a number (auto follows the
 machine's cores). `pin` runs at the top of `python -m pipeline`, before torch or TensorFlow
