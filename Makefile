@@ -7,15 +7,31 @@ STAMP := $(VENV)/.installed
 # Stages and tests find the venv's dvc and python first.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run lint test test-fast e2e bench mlflow-ui clean
+.PHONY: setup setup-gpu run lint test test-fast e2e bench mlflow-ui clean
 
 setup: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	# back to tensorflow-cpu first where setup-gpu swapped it (both install the module tensorflow)
+	if [ -f $(GPU_STAMP) ]; then $(VENV)/bin/python -m pip uninstall -y -q tensorflow && rm $(GPU_STAMP); fi
 	$(VENV)/bin/python -m pip install --disable-pip-version-check -q \
 		-r requirements.txt -r requirements-dev.txt -c constraints.txt
 	touch $(STAMP)
+
+# Keras on an NVIDIA GPU: TensorFlow's CUDA build in place of tensorflow-cpu (the same version and
+# dependencies), its CUDA 12 libraries in a folder of their own (pipeline/frameworks/keras/cuda.py).
+# torch needs nothing more: its wheels are CUDA builds. `make setup` undoes it.
+TF_VERSION := $(shell sed -n 's/^tensorflow-cpu==//p' requirements.txt)
+GPU_STAMP := $(VENV)/.installed-gpu
+setup-gpu: $(GPU_STAMP)
+
+$(GPU_STAMP): $(STAMP) requirements-gpu.txt
+	$(VENV)/bin/python -m pip uninstall -y -q tensorflow-cpu
+	$(VENV)/bin/python -m pip install --disable-pip-version-check -q --no-deps tensorflow==$(TF_VERSION)
+	$(VENV)/bin/python -m pip install --disable-pip-version-check -q --no-deps --upgrade \
+		--target $(VENV)/tensorflow-cuda12 -r requirements-gpu.txt
+	touch $(GPU_STAMP)
 
 run: setup
 	dvc repro

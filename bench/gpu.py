@@ -14,7 +14,11 @@ What the README claims about GPUs, checked where one is lent (no GPU in CI):
    scaler) beside fp32: test accuracy within one point of fp32's, images/s, and the share of
    the GPU's peak dense throughput that makes (model FLOPs from torch's FlopCounterMode, x3
    for the backward pass; the peak from `PEAK_TFLOPS` or --peak-tflops);
-5. `runtime.portable` on another CPU: the whole pipeline on this machine's CPU (the GPU hidden,
+5. Keras on the GPU (after `make setup-gpu`): the scratch CNN trained twice with op
+   determinism (bit-identical weights?) and its images/s beside torch's on the same GPU, each a
+   fresh process through `bench.frameworks`, as the train stage runs (TensorFlow and torch
+   never share a process); without TensorFlow's CUDA build it reports why it did not run;
+6. `runtime.portable` on another CPU: the whole pipeline on this machine's CPU (the GPU hidden,
    `runtime.threads: 2` as committed) in a copy of the repository, `dvc repro -f`, must give
    every output hash the committed dvc.lock records (`--no-portable-check` skips it).
 Results go to stdout and <out>/gpu.json; nothing here is asserted in tests.
@@ -128,6 +132,28 @@ def portable_check() -> dict:
             "seconds": round(seconds, 1), "stages_differing": differ}  # fmt: skip
 
 
+def keras_on_gpu() -> dict:
+    """The scratch CNN on the GPU: keras twice, torch once, each in a fresh `bench.frameworks` process."""
+    import subprocess
+    import sys
+
+    from bench import REPO
+
+    runs: dict = {"keras": [], "torch": []}
+    for name in ("keras", "keras", "torch"):
+        cmd = [sys.executable, "-m", "bench.frameworks", "--child", name, "--data", "digits", "--device", "cuda"]
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if done.returncode:
+            last = (done.stderr.strip().splitlines() or ["failed"])[-1]
+            return {"error": f"{name}: {last}"}
+        runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    keras_runs, torch_run = runs["keras"], runs["torch"][0]
+    return {"keras": keras_runs, "torch": torch_run,
+            "keras_reruns_identical": keras_runs[0]["digest"] == keras_runs[1]["digest"],
+            "keras_over_torch": round(keras_runs[0]["images_per_second"] / torch_run["images_per_second"], 3),
+            }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data/prepared"))
@@ -156,6 +182,7 @@ def main() -> None:
         # epochs run on cached features, so this overstates them: a ceiling, not a measurement
         run["share_of_peak"] = round(3 * run["flops_per_image"] * run["images_per_s"] / (peak * 1e12), 4)
     report["scratch_cpu"] = fit_scratch(args.data, torch.device("cpu"), dataclasses.replace(tp))
+    report["keras_cuda"] = keras_on_gpu()
     if args.portable_check:
         report["portable_cpu_repro"] = portable_check()
     runs = report["scratch_cuda"]
@@ -169,6 +196,8 @@ def main() -> None:
         "finetune_fp16_within_one_point_of_fp32": abs(report["finetune_cuda_fp16"]["test_acc"]
                                                       - report["finetune_cuda"][0]["test_acc"]) <= 0.01,
     }
+    if "error" not in report["keras_cuda"]:
+        report["checks"]["keras_cuda_reruns_identical"] = report["keras_cuda"]["keras_reruns_identical"]
     if args.portable_check:
         differing = report["portable_cpu_repro"].get("stages_differing")
         report["checks"]["portable_cpu_repro_matches_dvc_lock"] = differing == []

@@ -6,8 +6,10 @@ suite builds torch optimizers in this process."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -154,7 +156,8 @@ def test_keras_builds_torchs_network_with_torchs_schedules_and_optimizers(repo_r
     assert out["output"] == [10]
     torch_bounds, keras_bounds = out["bounds"]  # torch's initial weight scale, layer by layer
     assert len(keras_bounds) == len(torch_bounds) and np.allclose(keras_bounds, torch_bounds, rtol=0.05)
-    assert "runtime.device is 'cuda' but TensorFlow sees no GPU" in out["cuda_error"]
+    assert "runtime.device is 'cuda' but TensorFlow (tensorflow-cpu, which has no GPU support) sees no GPU" in out[
+        "cuda_error"] and "make setup-gpu" in out["cuda_error"]  # fmt: skip
 
 
 def test_the_resident_and_streamed_splits_train_the_same_weights(repo_root, prepared):
@@ -218,3 +221,20 @@ def test_the_keras_stages_train_evaluate_and_export_with_parity(tmp_path, repo_r
     x = np.asarray(formats.load_split(prepared, "test").images[:5], np.float32) / 255
     proba = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     assert proba.shape == (5, 10) and np.allclose(proba.sum(1), 1, atol=1e-5)
+
+
+def test_tensorflows_cuda_libraries_load_from_their_own_folder(tmp_path):
+    """`make setup-gpu` puts TensorFlow's CUDA 12 libraries beside torch's CUDA 13 ones: a keras
+    process loads what it finds there; one that needs what this machine lacks is skipped."""
+    from pipeline.frameworks.keras import cuda
+
+    assert cuda.preload(tmp_path / "absent") == []
+    zlib = next(p for p in (Path("/lib/x86_64-linux-gnu"), Path("/usr/lib/x86_64-linux-gnu"), Path("/lib64"))
+                if (p / "libz.so.1").is_file()) / "libz.so.1"  # fmt: skip
+    (tmp_path / "nvidia/zlib/lib").mkdir(parents=True)
+    shutil.copy(zlib, tmp_path / "nvidia/zlib/lib/libz.so.1")
+    (tmp_path / "nvidia/cudnn/lib").mkdir(parents=True)
+    (tmp_path / "nvidia/cudnn/lib/libcudnn_broken.so.9").write_bytes(b"not a library")
+    (tmp_path / "nvidia/cudnn/lib/notes.txt").write_text("not a library either")
+    assert [p.name for p in cuda.libraries(tmp_path)] == ["libcudnn_broken.so.9", "libz.so.1"]
+    assert cuda.preload(tmp_path) == ["libz.so.1"]

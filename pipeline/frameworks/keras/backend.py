@@ -28,7 +28,7 @@ from pipeline.config import ConfigError
 from pipeline.frameworks import interface, onnx_format
 from pipeline.frameworks.card import ModelCard
 from pipeline.frameworks.interface import ExportOptions, RuntimeParams, Shipped
-from pipeline.frameworks.keras import export, model, recipe, resume
+from pipeline.frameworks.keras import cuda, export, model, recipe, resume
 
 if TYPE_CHECKING:
     import keras
@@ -46,20 +46,25 @@ def configure(seed: int, threads: int, device: str = "cpu") -> Any:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no C++ start-up chatter in stage logs
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"  # read once, when TensorFlow loads
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if device != "cpu":
+        cuda.preload()  # TensorFlow's CUDA 12 libraries, where `make setup-gpu` put them
     with native_stderr_silenced():
         import keras
         import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
     if device == "cuda" and not gpus:
+        build = "its CUDA build" if tf.test.is_built_with_cuda() else "tensorflow-cpu, which has no GPU support"
         raise ConfigError(
-            "params.yaml: runtime.device is 'cuda' but TensorFlow sees no GPU (the pinned tensorflow-cpu "
-            "has no GPU support); use 'auto' or 'cpu' for train.framework keras, "
-            "or install a CUDA build of TensorFlow 2.21"
+            f"params.yaml: runtime.device is 'cuda' but TensorFlow ({build}) sees no GPU; use 'auto' or 'cpu' "
+            "for train.framework keras, or `make setup-gpu` on a machine with an NVIDIA GPU and driver"
         )
     try:
         if device == "cpu" and gpus:
             tf.config.set_visible_devices([], "GPU")
+        elif gpus:  # take GPU memory as needed, not all of it at start-up
+            for gpu in gpus:
+                tf.config.experimental.set_memory_growth(gpu, True)
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
     except RuntimeError:  # already initialised in this process (tests): the first setting stands

@@ -205,7 +205,10 @@ def fit(
         onehot = keras.ops.one_hot(keras.ops.cast(y_true, "int32"), num_classes)
         return keras.losses.categorical_crossentropy(onehot, logits, from_logits=True, label_smoothing=smoothing)
 
-    model.compile(optimizer=optimizer, loss=loss, metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")])
+    # XLA off on every device: Keras' "auto" turns it on for GPUs, where its autotuner picks
+    # convolution algorithms by timing them, so two runs could take different kernels
+    model.compile(optimizer=optimizer, loss=loss, metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")],
+                  jit_compile=False)  # fmt: skip
     val_labels = np.asarray(val.labels, np.int64)
     kind, warmup = schedule(p, p.epochs * steps)
     images = resident(train)
