@@ -1,8 +1,9 @@
 """The training recipe both frameworks follow: its params, its result, and the epoch loop
 (early stopping on the unsmoothed validation loss, the best weights restored).
 
-Free of any framework: `train` and `finetune` extend `FitParams` with their own knobs, and
-each framework's fit hands `fit_epochs` one function that runs an epoch.
+Free of any framework: `train` and `finetune` extend `FitParams` with their own knobs. torch's
+fit hands `fit_epochs` one function that runs an epoch; Keras runs its epochs in its own fit
+and reports each one's end to an `EpochLoop`, the same bookkeeping.
 """
 
 from __future__ import annotations
@@ -106,6 +107,65 @@ class Resume(Protocol):
     def save(self, loop: dict[str, Any]) -> None: ...
 
 
+class EpochLoop:
+    """`fit_epochs`' bookkeeping, for a framework that runs the epochs itself (Keras' own fit,
+    from a callback): `begin()` gives the first epoch to run (later than 0 after a resume),
+    `end(epoch, metrics)` logs an epoch and says whether to stop, `finish()` restores the best
+    weights and gives the result. `fit_epochs` is this driven by a plain loop."""
+
+    def __init__(
+        self, p: FitParams, snapshot: Callable[[], Any], restore: Callable[[Any], None],
+        run: StageRun | None = None, first_epoch: int = 0, desc: str = "train",
+        start: tuple[float, float] = (math.inf, 0.0), resume: Resume | None = None,
+    ) -> None:  # fmt: skip
+        self.p, self.snapshot, self.restore, self.run = p, snapshot, restore, run
+        self.first_epoch, self.desc, self.resume = first_epoch, desc, resume
+        self.result = FitResult(best_epoch=-1, best_val_loss=start[0], best_val_acc=start[1], epochs_run=0)
+        self.best: Any = None
+        self.bar: tqdm | None = None
+
+    def begin(self) -> int:
+        self.best = self.snapshot()
+        begin = 0
+        saved = self.resume.load() if self.resume is not None else None
+        if saved is not None:
+            self.result, self.best = FitResult(**saved["result"]), saved["best"]
+            begin = self.p.epochs if saved["stopped"] else saved["epoch"] + 1
+            if self.run is not None:
+                self.run.resumed_from(self.first_epoch + begin, saved["attempt"])
+                for epoch, metrics in enumerate(self.result.history):
+                    self.run.log_epoch(self.first_epoch + epoch, metrics, hooks=False)
+        self.bar = tqdm(desc=self.desc, unit="epoch", dynamic_ncols=True, initial=begin, total=self.p.epochs,
+                        disable=launch.rank() > 0)  # under torchrun one bar, rank 0's  # fmt: skip
+        return begin
+
+    def end(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Record `epoch`'s metrics (train/loss, train/acc, val/loss, val/acc, lr); True: stop here."""
+        result = self.result
+        result.history.append(metrics)
+        result.epochs_run = epoch + 1
+        if self.run is not None:
+            self.run.log_epoch(self.first_epoch + epoch, metrics)
+        val_loss, val_acc = metrics["val/loss"], metrics["val/acc"]
+        self.bar.update()
+        self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
+        stop = False
+        if val_loss < result.best_val_loss:
+            result.best_epoch, result.best_val_loss, result.best_val_acc = epoch, val_loss, val_acc
+            self.best = self.snapshot()
+        else:
+            patience = self.p.early_stopping_patience
+            stop = bool(patience) and epoch - result.best_epoch >= patience
+        if self.resume is not None:
+            self.resume.save({"epoch": epoch, "stopped": stop, "result": dataclasses.asdict(result), "best": self.best})
+        return stop
+
+    def finish(self) -> FitResult:
+        self.bar.close()
+        self.restore(self.best)
+        return self.result
+
+
 def fit_epochs(
     p: FitParams,
     run_epoch: Callable[[int], dict[str, float]],
@@ -127,37 +187,8 @@ def fit_epochs(
     With `resume`, each epoch ends with a checkpoint, and a fit that finds one carries on after
     its epoch: the curves so far are logged again (DVC's plots come out whole) and the run is
     tagged with the epoch it resumed from and linked to the run that was interrupted."""
-    result = FitResult(best_epoch=-1, best_val_loss=start[0], best_val_acc=start[1], epochs_run=0)
-    best = snapshot()
-    begin = 0
-    saved = resume.load() if resume is not None else None
-    if saved is not None:
-        result, best = FitResult(**saved["result"]), saved["best"]
-        begin = p.epochs if saved["stopped"] else saved["epoch"] + 1
-        if run is not None:
-            run.resumed_from(first_epoch + begin, saved["attempt"])
-            for epoch, metrics in enumerate(result.history):
-                run.log_epoch(first_epoch + epoch, metrics, hooks=False)
-    bar = tqdm(range(begin, p.epochs), desc=desc, unit="epoch", dynamic_ncols=True, initial=begin, total=p.epochs,
-               disable=launch.rank() > 0)  # under torchrun one bar, rank 0's  # fmt: skip
-    for epoch in bar:
-        metrics = run_epoch(epoch)
-        result.history.append(metrics)
-        result.epochs_run = epoch + 1
-        if run is not None:
-            run.log_epoch(first_epoch + epoch, metrics)
-        val_loss, val_acc = metrics["val/loss"], metrics["val/acc"]
-        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
-        stop = False
-        if val_loss < result.best_val_loss:
-            result.best_epoch, result.best_val_loss, result.best_val_acc = epoch, val_loss, val_acc
-            best = snapshot()
-        else:
-            stop = bool(p.early_stopping_patience) and epoch - result.best_epoch >= p.early_stopping_patience
-        if resume is not None:
-            resume.save({"epoch": epoch, "stopped": stop, "result": dataclasses.asdict(result), "best": best})
-        if stop:
+    loop = EpochLoop(p, snapshot, restore, run, first_epoch, desc, start, resume)
+    for epoch in range(loop.begin(), p.epochs):
+        if loop.end(epoch, run_epoch(epoch)):
             break
-    bar.close()
-    restore(best)
-    return result
+    return loop.finish()
