@@ -115,7 +115,7 @@ def train_batches(split: Split, p: FitParams, begin: int, images: Any = None) ->
     seeded order, float input, shifts or crops.
 
     One pipeline and one iterator for the whole fit: building a pipeline and its iterator for
-    each epoch cost 0.08 s an epoch, a fifth of an epoch on the digits. With `images` (the
+    each epoch cost 0.08 s an epoch, a quarter of an epoch on the digits. With `images` (the
     split held as a tensor, `resident`) each batch is gathered by index inside the graph;
     without, each batch reads exactly its own rows from the split, usually its memory map, as
     `frameworks.torch.recipe.Images` streams them for torch: a split larger than memory trains,
