@@ -160,8 +160,14 @@ class EpochLoop:
             self.resume.save({"epoch": epoch, "stopped": stop, "result": dataclasses.asdict(result), "best": self.best})
         return stop
 
+    def close(self) -> None:
+        """End the progress bar's line, also when Ctrl-C or an error stops the fit (the message
+        that follows must start a line of its own)."""
+        if self.bar is not None:
+            self.bar.close()
+
     def finish(self) -> FitResult:
-        self.bar.close()
+        self.close()
         self.restore(self.best)
         return self.result
 
@@ -188,7 +194,10 @@ def fit_epochs(
     its epoch: the curves so far are logged again (DVC's plots come out whole) and the run is
     tagged with the epoch it resumed from and linked to the run that was interrupted."""
     loop = EpochLoop(p, snapshot, restore, run, first_epoch, desc, start, resume)
-    for epoch in range(loop.begin(), p.epochs):
-        if loop.end(epoch, run_epoch(epoch)):
-            break
+    try:
+        for epoch in range(loop.begin(), p.epochs):
+            if loop.end(epoch, run_epoch(epoch)):
+                break
+    finally:
+        loop.close()
     return loop.finish()

@@ -245,10 +245,13 @@ def fit(
     # collections then paused training for 0.2 to 0.3 s each, the tracing of the first epoch
     # too; frozen, the collector skips them (it still collects what the fit makes)
     gc.freeze()
-    if begin < p.epochs:
-        # one fit for every epoch (a fit per epoch cost 0.04 s each in Keras' own set-up)
-        model.fit(train_batches(train, p, begin, images), epochs=p.epochs, initial_epoch=begin, steps_per_epoch=steps,
-                  verbose=0, shuffle=False, callbacks=[EpochEnd()])  # fmt: skip
+    try:
+        if begin < p.epochs:
+            # one fit for every epoch (a fit per epoch cost 0.04 s each in Keras' own set-up)
+            model.fit(train_batches(train, p, begin, images), epochs=p.epochs, initial_epoch=begin,
+                      steps_per_epoch=steps, verbose=0, shuffle=False, callbacks=[EpochEnd()])  # fmt: skip
+    finally:
+        loop.close()
     return loop.finish()
 
 
