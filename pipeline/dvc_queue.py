@@ -78,6 +78,28 @@ def workers_around(pid: int | None = None) -> int:
     return sum(1 for p in psutil.process_iter() if worker_node(p) == node)
 
 
+def wait_for_workers_without(name: str, value: str, root: Path, timeout: float = 90.0) -> None:
+    """Block until no queue worker of the repository at `root` lacks `name`=`value` in its
+    environment. A worker outlives its queue by up to a minute (dvc-task's idle timeout), and
+    one started before would take experiments queued now and run them without what the new
+    caller's environment says (a sweep's study: its trials reported nothing to prune on)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stale = []
+        for process in psutil.process_iter():
+            try:
+                if worker_node(process) and Path(process.cwd()) == root and process.environ().get(name) != value:
+                    stale.append(process.pid)
+            except (psutil.Error, OSError):
+                continue
+        if not stale:
+            return
+        if time.monotonic() > deadline:
+            raise PipelineError(f"DVC queue workers {stale} of {root} are still running after {timeout:g} s; "
+                                "stop them with `dvc queue stop` and rerun")  # fmt: skip
+        time.sleep(1.0)
+
+
 def experiments_running(root: Path) -> int:
     """`dvc exp exec-run` processes working for the queue of the repository at `root`."""
     running = (cmdline(p) for p in psutil.process_iter())

@@ -76,6 +76,8 @@ def run_batch(study: Any, space: SearchSpace, size: int, jobs: int, root: Path, 
     whole pipeline), run the queue, tell the study; the outcomes."""
     import optuna
 
+    # workers left from before would run these trials without the study in their environment
+    dvc_queue.wait_for_workers_without(trial.STUDY_ENV, env[trial.STUDY_ENV], root)
     asked = []
     for _ in range(size):
         t = study.ask()
