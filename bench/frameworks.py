@@ -14,7 +14,8 @@ Each measurement is a fresh process, as DVC runs the train stage, pinned as the 
 (`runtime.portable`), that fits through `frameworks.registry` (the stage's own code path, with
 its per-epoch validation pass); torch and keras alternate so that machine noise hits both
 alike. Reported per framework: the median images per second, the cost of `registry.get` (for
-keras, TensorFlow's import and configuration; torch is imported by the train module in both),
+keras, TensorFlow's import and configuration; torch is imported by the train module in both,
+but torch._dynamo, which torch.optim imports on first use, is counted here, not in the fit),
 and the keras / torch throughput ratio. Results go to stdout and bench/results/frameworks.md;
 nothing here is asserted in tests.
 """
@@ -77,6 +78,8 @@ def child(framework: str, data: str, epochs: int | None, n: int, device: str) ->
     rt = dataclasses.replace(config.load("runtime", RuntimeParams), device=device)
     started = time.perf_counter()
     backend = registry.get(framework, rt, p.seed)
+    if framework == "torch":  # torch.optim imports torch._dynamo on the first optimizer made: about
+        import torch._dynamo  # noqa: F401  1 s, start-up as TensorFlow's import is, so counted here
     startup = time.perf_counter() - started
     trn, val = split_of(data, n)
     model = backend.build("scratch_cnn", train.model_args(p, trn))
