@@ -1,7 +1,7 @@
 """Which framework backs a model: the one place that imports a framework's code by name.
 
 Each framework's `Backend` is imported only when that framework is used, so a torch run never
-imports TensorFlow (about 8 s here, with its configuration) and a keras run never imports
+imports TensorFlow (about 3 s here, with its configuration) and a keras run never imports
 torch (importing torch._dynamo after TensorFlow crashes the process).
 """
 

@@ -7,7 +7,7 @@ full-integer int8 (`model.tflite`, `model_int8.tflite`) and ONNX (`model.onnx`, 
 tf2onnx). Every file is byte-identical on a rerun; see each writer for what that took.
 
 `frameworks.registry` imports this module only for `train.framework: keras` or a keras model
-folder, so the torch stages never import TensorFlow (about 8 s here, with its
+folder, so the torch stages never import TensorFlow (about 3 s here, with its
 configuration), and nothing here imports torch. `configure` runs before anything else
 touches TensorFlow: it fixes the environment TensorFlow reads once, at import.
 """
