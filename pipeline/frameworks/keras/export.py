@@ -105,7 +105,7 @@ def to_onnx(model: keras.Model, input_shape: tuple[int, int, int], opset: int, m
     import tensorflow as tf
 
     image = keras.Input(input_shape, name=INPUT_NAME)
-    shipped = keras.Model(image, keras.layers.Softmax(name=OUTPUT_NAME)(model(image)))
+    shipped = keras.Model(image, keras.layers.Softmax(name=OUTPUT_NAME)(model(image, training=False)))
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # tf2onnx probes np.object, which NumPy deprecates
         path = os.path.join(tmp, "model.onnx")
