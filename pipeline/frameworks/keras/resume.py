@@ -38,7 +38,8 @@ def _listed(stored: Any, prefix: str) -> list[np.ndarray]:
 
 
 class KerasResume:
-    """`recipe.Resume` for one Keras fit, in the file `path`."""
+    """`recipe.Resume` for one Keras fit, in the file `path`; `optimizer` already built
+    (`recipe.fit` builds it before anything else touches it)."""
 
     def __init__(self, path: Path, attempt: str, model: Any, optimizer: Any) -> None:
         self.path, self.attempt, self.model, self.optimizer = Path(path), attempt, model, optimizer
@@ -55,8 +56,6 @@ class KerasResume:
                 best = _listed(stored, "best")
             if len(variables) != len(self.model.variables):
                 raise ValueError(f"{len(variables)} model variables saved, the model has {len(self.model.variables)}")
-            if not self.optimizer.built:
-                self.optimizer.build(self.model.trainable_variables)
             if len(slots) != len(self.optimizer.variables):
                 raise ValueError(f"{len(slots)} optimizer variables saved, it has {len(self.optimizer.variables)}")
             for variable, value in zip(self.model.variables, variables, strict=True):
