@@ -81,6 +81,22 @@ if check == "unit":
         for _ in range(3):
             opt.apply([3 * w.value ** 2], [w])
         out["keras_steps"][name] = np.asarray(w.value).tolist()
+    # the one-cycle rate in a traced step: computed once per graph (Keras asks once per variable
+    # and once more), and the same steps as eager Keras, which computes it each time it asks
+    runs = {}
+    for mode in ("eager", "traced"):
+        opt = kb_recipe.make_optimizer(train.TrainParams(lr=0.01, weight_decay=0.1, schedule="onecycle"), 10)
+        ws = [keras.Variable(np.linspace(-1, 1, 5, dtype=np.float32) * k) for k in (1, 2, 3)]
+        def step():
+            opt.apply([3 * w.value ** 2 for w in ws], ws)
+        if mode == "traced":
+            traced = tf.function(step)
+            out["cos_ops"] = sum(op.type == "Cos" for op in traced.get_concrete_function().graph.get_operations())
+            step = traced
+        for _ in range(4):
+            step()
+        runs[mode] = [np.asarray(w.value).tolist() for w in ws]
+    out["traced_as_eager"] = runs["traced"] == runs["eager"]
     model = kb_model.build_scratch_cnn(**args)
     out["trainable"], out["torch_params"] = sum(int(np.prod(v.shape)) for v in model.trainable_weights), torch_params
     out["output"] = list(model.output.shape[1:])
@@ -147,6 +163,36 @@ elif check == "onnx_photo":
                                    providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x})[0]
     print(json.dumps({"max_abs_diff": float(np.abs(got - expected).max())}))
+elif check == "fused_bn":
+    # one training call through FusedBatchNormV3 (inside `fused_batch_norm`) against Keras' own
+    import contextlib, io, zipfile
+    from pipeline.frameworks.keras import backend as kb_backend, batch_norm as kb_bn, model as kb_model
+    tf = kb_backend.configure(0, 1)
+    import keras
+    x = tf.constant(np.random.default_rng(0).random((4, *trn.images.shape[1:]), np.float32))
+    def op_types(net):
+        graph = tf.function(lambda x: net(x, training=True)).get_concrete_function(x).graph
+        return {op.type for op in graph.get_operations()}
+    def train_call(fused):
+        keras.utils.set_random_seed(0)
+        net = kb_model.build_scratch_cnn(**{**args, "dropout": 0.0})
+        bns = [layer for layer in net.layers if layer.name.startswith("bn")]
+        with kb_bn.fused_batch_norm(net) if fused else contextlib.nullcontext([]) as switched:
+            inside = op_types(net)
+            with tf.GradientTape() as tape:
+                y = net(x, training=True)
+                loss = tf.reduce_sum(y * tf.range(10, dtype=tf.float32))
+            grads = tape.gradient(loss, net.trainable_weights)
+        saved = json.loads(zipfile.ZipFile(io.BytesIO(kb_model.save_keras(net))).read("config.json"))
+        return {"switched": len(switched), "fused_op": "FusedBatchNormV3" in inside,
+                "fused_after": "FusedBatchNormV3" in op_types(net),
+                "own_call_back": all("call" not in vars(b) for b in bns),
+                "classes": sorted({l["class_name"] for l in saved["config"]["layers"] if l["name"].startswith("bn")}),
+                "y": y.numpy().tolist(), "grads": [g.numpy().ravel().tolist() for g in grads],
+                "n": [4 * b.input.shape[1] * b.input.shape[2] for b in bns],
+                "moving_mean": [b.moving_mean.numpy().tolist() for b in bns],
+                "moving_variance": [b.moving_variance.numpy().tolist() for b in bns]}
+    print(json.dumps({"fused": train_call(True), "keras": train_call(False)}))
 elif check == "overfit":
     from pipeline.frameworks.keras import backend as kb_backend, model as kb_model, recipe as kb_recipe
     kb_backend.configure(0, 1)
@@ -176,6 +222,7 @@ def test_keras_builds_torchs_network_with_torchs_schedules_and_optimizers(repo_r
         assert np.allclose(out["keras_steps"][name], expected, rtol=1e-6, atol=1e-9), (
             name, out["keras_steps"][name], expected,
         )
+    assert out["traced_as_eager"] and out["cos_ops"] == 2  # one-cycle's rise and fall, once
     assert out["trainable"] == out["torch_params"]  # layer for layer the same parameters
     assert out["photo_params"][0] == out["photo_params"][1]  # and at photo sizes, where the blocks deepen
     assert out["crops"]["shape"] == [64, 32, 32, 1] and out["crops"]["same"] and out["crops"]["ramps"]
@@ -199,6 +246,27 @@ def test_a_photo_sized_network_exports_to_onnx_in_inference_mode(repo_root, prep
     # graph; tf2onnx "fixed" it, and on the pets photos it then disagreed by 0.46 (0.011 here)
     out = keras_run(repo_root, "onnx_photo", str(prepared))
     assert out["max_abs_diff"] < 1e-5, out
+
+
+def test_batch_norm_trains_through_the_fused_kernel_and_saves_as_keras_own(repo_root, prepared):
+    out = keras_run(repo_root, "fused_bn", str(prepared))
+    fused, own = out["fused"], out["keras"]
+    assert fused["switched"] == 3 and fused["fused_op"] and not own["fused_op"]
+    assert not fused["fused_after"] and fused["own_call_back"]  # the switch ends with the fit
+    assert fused["classes"] == own["classes"] == ["BatchNormalization"]  # a .keras file loads without us
+    # the same training call: outputs, gradients and moving means agree to float rounding
+    assert np.allclose(fused["y"], own["y"], rtol=1e-4, atol=1e-5)
+    for got, expected in zip(fused["grads"], own["grads"], strict=True):
+        assert np.allclose(got, expected, rtol=1e-3, atol=1e-4)
+    momentum = 0.9
+    for layer, n in enumerate(fused["n"]):
+        assert np.allclose(fused["moving_mean"][layer], own["moving_mean"][layer], rtol=1e-5, atol=1e-6)
+        # the moving variance from the unbiased batch variance, as torch's running_var: n / (n - 1)
+        # times Keras' biased one (n = 4 images x the layer's pixels: 1,024, 256 and 64 here)
+        unbiased = (np.array(fused["moving_variance"][layer]) - momentum) / (1 - momentum)
+        biased = (np.array(own["moving_variance"][layer]) - momentum) / (1 - momentum)
+        assert np.allclose(unbiased, biased * n / (n - 1), rtol=2e-5), (layer, n)
+        assert not np.allclose(unbiased, biased, rtol=2e-5)
 
 
 def test_one_batch_is_learnt_by_heart(repo_root, prepared):
