@@ -121,27 +121,34 @@ if check == "unit":
     print(json.dumps(out))
 elif check == "paths":
     # the split held as one tensor and gathered in the graph, or streamed from its memory map
-    # by a Python generator: the same batches, so the same weights bit for bit
+    # by a Python generator: the same batches, so the same weights bit for bit; and a whole
+    # epoch per call to the graph the same weights as one step per call
     from pipeline.frameworks.keras import backend as kb_backend, model as kb_model, recipe as kb_recipe
     kb_backend.configure(0, 2)
     q = train.TrainParams(epochs=2, batch_size=64)
     import keras
-    built, fit = [], keras.Model.fit
+    built, fit, compile_, per_call = [], keras.Model.fit, keras.Model.compile, []
     def recorded(self, *a, **k):  # the optimizer made before the training step is traced
         built.append(self.optimizer.built)
         return fit(self, *a, **k)
-    keras.Model.fit = recorded
+    def steps_per_call(self, *a, **k):
+        k["steps_per_execution"] = forced or k["steps_per_execution"]
+        per_call.append(k["steps_per_execution"])
+        return compile_(self, *a, **k)
+    keras.Model.fit, keras.Model.compile = recorded, steps_per_call
     weights = {}
-    for path, limit in (("resident", kb_recipe.RESIDENT_BYTES), ("streamed", 0)):
+    for path, limit, forced in (("resident", kb_recipe.RESIDENT_BYTES, 0), ("streamed", 0, 0),
+                                ("step_per_call", kb_recipe.RESIDENT_BYTES, 1)):  # fmt: skip
         kb_recipe.RESIDENT_BYTES = limit
-        import keras
         keras.utils.set_random_seed(0)
         net = kb_model.build_scratch_cnn(**args)
         result = kb_recipe.fit(net, trn, formats.load_split(prepared, "val"), q)
         weights[path] = [w.tobytes().hex() for w in net.get_weights()]
         weights[path + "_val_loss"] = result.history[-1]["val/loss"]
-    print(json.dumps({"same": weights["resident"] == weights["streamed"], "built": built,
-                      "val_loss": [weights["resident_val_loss"], weights["streamed_val_loss"]]}))
+    print(json.dumps({"same": weights["resident"] == weights["streamed"],
+                      "same_per_step": weights["resident"] == weights["step_per_call"], "built": built,
+                      "per_call": per_call, "steps": -(-len(trn) // q.batch_size),
+                      "val_loss": [weights[k + "_val_loss"] for k in ("resident", "streamed", "step_per_call")]}))
 elif check == "onnx_photo":
     # a photo-sized network (box averaging, then bilinear resizing, five BatchNorm blocks) with
     # BatchNorm statistics far from their initial ones, exported to ONNX and run by onnxruntime
@@ -234,11 +241,12 @@ def test_keras_builds_torchs_network_with_torchs_schedules_and_optimizers(repo_r
         "cuda_error"] and "make setup-gpu" in out["cuda_error"]  # fmt: skip
 
 
-def test_the_resident_and_streamed_splits_train_the_same_weights(repo_root, prepared):
+def test_the_resident_and_streamed_splits_and_an_epoch_per_call_train_the_same_weights(repo_root, prepared):
     out = keras_run(repo_root, "paths", str(prepared))
-    assert out["same"], out["val_loss"]
+    assert out["same"] and out["same_per_step"], out["val_loss"]
+    assert out["steps"] > 1 and out["per_call"] == [out["steps"], out["steps"], 1]  # an epoch a call; one step
     # a step that makes the optimizer's variables is traced twice: 0.8 s a fit on the digits
-    assert out["built"] == [True, True]
+    assert out["built"] == [True, True, True]
 
 
 def test_a_photo_sized_network_exports_to_onnx_in_inference_mode(repo_root, prepared):
