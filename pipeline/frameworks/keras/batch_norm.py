@@ -5,11 +5,13 @@ normalisation and each one's gradient, every one a pass over the activations), w
 TensorFlow's FusedBatchNormV3 is one op forward and one back, as torch's batch norm is.
 Only the training call changes, and only while `fused_batch_norm` is open: the layers stay
 Keras' own class, so a saved `.keras` file needs nothing of this module to load, and
-inference, the exports and the moving statistics they read are computed as before.
+inference and the exports run Keras' own call on the moving statistics.
 
-The moving variance is updated from the batch's unbiased variance (n / (n - 1) times the
-one it normalises with), which is what the fused op returns and what torch's running_var
-holds. On a GPU Keras' own call stays: cuDNN's fused backward is not deterministic.
+Those statistics differ in one way: the moving variance is updated from the batch's unbiased
+variance (n / (n - 1) times the one it normalises with), which is what the fused op returns
+and what torch's running_var holds; Keras' own call takes the biased one. On a GPU Keras' own
+call stays: TensorFlow's determinism work lists the fused op's gradient as nondeterministic
+there.
 """
 
 from __future__ import annotations
