@@ -199,7 +199,7 @@ elif check == "fused_bn":
                 "n": [4 * b.input.shape[1] * b.input.shape[2] for b in bns],
                 "moving_mean": [b.moving_mean.numpy().tolist() for b in bns],
                 "moving_variance": [b.moving_variance.numpy().tolist() for b in bns]}
-    print(json.dumps({"fused": train_call(True), "keras": train_call(False)}))
+    print(json.dumps({"fused": train_call(True), "keras": train_call(False), "momentum": kb_model.BN_MOMENTUM}))
 elif check == "overfit":
     from pipeline.frameworks.keras import backend as kb_backend, model as kb_model, recipe as kb_recipe
     kb_backend.configure(0, 1)
@@ -266,7 +266,7 @@ def test_batch_norm_trains_through_the_fused_kernel_and_saves_as_keras_own(repo_
     assert np.allclose(fused["y"], own["y"], rtol=1e-4, atol=1e-5)
     for got, expected in zip(fused["grads"], own["grads"], strict=True):
         assert np.allclose(got, expected, rtol=1e-3, atol=1e-4)
-    momentum = 0.9
+    momentum = out["momentum"]  # the weight on the old value (torch's 0.1 is Keras' 0.9)
     for layer, n in enumerate(fused["n"]):
         assert np.allclose(fused["moving_mean"][layer], own["moving_mean"][layer], rtol=1e-5, atol=1e-6)
         # the moving variance from the unbiased batch variance, as torch's running_var: n / (n - 1)

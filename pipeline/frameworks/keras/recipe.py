@@ -39,14 +39,18 @@ def learning_rate(p: FitParams, total_steps: int) -> Any:
             import tensorflow as tf
 
             if tf.executing_eagerly():
-                return tf.cast(schedule_value(self.kind, self.peak, self.total, self.warmup, step), tf.float32)
+                return self.rate(step)
             # once per traced graph: Keras asks for the rate once per variable (AdamW's decay)
             # and once more for the update, all before the step count moves
             graph = tf.compat.v1.get_default_graph()
             if graph not in self.traced:
-                self.traced[graph] = tf.cast(schedule_value(self.kind, self.peak, self.total, self.warmup, step),
-                                             tf.float32)  # fmt: skip
+                self.traced[graph] = self.rate(step)
             return self.traced[graph]
+
+        def rate(self, step):
+            import tensorflow as tf
+
+            return tf.cast(schedule_value(self.kind, self.peak, self.total, self.warmup, step), tf.float32)
 
         def get_config(self) -> dict:
             return {"kind": self.kind, "peak": self.peak, "total": self.total, "warmup": self.warmup}
