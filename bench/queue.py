@@ -50,7 +50,7 @@ def run_queue(repo: Path, seeds: list[int], jobs: int) -> float:
         sh(["dvc", "exp", "run", "--queue", "-q", "-n", name, "-S", f"train.seed={seed}"], repo)
     started = time.perf_counter()
     dvc_queue.start(jobs, bench_env(repo), cwd=repo)
-    dvc_queue.wait_for(names, repo, bench_env(repo))  # polls each second; a failure shows in the checks below
+    dvc_queue.wait_for(names, repo, bench_env(repo), jobs)  # polls each second; a failure shows in the checks below
     return time.perf_counter() - started
 
 

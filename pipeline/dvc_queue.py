@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -78,18 +79,30 @@ def workers_around(pid: int | None = None) -> int:
     return sum(1 for p in psutil.process_iter() if worker_node(p) == node)
 
 
+def workers_of(root: Path) -> list[int]:
+    """The pids of the live queue workers of the repository at `root` (their working directory)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if worker_node(process) and Path(process.cwd()) == root:
+                found.append(process.pid)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
 def wait_for_workers_without(name: str, value: str, root: Path, timeout: float = 90.0) -> None:
     """Block until no queue worker of the repository at `root` lacks `name`=`value` in its
-    environment. A worker outlives its queue by up to a minute (dvc-task's idle timeout), and
-    one started before would take experiments queued now and run them without what the new
-    caller's environment says (a sweep's study: its trials reported nothing to prune on)."""
+    environment. A worker outlives its queue by 10 to 20 s (DVC gives dvc-task's idle monitor
+    10 s), and one started before would take experiments queued now and run them without what
+    the new caller's environment says (a sweep's study: its trials reported nothing to prune on)."""
     deadline = time.monotonic() + timeout
     while True:
         stale = []
-        for process in psutil.process_iter():
+        for pid in workers_of(root):
             try:
-                if worker_node(process) and Path(process.cwd()) == root and process.environ().get(name) != value:
-                    stale.append(process.pid)
+                if psutil.Process(pid).environ().get(name) != value:
+                    stale.append(pid)
             except (psutil.Error, OSError):
                 continue
         if not stale:
@@ -106,23 +119,46 @@ def experiments_running(root: Path) -> int:
     return sum(1 for args in running if "exec-run" in args and any(str(root) in a for a in args))
 
 
-def wait_for(names: list[str], root: Path, env: dict | None = None, quiet_seconds: float = 12.0,
+def wait_for(names: list[str], root: Path, env: dict | None = None, jobs: int = 1, quiet_seconds: float = 12.0,
              timeout: float | None = None) -> dict[str, str]:  # fmt: skip
     """Block until the queue of the repository at `root` has run `names`; each one's 'Success'
     or 'Failed'. Polls git refs and the process table (cheap); asks `dvc queue status` only
-    once no experiment has run for `quiet_seconds` (workers take the next task within seconds)."""
+    once no experiment has run for `quiet_seconds` (workers take the next task within seconds).
+
+    Nothing here waits for ever on a queue that cannot move. A worker that has found the queue
+    empty shuts itself down, and `dvc queue start` spawns no new one while it still answers:
+    what was queued in that moment (a sweep's next batch) would wait with no worker, so when
+    some of `names` are queued and the repository has no live worker, the queue is started
+    again with `jobs` workers. One that DVC still calls running with no worker and no
+    experiment process alive, twice `quiet_seconds` apart, had its worker die under it: it
+    counts as 'Failed'."""
     started = idle_since = time.monotonic()
+    stalled = 0
     while True:
         time.sleep(1.0)
         if set(names) <= landed(root):
             return dict.fromkeys(names, "Success")
         if experiments_running(root):
-            idle_since = time.monotonic()
+            idle_since, stalled = time.monotonic(), 0
         elif time.monotonic() - idle_since > quiet_seconds:
             now = status(env, root)
             if all(now.get(n) in DONE for n in names):
                 return {n: now[n] for n in names}
+            waiting = [n for n in names if now.get(n) not in DONE]
+            if not workers_of(root):
+                if any(now.get(n) == "Queued" for n in waiting):
+                    warn(f"{', '.join(waiting)} queued with no worker left; `dvc queue start -j {jobs}` again")
+                    start(jobs, env, root)
+                    stalled = 0
+                elif (stalled := stalled + 1) == 2:
+                    shown = ", ".join(f"{n} ({now.get(n, 'gone')})" for n in waiting)
+                    warn(f"{shown} in `dvc queue status`, no worker or experiment of it alive: counted as failed")
+                    return {n: now[n] if now.get(n) in DONE else "Failed" for n in names}
             idle_since = time.monotonic()
         if timeout is not None and time.monotonic() - started > timeout:
             raise PipelineError(f"the DVC queue in {root} has not run {names} after {timeout:g} s: "
                                 f"{status(env, root)}")  # fmt: skip
+
+
+def warn(message: str) -> None:
+    print(f"dvc queue: {message}", file=sys.stderr, flush=True)

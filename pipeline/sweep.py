@@ -88,7 +88,7 @@ def run_batch(study: Any, space: SearchSpace, size: int, jobs: int, root: Path, 
         dvc_queue.dvc("exp", "run", "--queue", "-q", "-n", exp, *overrides, *targets)
         asked.append((t, exp, values))
     dvc_queue.start(jobs, env)
-    status = dvc_queue.wait_for([exp for _, exp, _ in asked], root, env)
+    status = dvc_queue.wait_for([exp for _, exp, _ in asked], root, env, jobs)
     metrics = experiment_metrics()
     attrs = {f.number: f.user_attrs for f in study.get_trials(deepcopy=False)}  # what the stages wrote
     outcomes = []

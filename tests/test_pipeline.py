@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import psutil
 import pytest
 import yaml
 from conftest import copy_project, digit_folder, run
@@ -112,7 +114,7 @@ def test_queued_experiments_run_side_by_side_and_each_lands_once(tmp_repo, tmp_p
         run(["dvc", "exp", "run", "--queue", "-q", "-n", name, "-S", f"train.seed={seed}",
              "-S", "runtime.threads=auto", "-S", "+runtime.portable=false", "train"], repo, env)  # fmt: skip
     dvc_queue.start(2, env, repo)
-    status = dvc_queue.wait_for(names, repo, env, timeout=900)
+    status = dvc_queue.wait_for(names, repo, env, 2, timeout=900)
     assert status == dict.fromkeys(names, "Success"), run(["dvc", "queue", "logs", names[0]], repo, env).stdout
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
@@ -126,6 +128,45 @@ def test_queued_experiments_run_side_by_side_and_each_lands_once(tmp_repo, tmp_p
     # the two ran at once: auto shared the cores between the two workers
     assert {r.data.tags["threads"] for r in runs} == {str(cpu_share.auto_threads(workers=2))}
     assert {r.data.params["runtime.threads"] for r in runs} == {"auto"}  # with runtime.portable: false, added by -S +
+
+
+@pytest.mark.xdist_group("repo")
+def test_an_experiment_queued_as_the_last_worker_leaves_still_runs(tmp_repo, capsys):
+    """An idle DVC queue worker shuts itself down once it has found the queue empty, and
+    `dvc queue start` spawns none while that worker still answers: an experiment queued in that
+    moment waits with no worker (a sweep's third trial hung so in CI, for 900 s). Made here
+    directly, that end state: queued, and no worker of the repository alive."""
+    repo, env = tmp_repo
+    run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
+    deadline = time.monotonic() + 120
+    while dvc_queue.workers_of(repo):  # earlier tests' workers idle out within 20 s
+        assert time.monotonic() < deadline, dvc_queue.workers_of(repo)
+        time.sleep(1.0)
+    run(["dvc", "exp", "run", "--queue", "-q", "-n", "orphan", "-S", "train.seed=7", "train"], repo, env)
+    assert dvc_queue.status(env, repo)["orphan"] == "Queued"
+    assert dvc_queue.wait_for(["orphan"], repo, env, 1, timeout=300) == {"orphan": "Success"}
+    assert "orphan queued with no worker left" in capsys.readouterr().err
+
+
+@pytest.mark.xdist_group("repo")
+def test_an_experiment_whose_worker_died_counts_as_failed_instead_of_hanging(tmp_repo, capsys):
+    """A worker killed mid-run leaves DVC calling its experiment 'Running' for ever; the wait
+    sees no worker and no experiment process of the queue twice and gives it up as failed."""
+    repo, env = tmp_repo
+    run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
+    run(["dvc", "exp", "run", "--queue", "-q", "-n", "killed", "-S", "train.seed=8", "train"], repo, env)
+    dvc_queue.start(1, env, repo)
+    deadline = time.monotonic() + 120
+    while not dvc_queue.experiments_running(repo):
+        assert time.monotonic() < deadline, dvc_queue.status(env, repo)
+        time.sleep(0.5)
+    for pid in dvc_queue.workers_of(repo):
+        worker = psutil.Process(pid)
+        for process in [*worker.children(recursive=True), worker]:
+            process.kill()
+    assert dvc_queue.wait_for(["killed"], repo, env, 1, timeout=300) == {"killed": "Failed"}
+    assert "killed (Running) in `dvc queue status`" in capsys.readouterr().err
+    assert dvc_queue.status(env, repo)["killed"] == "Running"  # DVC's own view: why the wait needs the rule
 
 
 @pytest.mark.xdist_group("repo")
