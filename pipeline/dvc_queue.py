@@ -79,13 +79,13 @@ def workers_around(pid: int | None = None) -> int:
     return sum(1 for p in psutil.process_iter() if worker_node(p) == node)
 
 
-def workers_of(root: Path) -> list[int]:
-    """The pids of the live queue workers of the repository at `root` (their working directory)."""
+def workers_of(root: Path) -> list[psutil.Process]:
+    """The live queue workers of the repository at `root` (their working directory)."""
     found = []
     for process in psutil.process_iter():
         try:
             if worker_node(process) and Path(process.cwd()) == root:
-                found.append(process.pid)
+                found.append(process)
         except (psutil.Error, OSError):
             continue
     return found
@@ -99,10 +99,10 @@ def wait_for_workers_without(name: str, value: str, root: Path, timeout: float =
     deadline = time.monotonic() + timeout
     while True:
         stale = []
-        for pid in workers_of(root):
+        for process in workers_of(root):
             try:
-                if psutil.Process(pid).environ().get(name) != value:
-                    stale.append(pid)
+                if process.environ().get(name) != value:
+                    stale.append(process.pid)
             except (psutil.Error, OSError):
                 continue
         if not stale:

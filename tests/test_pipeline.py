@@ -9,7 +9,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import psutil
 import pytest
 import yaml
 from conftest import copy_project, digit_folder, run
@@ -139,8 +138,8 @@ def test_an_experiment_queued_as_the_last_worker_leaves_still_runs(tmp_repo, cap
     repo, env = tmp_repo
     run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
     deadline = time.monotonic() + 120
-    while dvc_queue.workers_of(repo):  # earlier tests' workers idle out within 20 s
-        assert time.monotonic() < deadline, dvc_queue.workers_of(repo)
+    while workers := dvc_queue.workers_of(repo):  # earlier tests' workers idle out within 20 s
+        assert time.monotonic() < deadline, [w.pid for w in workers]
         time.sleep(1.0)
     run(["dvc", "exp", "run", "--queue", "-q", "-n", "orphan", "-S", "train.seed=7", "train"], repo, env)
     assert dvc_queue.status(env, repo)["orphan"] == "Queued"
@@ -160,8 +159,7 @@ def test_an_experiment_whose_worker_died_counts_as_failed_instead_of_hanging(tmp
     while not dvc_queue.experiments_running(repo):
         assert time.monotonic() < deadline, dvc_queue.status(env, repo)
         time.sleep(0.5)
-    for pid in dvc_queue.workers_of(repo):
-        worker = psutil.Process(pid)
+    for worker in dvc_queue.workers_of(repo):
         for process in [*worker.children(recursive=True), worker]:
             process.kill()
     assert dvc_queue.wait_for(["killed"], repo, env, 1, timeout=300) == {"killed": "Failed"}
