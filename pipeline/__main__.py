@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> None:
         launch.relaunch(argv)  # nproc > 1: this process becomes torchrun's, and exits with the ranks
         if launch.rank() == 0:  # the other ranks log nothing
             tracking.start_worker()
-        stage = importlib.import_module(f"pipeline.{argv[0]}")
+        from pipeline import interrupts
+
+        with interrupts.held():  # some stages import torch at the top: a Ctrl-C inside would abort
+            stage = importlib.import_module(f"pipeline.{argv[0]}")
         stage.main(argv[1:])
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (DVC forwards one) must not cut the message

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipeline import interrupts
 from pipeline.config import ConfigError
 from pipeline.errors import ArtifactError
 from pipeline.frameworks.card import CARD, FRAMEWORKS, ModelCard, check_classes, read_card
@@ -18,11 +19,13 @@ from pipeline.frameworks.interface import Backend, RuntimeParams
 
 def backend_class(framework: str) -> type[Backend]:
     if framework == "torch":
-        from pipeline.frameworks.torch.backend import TorchBackend
+        with interrupts.held():  # a Ctrl-C inside torch's import would abort the process
+            from pipeline.frameworks.torch.backend import TorchBackend
 
         return TorchBackend
     if framework == "keras":
-        from pipeline.frameworks.keras.backend import KerasBackend
+        with interrupts.held():
+            from pipeline.frameworks.keras.backend import KerasBackend
 
         return KerasBackend
     raise ConfigError(f"framework {framework!r} is not known; valid: {list(FRAMEWORKS)}")

@@ -19,7 +19,7 @@ import pytest
 from conftest import TINY_PARAMS
 from helpers import assert_expected_failure, stage, stage_env
 
-from pipeline import tracking, tracking_worker, workspace
+from pipeline import interrupts, tracking, tracking_worker, workspace
 from pipeline.errors import PipelineError, TrackingError
 
 pytestmark = pytest.mark.slow  # stages in subprocesses; make test runs them, test-fast does not
@@ -222,3 +222,23 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(work, mlflow_store, pre
     _, err = proc.communicate(timeout=120)
     assert_expected_failure(subprocess.CompletedProcess([], proc.returncode, "", err), "train: interrupted.", code=130)
     assert not (work / "models").exists()
+
+
+def test_a_ctrl_c_while_torch_imports_waits_for_the_import_to_end():
+    """A KeyboardInterrupt inside torch's import can abort the process from C++ (exit -6, rare:
+    the test above then fails): `interrupts.held` lets the block finish and delivers the
+    signal after it, to the handler that was there before."""
+    original = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        ran = []
+        with pytest.raises(KeyboardInterrupt), interrupts.held():
+            signal.raise_signal(signal.SIGINT)
+            ran.append("the rest of the block")
+        assert ran == ["the rest of the block"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # ignored before (fail() sets that): ignored after
+        with interrupts.held():
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, original)
