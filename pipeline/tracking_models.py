@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,16 @@ def log_model(mlflow: Any, export_dir: Path, example: np.ndarray, scratch: Path,
     run = mlflow.active_run()
     source = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.source.name") if run else None
     tags = {**({"mlflow.source.name": source} if source else {}), **tags}
-    info = mlflow.pyfunc.log_model(
+    with warnings.catch_warnings():  # MLflow asks for type hints on `predict`: the signature above says it all
+        warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
+        info = _log_pyfunc(mlflow, export_dir, example, scratch, tags)
+    if linked:
+        mlflow.log_metrics(linked, model_id=info.model_id, dataset=dataset)
+    return info.model_id
+
+
+def _log_pyfunc(mlflow: Any, export_dir: Path, example: np.ndarray, scratch: Path, tags: dict[str, str]) -> Any:
+    return mlflow.pyfunc.log_model(
         name=tags.get("model", "model"),
         python_model=str(PACKAGE / "serving.py"),
         artifacts={"onnx": str(export_dir / "model.onnx"), "card": str(export_dir / "model.json")},
@@ -71,9 +81,6 @@ def log_model(mlflow: Any, export_dir: Path, example: np.ndarray, scratch: Path,
         tags=tags,
         model_type="image-classifier",
     )
-    if linked:
-        mlflow.log_metrics(linked, model_id=info.model_id, dataset=dataset)
-    return info.model_id
 
 
 def find_model(mlflow: Any, experiment_id: str, onnx_sha256: str) -> str | None:

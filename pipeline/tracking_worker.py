@@ -16,7 +16,8 @@ Faults, each bounded (params.yaml `tracking:`; `tracking.TrackingParams`):
   a word (SIGKILL, the OOM killer). A run left RUNNING because both died is marked KILLED by
   the next worker that starts, once the process that owned it is gone.
 - the stage runs of one `dvc repro` / `dvc exp run` are nested under one parent run (named
-  after the DVC experiment, or the commit), which the first stage that runs creates.
+  after the DVC experiment, or the commit), which the first stage that runs creates and each
+  stage's end moves on (its duration spans its runs); `pipeline.sync` completes it.
 - a failed or interrupted stage of a `dvc exp run`: DVC saves no experiment, so the runs its
   earlier stages finished (same `pipeline.driver` tag) are marked FAILED too, naming the stage.
 """
@@ -54,6 +55,7 @@ T = TypeVar("T")
 HOST_TAG, PID_TAG = "pipeline.host", "pipeline.pid"  # who owns a run while it is RUNNING
 FAILED_BY_TAG = "pipeline.experiment_failed_in"  # the stage whose failure lost the experiment
 GROUP_TAG = "pipeline.group"  # "true" on the parent run of one pipeline execution
+GROUP_NAME_TAG = "pipeline.group_name"  # its name before the ` #N` that tells executions of one commit apart
 
 
 def say(message: str) -> None:
@@ -115,10 +117,11 @@ def _experiment_id(mlflow: Any, name: str, root: Path, uri: str) -> str:
 
 
 @contextlib.contextmanager
-def creating(uri: str) -> Any:
-    """Hold `<store>.lock` while MLflow opens a SQLite store: the first opener creates and
+def creating(uri: str, suffix: str = ".lock") -> Any:
+    """Hold `<store><suffix>` while MLflow opens a SQLite store: the first opener creates and
     migrates the schema, the others wait and find it done. Queued experiments open one new
-    store at once; unserialised, a second migration failed with `duplicate column name: step`."""
+    store at once; unserialised, a second migration failed with `duplicate column name: step`.
+    (`pipeline.sync` holds `.sync.lock` the same way while it finds and makes missing runs.)"""
     path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
     try:
         import fcntl
@@ -128,7 +131,7 @@ def creating(uri: str) -> Any:
         yield
         return
     try:
-        lock = open(f"{path}.lock", "a")  # noqa: SIM115 (held across the yield)
+        lock = open(f"{path}{suffix}", "a")  # noqa: SIM115 (held across the yield)
     except OSError:  # no such folder: opening the store fails with MLflow's own message
         yield
         return
@@ -184,8 +187,6 @@ def serve(uri: str, experiment: str, root: str) -> None:
         sys.exit(3)
     bound_http(p)
     import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import Metric
 
     from pipeline import tracking_models
@@ -216,11 +217,8 @@ def serve(uri: str, experiment: str, root: str) -> None:
                                     p.lock_wait_seconds)  # fmt: skip
             call(lambda: mlflow.log_params(msg["params"]))
         elif op == "log_input":
-            with warnings.catch_warnings():  # resolving a plain path warns that it guesses a local source
-                warnings.simplefilter("ignore")
-                source = resolve_dataset_source(msg["uri"])
-            dataset = state["dataset"] = MetaDataset(source, name=msg["name"], digest=msg["digest"])
-            call(lambda: mlflow.log_input(dataset, context=msg["context"]))
+            args = (msg["name"], msg["uri"], msg["digest"], msg["context"], state.get("group"))
+            state["dataset"] = retrying(lambda: log_input(mlflow, *args), p.lock_wait_seconds)
         elif op == "log_model":  # an export as this run's MLflow model
             call(lambda: log_export(msg))
         elif op == "register":  # the chosen export's logged model (logged here if none is found) into the registry
@@ -267,26 +265,57 @@ def serve(uri: str, experiment: str, root: str) -> None:
         end_all(mlflow, "FAILED", p)  # FAILED, not the FINISHED that MLflow's exit handler would record
         raise
     end_all(mlflow, state["status"], p)
+    if state.get("group"):
+        touch_group(client, state["group"], p)
     if state.get("failed"):
         fail_experiment(client, experiment_id, state["failed"]["driver"], state["failed"]["stage"], p)
+
+
+def log_input(mlflow: Any, name: str, uri: str, digest: str, context: str, parent: str | None = None) -> Any:
+    """The prepared dataset as the active run's input, and its `parent`'s (the runs table's
+    Dataset column, where a collapsed execution shows only its parent)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    with warnings.catch_warnings():  # resolving a plain path warns that it guesses a local source
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(uri)
+    dataset = MetaDataset(source, name=name, digest=digest)
+    mlflow.log_input(dataset, context=context)
+    if parent:  # the store keeps one input per dataset and run: logging it again changes nothing
+        entity = DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        mlflow.MlflowClient().log_inputs(parent, datasets=[entity])
+    return dataset
 
 
 def group_run(client: Any, experiment_id: str, driver: str, name: str, p: TrackingParams) -> str:
     """The parent run of one pipeline execution (`driver`: a `dvc repro` or `dvc exp run`
     process), made by the first of its stages that runs: stages DVC skips leave no run, and
     the parent still groups those that ran. It ends FINISHED at once; it holds no work of its
-    own, only the stage runs under it and the headline metrics copied onto it."""
+    own, only the stage runs under it and the headline metrics copied onto it; each stage that
+    ends moves its end time (`touch_group`), so its duration spans its runs. A second execution
+    of the same commit is `<name> #2`, and so on: the runs table tells them apart."""
     query = f"tags.`{GROUP_TAG}` = 'true' and tags.`{DRIVER_TAG}` = '{driver}'"
     found = retrying(lambda: client.search_runs([experiment_id], query, max_results=1), p.lock_wait_seconds)
     if found:
         return found[0].info.run_id
-    tags = {GROUP_TAG: "true", DRIVER_TAG: driver, HOST_TAG: socket.gethostname(),
+    same = f"tags.`{GROUP_TAG}` = 'true' and tags.`{GROUP_NAME_TAG}` = '{name}'"
+    earlier = retrying(lambda: client.search_runs([experiment_id], same, max_results=10000), p.lock_wait_seconds)
+    tags = {GROUP_TAG: "true", DRIVER_TAG: driver, HOST_TAG: socket.gethostname(), GROUP_NAME_TAG: name,
             "mlflow.note.content": "One pipeline execution: its stage runs are nested under this run."}  # fmt: skip
     if os.environ.get(PARENT_RUN_ENV):  # one trial of a sweep: under the sweep's run
         tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
-    run = retrying(lambda: client.create_run(experiment_id, run_name=name, tags=tags), p.lock_wait_seconds)
+    run_name = f"{name} #{len(earlier) + 1}" if earlier else name
+    run = retrying(lambda: client.create_run(experiment_id, run_name=run_name, tags=tags), p.lock_wait_seconds)
     retrying(lambda: client.set_terminated(run.info.run_id, "FINISHED"), p.lock_wait_seconds)
     return run.info.run_id
+
+
+def touch_group(client: Any, run_id: str, p: TrackingParams) -> None:
+    """The parent run ends now: the end of the last of its runs so far."""
+    retrying(lambda: client.set_terminated(run_id, "FINISHED", end_time=int(time.time() * 1000)), p.lock_wait_seconds)
 
 
 def link_resumed(client: Any, experiment_id: str, run_id: str, attempt: str, epoch: int) -> None:
