@@ -67,6 +67,8 @@ bench: setup
 	$(VENV)/bin/python -m bench.portable
 
 mlflow-ui: setup
+	@# the store first mirrors what DVC holds (a checkout, `dvc exp apply`): pipeline/sync.py
+	$(BIN)/python -m pipeline sync
 	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the model-training views)"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --port 5000
 

@@ -24,7 +24,8 @@ import time
 
 # The pipeline's own modules load inside main()'s try, so a Ctrl-C while they import still
 # ends in the one-line message; before it, Python dies by the signal with a traceback.
-STAGES = ("ingest", "prepare", "train", "crossval", "finetune", "evaluate", "export", "register", "report")
+STAGES = ("ingest", "prepare", "train", "crossval", "finetune", "evaluate", "export", "register", "report", "sync")
+UNTRACKED = ("sync",)  # stages with no MLflow run of their own (sync makes the others'), never under torchrun
 
 # glibc mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
@@ -59,9 +60,10 @@ def main(argv: list[str] | None = None) -> None:
         portable.pin(portable.requested())  # before torch or TensorFlow loads: the CPU code paths they take
         from pipeline import launch, tracking
 
-        launch.relaunch(argv)  # nproc > 1: this process becomes torchrun's, and exits with the ranks
-        if launch.rank() == 0:  # the other ranks log nothing
-            tracking.start_worker()
+        if argv[0] not in UNTRACKED:
+            launch.relaunch(argv)  # nproc > 1: this process becomes torchrun's, and exits with the ranks
+            if launch.rank() == 0:  # the other ranks log nothing
+                tracking.start_worker()
         from pipeline import interrupts
 
         with interrupts.held():  # some stages import torch at the top: a Ctrl-C inside would abort

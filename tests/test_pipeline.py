@@ -53,7 +53,8 @@ def test_dvc_repro_twice_gives_identical_lock_and_then_has_nothing_to_do(tmp_rep
     assert (repo / "dvc.lock").read_text() == first  # every model, metric and plot hash
 
     status = run(["dvc", "status"], repo, env).stdout
-    assert "Data and pipelines are up to date" in status
+    # everything up to date; the sync stage is always_changed, and DVC says so
+    assert status.split() == ["sync:", "always", "changed"], status
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
     (workspace,) = [rev["data"] for rev in metrics.values()]  # one revision: the workspace
     assert "test" in workspace["dvclive/evaluate/scratch/metrics.json"]["data"]
@@ -75,6 +76,90 @@ def test_dvc_repro_twice_gives_identical_lock_and_then_has_nothing_to_do(tmp_rep
     champion = client.get_model_version_by_alias("cnn-pipeline", "champion")
     assert champion.tags["model"] == selection["model"] and champion.tags["pipeline.select_by"] == "val_acc"
     assert len(client.search_model_versions("name = 'cnn-pipeline'")) == 1
+
+
+def assert_store_mirrors_the_lock(repo: Path) -> tuple[list, list]:
+    """The clone's default store holds a FINISHED run for every stage dvc.lock records, evaluate's
+    metrics on both logged models, a champion that classifies an image, and a parent with every
+    model's headline figures; returns the stage runs and the parents."""
+    from pipeline import lockfile, sync
+
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name("cnn-pipeline").experiment_id
+    runs = client.search_runs([experiment_id], "attributes.status = 'FINISHED'", max_results=1000)
+    by_digest = {r.data.tags.get(lockfile.LOCK_TAG): r for r in runs}
+    for stage, entry in lockfile.stages(repo, skip=sync.STAGE).items():
+        assert by_digest[lockfile.digest(entry)].data.tags["stage"] == stage, stage
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        models = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list")
+        for name in ("scratch", "finetune"):  # evaluate's metrics, linked to each logged model
+            assert any(m.name == name and {"test/acc", "calibrated/ece"} <= {x.key for x in m.metrics or []}
+                       for m in models), name
+        champion = mlflow.pyfunc.load_model("models:/cnn-pipeline@champion")
+        image = np.load(repo / "data/prepared/test_images.npy")[:2]
+        answer = champion.predict(image)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    classes = json.loads((repo / "data/prepared/classes.json").read_text())
+    assert list(answer["class"]) and set(answer["class"]) <= set(classes)
+    parents = [r for r in runs if r.data.tags.get("pipeline.group") == "true"]
+    newest = max(parents, key=lambda r: r.info.start_time)
+    for model in ("scratch", "finetune"):
+        assert {f"{model}/{k}" for k in ("test_acc", "f1_macro", "ece")} <= set(newest.data.metrics)
+    assert newest.data.tags["champion"].startswith(json.loads((repo / SELECTION).read_text())["model"])
+    assert newest.info.end_time > newest.info.start_time
+    return [r for r in runs if "stage" in r.data.tags], parents
+
+
+SELECTION = "dvclive/register/selection.json"
+
+
+@pytest.mark.xdist_group("repo")
+def test_a_clone_a_run_cache_pull_and_an_applied_experiment_all_leave_a_complete_store(tmp_repo, tmp_path):
+    """What DVC holds is what MLflow shows: after `git clone` + `dvc repro` (stages whose outputs
+    are committed are skipped), after `dvc pull --run-cache` + `dvc repro` (nothing runs), and
+    after `dvc exp apply` of an experiment logged to another store."""
+    from pipeline import tracking_restore
+
+    origin, env = tmp_repo
+    first = tmp_path / "first"
+    run(["git", "clone", "-q", str(origin), str(first)], tmp_path, env)
+    log = run(["dvc", "repro"], first, env).stdout
+    assert "Running stage 'train'" in log and "Running stage 'evaluate@scratch'" not in log  # committed, skipped
+    runs, parents = assert_store_mirrors_the_lock(first)
+    restored = {r.data.tags["stage"] for r in runs if tracking_restore.RESTORED_TAG in r.data.tags}
+    assert {"evaluate@scratch", "evaluate@finetune", "report"} <= restored and "train" not in restored
+    assert len(parents) == 1
+    again = run(["dvc", "repro"], first, env).stdout
+    assert [line for line in again.splitlines() if line.startswith("Running stage")] == ["Running stage 'sync':"]
+    assert len(mlflow_runs(first)) == len(runs)  # mirrored already: nothing added
+    remote = tmp_path / "remote"  # a colleague's remote: the first clone pushes its outputs and run-cache
+    run(["dvc", "remote", "add", "--local", "team", str(remote)], first, env)
+    run(["dvc", "push", "--run-cache", "-r", "team"], first, env)
+
+    second = tmp_path / "second"
+    run(["git", "clone", "-q", str(origin), str(second)], tmp_path, env)
+    run(["dvc", "remote", "add", "--local", "team", str(remote)], second, env)
+    run(["dvc", "pull", "--run-cache", "-r", "team"], second, env)
+    log = run(["dvc", "repro"], second, env).stdout
+    assert [line for line in log.splitlines() if line.startswith("Running stage")] == ["Running stage 'sync':"]
+    runs, _ = assert_store_mirrors_the_lock(second)
+    assert all(tracking_restore.RESTORED_TAG in r.data.tags for r in runs)
+
+    # an experiment run against a colleague's store, applied here: this store learns its results
+    elsewhere = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'colleague.db'}"}
+    run(["dvc", "exp", "run", "-q", "-n", "shorter", "-S", "train.epochs=1"], second, elsewhere)
+    run(["git", "checkout", "-q", "--", "."], second, env)
+    run(["dvc", "checkout", "-q"], second, env)
+    run(["dvc", "exp", "apply", "shorter"], second, env)
+    log = run(["dvc", "repro"], second, env).stdout
+    assert [line for line in log.splitlines() if line.startswith("Running stage")] == ["Running stage 'sync':"]
+    runs, _ = assert_store_mirrors_the_lock(second)
+    train = [r for r in runs if r.data.tags["stage"] == "train"]
+    assert sorted(r.data.params["train.epochs"] for r in train) == ["1", "2"]
 
 
 @pytest.mark.xdist_group("repo")

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from conftest import TINY_PARAMS, free_port, run, wait_until_up
 
-from pipeline import tracking
+from pipeline import lockfile, tracking
 
 pytestmark = pytest.mark.slow  # a server and a stage in subprocesses
 
@@ -55,3 +55,47 @@ def test_a_stage_logs_to_a_shared_server_and_its_artifacts_go_to_the_server(serv
     assert client.list_artifacts(ingest.info.run_id), "the run's artifacts did not reach the server"
     assert any(p.is_file() for p in (home / "artifacts").rglob("*"))
     assert not (work / tracking.ARTIFACT_DIR).exists()
+
+
+def test_sync_restores_a_skipped_stage_on_the_server_with_its_artifacts(server, tmp_path):
+    """`pipeline.sync` against a server: the restored run and its artifacts go through it; a
+    second sync adds nothing."""
+    from test_sync import lock_entry, write_lock
+
+    uri, home = server
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "params.yaml").write_text(TINY_PARAMS)
+    entry = lock_entry(work, "ingest", {"dvclive/ingest/metrics.json": '{"images": 7}',
+                                        "data/ingested/classes.json": '["a", "b"]'}, {"data": {"source": "digits"}})
+    entry["outs"] = [entry["outs"][0], {"path": "data/ingested", "md5": lockfile.dir_md5(work / "data/ingested")}]
+    write_lock(work, {"ingest": entry})
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MLFLOW_TRACKING_URI": uri}
+    for _ in range(2):
+        run([sys.executable, "-m", "pipeline", "sync"], cwd=work, env=env)
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    (ingest,) = client.search_runs([experiment.experiment_id], "tags.stage = 'ingest'")
+    assert ingest.info.run_name == "ingest (restored)" and ingest.data.metrics == {"images": 7.0}
+    assert [a.path for a in client.list_artifacts(ingest.info.run_id, "ingested")] == ["ingested/classes.json"]
+    assert list((home / "artifacts").rglob("classes.json"))
+    assert not (work / tracking.ARTIFACT_DIR).exists()
+
+
+def test_sync_with_the_server_down_mirrors_into_the_offline_store(tmp_path):
+    from test_sync import lock_entry, write_lock
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "params.yaml").write_text(TINY_PARAMS + "tracking: {offline_fallback: true, timeout_seconds: 1, "
+                                                    "http_retries: 0}\n")
+    write_lock(work, {"ingest": lock_entry(work, "ingest", {"dvclive/ingest/metrics.json": '{"images": 7}'}, {})})
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    done = run([sys.executable, "-m", "pipeline", "sync"], cwd=work, env=env)
+    assert "unreachable" in done.stderr
+    offline = mlflow.MlflowClient(f"sqlite:///{work / tracking.OFFLINE_STORE}")
+    experiment = offline.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    (ingest,) = offline.search_runs([experiment.experiment_id], "tags.stage = 'ingest'")
+    assert ingest.data.metrics == {"images": 7.0}
