@@ -177,3 +177,26 @@ def test_the_closure_sees_lazy_imports_and_skips_type_checking_ones():
     finetune = {p.relative_to(REPO).as_posix() for p in stage_closure("finetune")}
     assert not any(p.startswith("pipeline/frameworks/keras") for p in finetune)
     assert "pipeline/tracking_worker.py" not in train  # a separate process that writes only to MLflow
+
+
+def test_no_module_imports_itself_through_others():
+    """No import circle, not even under TYPE_CHECKING: each layer reads from the ones below."""
+    graph = {module_name(p): {n for n in imports(p, run_time_only=False) if module_path(n) and n != module_name(p)}
+             for p in all_modules()}
+    graph = {m: {n for n in deps if n in graph and not m.startswith(n + ".") and not n.startswith(m + ".")}
+             for m, deps in graph.items()}  # a package and its own modules are one place
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    return [*path, start]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+        return None
+
+    circles = {" -> ".join(c) for m in graph if (c := cycle_from(m))}
+    assert not circles, f"import circles: {sorted(circles)}"

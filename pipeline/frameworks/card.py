@@ -11,17 +11,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pipeline import files
 from pipeline.data.formats import DataError, read_json
 from pipeline.errors import ArtifactError
 
-if TYPE_CHECKING:
-    from pipeline.frameworks.interface import Backend
-
 CARD = "model.json"
 FRAMEWORKS = ("torch", "keras")
+
+
+class Serializer(Protocol):
+    """What `save` needs of a framework's Backend (frameworks.interface), without importing it."""
+
+    framework: str
+    model_file: str
+
+    def serialize(self, model: Any, card: ModelCard) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,7 @@ class ModelCard:
 
 
 def save(
-    out: Path, backend: Backend, model: Any, arch: str, model_args: dict[str, Any], classes: tuple[str, ...]
+    out: Path, backend: Serializer, model: Any, arch: str, model_args: dict[str, Any], classes: tuple[str, ...]
 ) -> ModelCard:
     """Write the model folder whole or not at all (a failed save leaves the old one)."""
     card = ModelCard(backend.framework, arch, dict(model_args), tuple(classes))
