@@ -33,6 +33,9 @@ from pipeline.frameworks.torch.backend import TorchBackend
 
 @dataclass(frozen=True)
 class FinetuneParams(FitParams):
+    epochs: int = 4  # phase 2, at most
+    weight_decay: float = 1.0e-4
+    early_stopping_patience: int = 3
     backbone: str = pretrained.PACKAGE_BACKBONE  # 'timm:<name>' or 'torchvision:<name>'
     weights: str = pretrained.PACKAGE_WEIGHTS  # the package, 'hub', 'none' or a local file
     weights_sha256: str = pretrained.PACKAGE_SHA256  # '' skips the check (hub weights)
@@ -40,7 +43,7 @@ class FinetuneParams(FitParams):
     # most 4x the stored side (frameworks.shapes.pretrained_input_size)
     input_size: int | Literal["auto"] = "auto"
     dropout: float = 0.2
-    head_epochs: int = 2
+    head_epochs: int = 1
     head_lr: float = 1.0e-2
     # share of backbone parameter tensors trained in phase 2, from the top; auto: all of them for
     # small images (digits look nothing like ImageNet photos), the top 30% for photos
@@ -95,7 +98,7 @@ def finetune(
         groups = model.param_groups(p.lr, p.layer_decay)
         results.append(recipe.fit(model, train, val, p, device, generator, run, first_epoch=first,
                                   desc="finetune top", param_groups=groups, keep_start=True,
-                                  checkpoint=saved.slot("top") if saved else None))  # fmt: skip
+                                  checkpoint=saved.slot("top") if saved else None))
     return results
 
 
@@ -130,7 +133,7 @@ def fit_head(
     train_x, val_x = (recipe.Images(f.to(device), device, channels_last=False) for f in features)
     labels = recipe.labels_on(train, device), recipe.labels_on(val, device)
     return recipe.fit_inputs(head, train_x, labels[0], val_x, labels[1], q, device, generator, run,
-                             desc="finetune head", checkpoint=checkpoint)  # fmt: skip
+                             desc="finetune head", checkpoint=checkpoint)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,17 +152,17 @@ def main(argv: list[str] | None = None) -> None:
             run.epoch_hooks.append(prune)
         run.log_dataset(args.data, "training")
         run.log_choices({"input_size": margs["input_size"], "augment": augmentation(p, train_set.image_size),
-                         "unfreeze_fraction": unfreeze_share(p, train_set.image_size)})  # fmt: skip
+                         "unfreeze_fraction": unfreeze_share(p, train_set.image_size)})
         # per-epoch checkpoints outside DVC's outputs: a killed run resumes
         ran_on = {**backend.describe(), "weights_sha256": weights_sha256}
         saved = checkpoints.for_stage(tracking.repo_root(), "finetune", {"finetune": p, "runtime": rt}, [args.data],
-                                      ran_on)  # fmt: skip
+                                      ran_on)
         started = time.perf_counter()
         results = finetune(model, train_set, val_set, p, backend.device, backend.generator, run, saved)
         seconds = time.perf_counter() - started
         last = results[-1]
         run.log_summary({"best/val_loss": last.best_val_loss, "best/val_acc": last.best_val_acc,
-                         "epochs_run": sum(r.epochs_run for r in results)})  # fmt: skip
+                         "epochs_run": sum(r.epochs_run for r in results)})
         epochs = sum(r.epochs_run for r in results)  # both phases; a resumed run counts epochs run before it too
         run.log_timing({"fit_seconds": seconds, "images_per_second": epochs * len(train_set) / seconds})
         if launch.rank() == 0:  # under torchrun the ranks hold equal weights; one writes them

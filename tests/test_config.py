@@ -10,6 +10,8 @@ from pipeline import config
 from pipeline.config import ConfigError, check
 from pipeline.tracking import TrackingParams
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @dataclass(frozen=True)
 class Knobs:
@@ -97,3 +99,33 @@ def test_the_repository_params_file_loads_into_every_stage(repo_root):
         config.load(section, cls, path)
     assert set(config.read_params(path)) == {
         "runtime", "tracking", "data", "prepare", "train", "crossval", "finetune", "evaluate", "export", "register"}
+
+
+def test_every_params_dataclass_default_is_the_committed_params_yaml():
+    """One source of defaults: a dataclass built without arguments is params.yaml's section, and
+    params.yaml names every field (so a default cannot drift from the value the pipeline runs)."""
+    import dataclasses
+
+    from pipeline.crossval import CrossvalParams
+    from pipeline.data.sources import DataParams
+    from pipeline.evaluate import EvaluateParams
+    from pipeline.export import ExportParams
+    from pipeline.finetune import FinetuneParams
+    from pipeline.frameworks.interface import RuntimeParams
+    from pipeline.frameworks.scratch import TrainParams
+    from pipeline.prepare import PrepareParams
+    from pipeline.register import RegisterParams
+    from pipeline.tracking import TrackingParams
+
+    sections = {"runtime": RuntimeParams, "tracking": TrackingParams, "data": DataParams, "prepare": PrepareParams,
+                "train": TrainParams, "crossval": CrossvalParams, "finetune": FinetuneParams,
+                "evaluate": EvaluateParams, "export": ExportParams, "register": RegisterParams}
+    raw = config.read_params(REPO / "params.yaml")
+    assert set(sections) <= set(raw)
+    for section, cls in sections.items():
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert names - set(raw[section]) == set(), f"params.yaml {section}: misses {sorted(names - set(raw[section]))}"
+        committed, default = config.from_dict(raw[section], cls, where=section), cls()
+        differ = {n: (getattr(default, n), getattr(committed, n)) for n in sorted(names)
+                  if getattr(default, n) != getattr(committed, n)}
+        assert differ == {}, f"{cls.__name__} defaults (default, params.yaml) differ: {differ}"

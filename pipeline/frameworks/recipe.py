@@ -25,15 +25,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class FitParams:
-    """The training recipe; the train and finetune params extend it."""
+    """The training recipe; the train and finetune params extend it. Defaults are params.yaml's
+    `train:` values (finetune overrides its own; tests/test_config.py holds both to the file)."""
 
     seed: int = 0
-    epochs: int = 15
+    epochs: int = 25
     batch_size: int = 64
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 3.0e-3  # the peak rate under onecycle
     momentum: float = 0.9  # sgd only
-    weight_decay: float = 1.0e-4
+    weight_decay: float = 5.0e-4
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     warmup_fraction: float = 0.25  # onecycle: share of steps spent rising to lr
     label_smoothing: float = 0.1
@@ -43,7 +44,7 @@ class FitParams:
     augment: Literal["auto", "shift", "crop_flip", "none"] = "auto"
     augment_shift: int = 2  # shift: random translation of up to this many pixels
     crop_scale: float = 0.35  # crop_flip: the smallest share of the image's area a crop keeps
-    early_stopping_patience: int = 5  # epochs without a better val loss; 0 turns it off
+    early_stopping_patience: int = 10  # epochs without a better val loss; 0 turns it off
     channels_last: bool = True
     nproc: int = 1  # torch: processes under torchrun with DistributedDataParallel (pipeline.launch)
 
@@ -117,7 +118,7 @@ class EpochLoop:
         self, p: FitParams, snapshot: Callable[[], Any], restore: Callable[[Any], None],
         run: StageRun | None = None, first_epoch: int = 0, desc: str = "train",
         start: tuple[float, float] = (math.inf, 0.0), resume: Resume | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.p, self.snapshot, self.restore, self.run = p, snapshot, restore, run
         self.first_epoch, self.desc, self.resume = first_epoch, desc, resume
         self.result = FitResult(best_epoch=-1, best_val_loss=start[0], best_val_acc=start[1], epochs_run=0)
@@ -136,7 +137,7 @@ class EpochLoop:
                 for epoch, metrics in enumerate(self.result.history):
                     self.run.log_epoch(self.first_epoch + epoch, metrics, hooks=False)
         self.bar = tqdm(desc=self.desc, unit="epoch", dynamic_ncols=True, initial=begin, total=self.p.epochs,
-                        disable=launch.rank() > 0)  # under torchrun one bar, rank 0's  # fmt: skip
+                        disable=launch.rank() > 0)  # under torchrun one bar, rank 0's
         return begin
 
     def end(self, epoch: int, metrics: dict[str, float]) -> bool:
