@@ -48,7 +48,7 @@ def split_and_check(pixels: np.ndarray, labels: list[str]) -> dict[str, float]:
     """Split as prepare does and count the val/test images each check reports."""
     hashes = [images.phash(p) for p in pixels]
     frame = pd.DataFrame({"path": [f"{i:05d}" for i in range(len(pixels))], "label": labels, "source_split": "",
-                          "sha256": [formats.pixel_sha256(p) for p in pixels], "phash": hashes})  # fmt: skip
+                          "sha256": [formats.pixel_sha256(p) for p in pixels], "phash": hashes})
     prepared = prepare_manifest(frame, DEFAULTS)
     rows = {s: prepared.loc[prepared.split == s].sort_values("index").index.to_numpy() for s in formats.SPLITS}
     stored = {s: pixels[r] for s, r in rows.items()}
@@ -58,7 +58,7 @@ def split_and_check(pixels: np.ndarray, labels: list[str]) -> dict[str, float]:
         prepared, stored.__getitem__, DEFAULTS.near_duplicate_distance, DEFAULTS.near_duplicate_min_correlation
     )
     return {"held_out": held_out, "phash": len(phash_only) / held_out, "confirmed": len(confirmed) / held_out,
-            "pairs": checked}  # fmt: skip
+            "pairs": checked}
 
 
 def jpeg(image: Image.Image, quality: int) -> Image.Image:
@@ -80,7 +80,7 @@ EDITS = {
     "contrast -15%": lambda im: ImageEnhance.Contrast(im).enhance(0.85),
     "captioned": captioned,
     "3% cropped each side": lambda im: im.crop((im.width * 3 // 100, im.height * 3 // 100,
-                                                im.width * 97 // 100, im.height * 97 // 100)),  # fmt: skip
+                                                im.width * 97 // 100, im.height * 97 // 100)),
 }
 
 
@@ -88,7 +88,7 @@ def planted_copies(size: int = 64) -> list[str]:
     import skimage.data
 
     names = ["astronaut", "chelsea", "coffee", "rocket", "camera", "moon", "page", "text", "coins", "hubble_deep_field",
-             "immunohistochemistry", "retina", "clock", "brick", "grass", "gravel"]  # fmt: skip
+             "immunohistochemistry", "retina", "clock", "brick", "grass", "gravel"]
     originals = [Image.fromarray(np.asarray(getattr(skimage.data, n)())).convert("RGB") for n in names]
     store = lambda im: images.fit_square(np.asarray(im), size, 3, "stretch")  # noqa: E731
     rows, arrays = [], {"train": [], "val": [], "test": []}
@@ -105,7 +105,7 @@ def planted_copies(size: int = 64) -> list[str]:
     frame = pd.DataFrame(records)
     stacked = {s: np.stack(a) for s, a in arrays.items()}
     near, _ = duplicates.find(frame, stacked.__getitem__, DEFAULTS.near_duplicate_distance,
-                              DEFAULTS.near_duplicate_min_correlation)  # fmt: skip
+                              DEFAULTS.near_duplicate_min_correlation)
     caught = set(near.path)
     lines = [f"| edit | caught (of {len(names)}) |", "|---|---|"]
     for edit in EDITS:
@@ -119,14 +119,14 @@ def main() -> None:
     digits, digit_labels = standard.read_array_dataset("digits", Path("unused")).splits[""]
     lines = ["## False alarms (no copies exist)", "",
              "| data | held-out images | pHash alone (old) | pHash + pixel correlation | pairs checked |",
-             "|---|---|---|---|---|"]  # fmt: skip
+             "|---|---|---|---|---|"]
     sets = (("MNIST, 5,000 real digits, 28x28", x, y), ("scikit-learn digits, 8x8", digits, digit_labels))
     for name, pixels, labels in sets:
         r = split_and_check(pixels, [str(v) for v in labels])
         lines.append(f"| {name} | {r['held_out']} | {r['phash']:.1%} | {r['confirmed']:.2%} | {r['pairs']} |")
     d, c = DEFAULTS.near_duplicate_distance, DEFAULTS.near_duplicate_min_correlation
     lines += ["", f"(prepare defaults: candidates within {d} pHash bits, confirmed at correlation >= {c})", "",
-              "## Copies planted in val and test (16 photos, stored at 64 px)", "", *planted_copies()]  # fmt: skip
+              "## Copies planted in val and test (16 photos, stored at 64 px)", "", *planted_copies()]
     report("Near-duplicate check", lines, "duplicates")
 
 

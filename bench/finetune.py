@@ -89,7 +89,7 @@ def allocator_child(heap: bool, images: int) -> float:
     optimizer = recipe.make_optimizer([w for w in model.parameters() if w.requires_grad], p)
     scheduler = recipe.make_scheduler(optimizer, p, 3)
     recipe.train_one_epoch(model, images_, recipe.labels_on(split, backend.device)[:n], optimizer, scheduler, p,
-                           backend.device, torch.Generator())  # fmt: skip
+                           backend.device, torch.Generator())
     recipe.predict_logits(model, split.images, backend.device, 256, p.channels_last)
     return time.perf_counter() - started
 

@@ -89,7 +89,7 @@ def child(framework: str, data: str, epochs: int | None, n: int, device: str) ->
     return {"images_per_second": result.epochs_run * len(trn) / seconds, "epochs": result.epochs_run,
             "startup_seconds": startup, "val_acc": result.history[-1]["val/acc"], "train_images": len(trn),
             "side": trn.image_size, "threads": rt.thread_count, "device": backend.describe()["device"],
-            "digest": digest(framework, model)}  # fmt: skip
+            "digest": digest(framework, model)}
 
 
 def measure(data: str, args: argparse.Namespace) -> list[str]:
@@ -98,7 +98,7 @@ def measure(data: str, args: argparse.Namespace) -> list[str]:
         for name in FRAMEWORKS:
             extra = ["--epochs", str(args.epochs)] if args.epochs else []
             cmd = [sys.executable, "-m", "bench.frameworks", "--child", name, "--data", data, "--n", str(args.n),
-                   *extra]  # fmt: skip
+                   *extra]
             done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"bench.frameworks: {name} on {data} failed:\n{done.stderr[-3000:]}")
@@ -115,7 +115,7 @@ def measure(data: str, args: argparse.Namespace) -> list[str]:
         "| framework | images/s | registry.get (s) | last val acc | repeats' weights identical |",
         "|---|---|---|---|---|",
         *(f"| {name} | {rate[name]:,.0f} | {startup[name]:.1f} | {runs[name][-1]['val_acc']:.4f} | {same[name]} |"
-          for name in FRAMEWORKS),  # fmt: skip
+          for name in FRAMEWORKS),
         "", f"- keras / torch throughput: **{rate['keras'] / rate['torch']:.2f}**", "",
     ]
 

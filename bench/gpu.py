@@ -129,7 +129,7 @@ def portable_check() -> dict:
         rebuilt = outs(yaml.safe_load((repo / "dvc.lock").read_text()))
     differ = sorted(s for s in committed if committed[s] != rebuilt.get(s))
     return {"cpu": portable.cpu_model(), "cpu_isa": portable.cpu_isa(), "cores": os.cpu_count(),
-            "seconds": round(seconds, 1), "stages_differing": differ}  # fmt: skip
+            "seconds": round(seconds, 1), "stages_differing": differ}
 
 
 def keras_on_gpu() -> dict:
@@ -151,7 +151,7 @@ def keras_on_gpu() -> dict:
     return {"keras": keras_runs, "torch": torch_run,
             "keras_reruns_identical": keras_runs[0]["digest"] == keras_runs[1]["digest"],
             "keras_over_torch": round(keras_runs[0]["images_per_second"] / torch_run["images_per_second"], 3),
-            }  # fmt: skip
+            }
 
 
 def main() -> None:

@@ -63,12 +63,12 @@ def main() -> None:
         if done.returncode:
             sys.exit(f"dvc repro failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
         acc = {m: json.loads((repo / f"dvclive/evaluate/{m}/metrics.json").read_text())["test"]["acc"]
-               for m in ("scratch", "finetune")}  # fmt: skip
+               for m in ("scratch", "finetune")}
         prepared = json.loads((repo / "dvclive/prepare/metrics.json").read_text())
         cards = {m: json.loads((repo / f"models/{m}/model.json").read_text())["model_args"] for m in acc}
         client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
         runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id],
-                                  order_by=["start_time ASC"])  # fmt: skip
+                                  order_by=["start_time ASC"])
         tags = {r.info.run_name: r.data.tags for r in runs}
     lines = [
         f"- data: `{args.folder}`; params changed: {', '.join(f'`{k}={v}`' for k, v in changes.items())}",

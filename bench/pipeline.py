@@ -106,7 +106,7 @@ def sync_costs(repo: Path) -> list[str]:
 
 def stage_names(repo: Path) -> list[str]:
     done = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=repo, env=bench_env(repo),
-                          capture_output=True, text=True, check=True)  # fmt: skip
+                          capture_output=True, text=True, check=True)
     return done.stdout.split()
 
 

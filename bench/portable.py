@@ -37,7 +37,7 @@ def run_stage(stage: str, portable: bool, work: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": uri}
     out = work / "models" / MODELS[stage]
     cmd = [sys.executable, "-m", "pipeline", stage, "--data", str(REPO / "data/prepared"), "--out", str(out),
-           "--live", str(work / "live")]  # fmt: skip
+           "--live", str(work / "live")]
     done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{stage} failed:\n{done.stderr[-3000:]}")
@@ -48,12 +48,12 @@ def run_stage(stage: str, portable: bool, work: Path) -> dict:
     (found,) = client.search_runs([experiment.experiment_id], f"tags.stage = '{stage}'", max_results=1)
     weights = hashlib.sha256((out / "model.pt").read_bytes()).hexdigest()[:16]
     return {"images_per_second": found.data.metrics["time/images_per_second"],
-            "aten": found.data.tags.get("aten_cpu_capability", "?"), "weights": weights}  # fmt: skip
+            "aten": found.data.tags.get("aten_cpu_capability", "?"), "weights": weights}
 
 
 def bench(stages: list[str], repeats: int) -> list[str]:
     lines = ["| stage | mode | images/s (median) | ATen path | repeats identical | weights |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "|---|---|---|---|---|---|"]
     ratios = []
     with tempfile.TemporaryDirectory(prefix="bench-portable-") as tmp:
         for stage in stages:
@@ -67,9 +67,9 @@ def bench(stages: list[str], repeats: int) -> list[str]:
                 same = len({r["weights"] for r in rs}) == 1
                 mode = "portable" if portable else "fastest"
                 lines.append(f"| {stage} | {mode} | {median[portable]:,.0f} | {rs[0]['aten']} | {same} "
-                             f"| {rs[0]['weights']} |")  # fmt: skip
+                             f"| {rs[0]['weights']} |")
             ratios.append(f"- **{stage}: portable / fastest throughput {median[True] / median[False]:.2f}x** "
-                          "(target >= 0.9x)")  # fmt: skip
+                          "(target >= 0.9x)")
     return [*lines, "", *ratios]
 
 

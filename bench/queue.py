@@ -98,7 +98,7 @@ def lines_for(n: int, walls: dict[int, float], checks: dict, runs: list) -> list
              f"{n} experiments each way (train.seed changed: train, crossval, evaluate, export, register and report "
              "rerun); default params, `runtime.threads: auto`, early stopping off.", "",
              "| queue | wall s | experiments/min | train fit s (median) | train images/s (sum over runs in flight) "
-             "| threads per stage |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "| threads per stage |", "|---|---|---|---|---|---|"]
     rate = {}
     for jobs in (1, 2):
         fits = sorted(float(r.data.metrics.get("time/fit_seconds", 0)) for r in train[jobs])
@@ -114,7 +114,7 @@ def lines_for(n: int, walls: dict[int, float], checks: dict, runs: list) -> list
               f"each once: {all(c == 1 for c in checks['names'].values())}",
               f"- MLflow: {sum(sum(c.values()) for c in by_exp.values())} stage runs for {len(by_exp)} experiments, "
               f"exactly one per rerun stage each: {once}",
-              f"- queue tasks not succeeded: {len(failed)}"]  # fmt: skip
+              f"- queue tasks not succeeded: {len(failed)}"]
     return lines
 
 

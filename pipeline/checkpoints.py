@@ -70,6 +70,6 @@ class Checkpoints:
 
 
 def for_stage(root: Path, stage: str, params: dict[str, Any], inputs: list[Path],
-              environment: dict[str, str]) -> Checkpoints:  # fmt: skip
+              environment: dict[str, str]) -> Checkpoints:
     """`environment`: what the framework computes on (versions, device, threads)."""
     return Checkpoints(root / FOLDER / stage / stage_key(stage, params, inputs, environment))

@@ -26,7 +26,7 @@ def parse(argv: list[str] | None, doc: str | None, *options: Option) -> argparse
 def fit_paths(argv: list[str] | None, doc: str | None, stage: str, model: str) -> argparse.Namespace:
     """A training stage's paths: the prepared data in, the model folder and DVCLive folder out."""
     return parse(argv, doc, path("--data", "data/prepared"), path("--out", f"models/{model}", "the model folder"),
-                 path("--live", f"dvclive/{stage}"))  # fmt: skip
+                 path("--live", f"dvclive/{stage}"))
 
 
 def model_paths(

@@ -40,7 +40,7 @@ def fold_indices(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.nda
     counts = np.bincount(labels)
     if counts[counts > 0].min() < folds:
         raise formats.DataError(f"crossval.folds={folds}, but a class has only {counts[counts > 0].min()} train+val "
-                                f"images; every class needs at least one image per fold")  # fmt: skip
+                                f"images; every class needs at least one image per fold")
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [(np.sort(a), np.sort(b)) for a, b in splitter.split(np.zeros(len(labels)), labels)]
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
                 with run.child(f"crossval/fold{k}", sizes) as child:
                     result = backend.fit(model, fold_train, fold_val, t, child, desc=f"crossval fold {k + 1}/{p.folds}")
                     figures = {"fold": k, "val_acc": result.best_val_acc, "val_loss": result.best_val_loss,
-                               "best_epoch": result.best_epoch, "val_images": len(held)}  # fmt: skip
+                               "best_epoch": result.best_epoch, "val_images": len(held)}
                     child.log_summary({k2: v for k2, v in figures.items() if k2 != "fold"})
                 per_fold.append(figures)
         run.log_summary(summarise(per_fold) if per_fold else {"folds": 0})

@@ -32,7 +32,7 @@ def start(jobs: int, env: dict | None = None, cwd: Path | None = None) -> None:
     """`dvc queue start -j jobs`, returning at once: the workers it spawns inherit its stdout and
     stderr, so captured pipes would stay open (and this call wait) until the queue ran dry."""
     done = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if done.returncode:
         raise PipelineError(f"`dvc queue start -j {jobs}` failed (exit {done.returncode}); see `dvc queue status`")
 
@@ -46,7 +46,7 @@ def status(env: dict | None = None, cwd: Path | None = None) -> dict[str, str]:
 def landed(cwd: Path | None = None) -> set[str]:
     """Names of the experiments DVC has saved (refs/exps/<baseline>/<name>): cheap to poll."""
     refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=cwd,
-                          capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+                          capture_output=True, text=True, check=True).stdout.split()
     return {ref.rsplit("/", 1)[-1] for ref in refs}
 
 
@@ -109,7 +109,7 @@ def wait_for_workers_without(name: str, value: str, root: Path, timeout: float =
             return
         if time.monotonic() > deadline:
             raise PipelineError(f"DVC queue workers {stale} of {root} are still running after {timeout:g} s; "
-                                "stop them with `dvc queue stop` and rerun")  # fmt: skip
+                                "stop them with `dvc queue stop` and rerun")
         time.sleep(1.0)
 
 
@@ -120,7 +120,7 @@ def experiments_running(root: Path) -> int:
 
 
 def wait_for(names: list[str], root: Path, env: dict | None = None, jobs: int = 1, quiet_seconds: float = 12.0,
-             timeout: float | None = None) -> dict[str, str]:  # fmt: skip
+             timeout: float | None = None) -> dict[str, str]:
     """Block until the queue of the repository at `root` has run `names`; each one's 'Success'
     or 'Failed'. Polls git refs and the process table (cheap); asks `dvc queue status` only
     once no experiment has run for `quiet_seconds` (workers take the next task within seconds).
@@ -157,7 +157,7 @@ def wait_for(names: list[str], root: Path, env: dict | None = None, jobs: int = 
             idle_since = time.monotonic()
         if timeout is not None and time.monotonic() - started > timeout:
             raise PipelineError(f"the DVC queue in {root} has not run {names} after {timeout:g} s: "
-                                f"{status(env, root)}")  # fmt: skip
+                                f"{status(env, root)}")
 
 
 def warn(message: str) -> None:

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             temperature = calibration.fit_temperature(backend.predict(model, val.images, p.batch_size), val.labels)
         scaled = calibration.scale(proba, temperature)
         summary |= {"calibrated/temperature": temperature, "calibrated/ece": calibration.ece(scaled, test.labels),
-                    "calibrated/loss": calibration.log_loss(scaled, test.labels)}  # fmt: skip
+                    "calibrated/loss": calibration.log_loss(scaled, test.labels)}
         model_file = args.model_dir / backend.model_file
         summary |= {"model/parameters": backend.count_parameters(model), "model/file_bytes": model_file.stat().st_size}
         run.log_summary(summary)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             "per_class.json": per_class,
             "confusion.json": matrices,
             "calibration.json": {"temperature": temperature, "fitted_on": "val" if p.calibrate else "none",
-                                 "bins": calibration.BINS, "before": before, "after": after},  # fmt: skip
+                                 "bins": calibration.BINS, "before": before, "after": after},
             "plots/custom/reliability.json": [
                 {"confidence": r["confidence"], "accuracy": r["accuracy"], "images": r["count"]}
                 for r in before if r["count"]
@@ -158,22 +158,22 @@ def main(argv: list[str] | None = None) -> None:
             run.log_dict(obj, file.rsplit("/", 1)[-1])
 
         title = f"{name}: test ECE {summary['test/ece']:.3f}" + (
-            f", {summary['calibrated/ece']:.3f} at T = {temperature:.2f}" if p.calibrate else "")  # fmt: skip
+            f", {summary['calibrated/ece']:.3f} at T = {temperature:.2f}" if p.calibrate else "")
         run.log_image(figures.png_bytes(figures.reliability_figure(before, title, after if p.calibrate else None)),
-                      "reliability.png")  # fmt: skip
+                      "reliability.png")
         for key, normalised in (("counts", False), ("normalised", True)):
             figure = figures.confusion_figure(np.array(matrices[key]), classes, f"{name}: test confusion ({key})",
-                                              normalised)  # fmt: skip
+                                              normalised)
             run.log_image(figures.png_bytes(figure), f"confusion_{key}.png")
         chosen = samples.explain_sample(test.labels, predicted, p.explain_images, p.seed)
         images = np.asarray(test.images[chosen])
         maps = backend.explain(model, images, predicted[chosen])
         figure = figures.image_grid(images, captions(chosen, test.labels, proba, classes),
-                                    f"{name}: Grad-CAM for the predicted class", maps)  # fmt: skip
+                                    f"{name}: Grad-CAM for the predicted class", maps)
         run.log_image(figures.png_bytes(figure), "gradcam.png")
         wrong = samples.confident_errors(proba, test.labels, p.error_images)
         figure = figures.image_grid(np.asarray(test.images[wrong]), captions(wrong, test.labels, proba, classes),
-                                    f"{name}: the most confidently wrong test images")  # fmt: skip
+                                    f"{name}: the most confidently wrong test images")
         run.log_image(figures.png_bytes(figure), "errors.png")
         run.set_tags({"model": name, **backend.describe()})
         run.log_dataset(args.data, "evaluation")

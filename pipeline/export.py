@@ -100,7 +100,7 @@ def metadata(card: ModelCard, split: formats.Split, preprocessing: dict, layout:
         },
         "output": {"name": OUTPUT_NAME, "meaning": "class probabilities, softmax over classes in 'classes' order"},
         "calibration": {"temperature": temperature, "apply": "p_calibrated = softmax(log(p) / temperature)",
-                        "fitted_on": "the val split (evaluate)"},  # fmt: skip
+                        "fitted_on": "the val split (evaluate)"},
     }
 
 
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, fmt in shipped.items():
                 probs = fmt.run(float_batches(test.images, p.batch_size, backend.layout))
                 results[name] = {**parity(reference, probs), "test_acc": float((probs.argmax(1) == test.labels).mean()),
-                                 "bytes": size_on_disk(tmp / fmt.path)}  # fmt: skip
+                                 "bytes": size_on_disk(tmp / fmt.path)}
             run.log_summary({f"{name}/{k}": v for name, result in results.items() for k, v in result.items()})
             for name, result in results.items():
                 check_parity(name, result, p, args.model_dir, card.framework)
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         linked = {k.replace(".", "/"): v for k, v in evaluated.items() if isinstance(v, int | float)}
         run.log_model(args.out, test.images[:1], {"model": args.model, "framework": card.framework,
                       "arch": card.arch, **formats.dataset_tags(args.data),
-                      "pipeline.onnx_sha256": files.sha256_file(args.out / "model.onnx")}, linked)  # fmt: skip
+                      "pipeline.onnx_sha256": files.sha256_file(args.out / "model.onnx")}, linked)
 
 
 if __name__ == "__main__":

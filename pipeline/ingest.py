@@ -36,7 +36,7 @@ from pipeline.data.sources.candidates import Excluded, Item
 REJECT_CODES = (
     "empty", "undecodable", "unsupported_format", "unsupported_mode", "too_many_pixels", "too_small",
     "unreadable", "broken_symlink", "crashed_decoder", "outside_class_folder", "label_conflict",
-)  # fmt: skip
+)
 
 
 # -- inspection: runs in worker processes ---------------------------------------------------
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
             formats.write_table(tmp / "excluded.csv", excluded_table)
             source_files = source.dataset.files if isinstance(source, ArraySource) else {}
             description = {"source": params.source, "sha256": digest, "images": len(manifest),
-                           "classes": len(source.classes), "source_files": source_files}  # fmt: skip
+                           "classes": len(source.classes), "source_files": source_files}
             files.write_json(tmp / "dataset.json", description)
         run.set_tags({"dataset_sha256": digest, "data_source": params.source})
         detail = {k: v for k, v in stats.items() if k.startswith(DETAIL_KEYS)}

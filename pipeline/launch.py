@@ -43,7 +43,7 @@ def requested(stage: str) -> int:
         raise config.ConfigError(f"{config.PARAMS_FILE}: {stage}.nproc: expected an integer >= 1, got {value!r}")
     if value > 1 and section.get("framework", "torch") != "torch":
         raise config.ConfigError(f"{config.PARAMS_FILE}: {stage}.nproc: {value} processes need framework torch "
-                                 f"(DistributedDataParallel); keras trains in one process: set nproc: 1")  # fmt: skip
+                                 f"(DistributedDataParallel); keras trains in one process: set nproc: 1")
     return value
 
 

@@ -80,7 +80,7 @@ def cpu_isa() -> str:
         return platform.machine()
     names = set(flags.split())
     return next((isa for isa, flag in (("amx", "amx_tile"), ("avx512", "avx512f"), ("avx2", "avx2")) if flag in names),
-                "sse")  # fmt: skip
+                "sse")
 
 
 def record(portable: bool) -> dict[str, str]:

@@ -40,7 +40,7 @@ def image_paths(paths: list[Path]) -> list[Path]:
     for path in paths:
         if path.is_dir():
             found += sorted(p for p in path.rglob("*") if p.is_file() and images.has_image_extension(p.name)
-                            and not any(images.is_ignored(part) for part in p.relative_to(path).parts))  # fmt: skip
+                            and not any(images.is_ignored(part) for part in p.relative_to(path).parts))
         else:
             found.append(path)
     return found
@@ -60,7 +60,7 @@ def load(path: Path, meta: dict) -> np.ndarray:
 
 
 def classify(paths: list[Path], onnx_bytes: bytes, meta: dict, batch_size: int, threads: int,
-             temperature: float = 1.0) -> list[dict]:  # fmt: skip
+             temperature: float = 1.0) -> list[dict]:
     """A row per path, in order: {'path', 'probabilities'} or {'path', 'error'}. Files are
     decoded a batch at a time while ONNX Runtime runs the batches before them."""
     from tqdm import tqdm
@@ -102,7 +102,7 @@ def render(rows: list[dict], classes: list[str], top: int, fmt: str) -> str:
         order = np.argsort(-p, kind="stable")[:top]
         ranked = [{"class": classes[i], "probability": round(float(p[i]), 6)} for i in order]
         out.append({"path": row["path"], "class": ranked[0]["class"], "probability": ranked[0]["probability"],
-                    "top": ranked, "error": None})  # fmt: skip
+                    "top": ranked, "error": None})
     if fmt == "json":
         return json.dumps(out, indent=2) + "\n"
     buffer = io.StringIO()
@@ -111,7 +111,7 @@ def render(rows: list[dict], classes: list[str], top: int, fmt: str) -> str:
     for r in out:
         ranked = ";".join(f"{t['class']}:{t['probability']:.6f}" for t in r["top"])
         writer.writerow([r["path"], r["class"] or "", "" if r["probability"] is None else f"{r['probability']:.6f}",
-                         ranked, r["error"] or ""])  # fmt: skip
+                         ranked, r["error"] or ""])
     return buffer.getvalue()
 
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = sum("error" in r for r in rows)
     if failed:
         print(f"predict: {failed} of {len(rows)} files could not be classified (see their error column)",
-              file=sys.stderr)  # fmt: skip
+              file=sys.stderr)
     return 0 if len(rows) > failed else 1
 
 

@@ -216,7 +216,7 @@ def colour_decision(prepared: pd.DataFrame, storage: Storage) -> str:
     if len(colourful):
         examples = ", ".join(f"{r.path} ({r.colourfulness:g})" for r in colourful.head(3).itertuples())
         return (f"prepare: RGB: {len(colourful)} of {len(prepared)} images reach colourfulness "
-                f"{threshold:g} (prepare.colour_threshold), the most colourful {examples}")  # fmt: skip
+                f"{threshold:g} (prepare.colour_threshold), the most colourful {examples}")
     most = prepared.sort_values("colourfulness", ascending=False, kind="stable").iloc[0]
     return (f"prepare: grey, one channel: no image reaches colourfulness {threshold:g} "
             f"(the most colourful: {most.path}, {most.colourfulness:g}); "
@@ -275,12 +275,12 @@ def is_detail(key: str) -> bool:
     """Per-class counts, fractions and colour counts go to details.json: `dvc metrics show` keeps
     the image size, channels, split sizes and near-duplicate counts."""
     return "/per_class/" in key or key.endswith(("_fraction", "phash_candidates")) or (
-        key.startswith("colour/") and key != "colour/channels")  # fmt: skip
+        key.startswith("colour/") and key != "colour/channels")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = cli.parse(argv, __doc__, cli.path("--ingested", "data/ingested"), cli.path("--out", "data/prepared"),
-                     cli.path("--live", "dvclive/prepare"))  # fmt: skip
+                     cli.path("--live", "dvclive/prepare"))
     data_params = config.load("data", DataParams)
     params = config.load("prepare", PrepareParams)
     files.verify_folder(args.ingested, "ingest")

@@ -48,7 +48,7 @@ def scores(models: list[str], curves: dict[str, dict], select_by: str) -> dict[s
         value = curves[m].get("best", {}).get(select_by)
         if not isinstance(value, int | float):
             raise ArtifactError(f"dvclive/{cli.PRODUCERS.get(m, m)}/metrics.json: no best/{select_by} for {m}; "
-                                "rerun its training stage")  # fmt: skip
+                                "rerun its training stage")
         out[m] = float(value)
     return out
 
@@ -63,10 +63,10 @@ def choose(found: dict[str, float], higher_is_better: bool) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = cli.parse(argv, __doc__, ("--models", {"nargs": "+", "default": ["scratch", "finetune"]}),
                      cli.path("--data", "data/prepared"), cli.path("--exports", "exports"),
-                     cli.path("--curves", "dvclive"), cli.path("--live", "dvclive/register"))  # fmt: skip
+                     cli.path("--curves", "dvclive"), cli.path("--live", "dvclive/register"))
     p = config.load("register", RegisterParams)
     curves = {m: formats.read_json(args.curves / cli.PRODUCERS.get(m, m) / "metrics.json", f"{m}'s training metrics")
-              for m in args.models}  # fmt: skip
+              for m in args.models}
     found = scores(args.models, curves, p.select_by)
     chosen = choose(found, SELECTORS[p.select_by])
     export_dir = args.exports / chosen
@@ -78,13 +78,13 @@ def main(argv: list[str] | None = None) -> None:
         run.log_summary({f"{m}/{p.select_by}": v for m, v in found.items()})
         candidate = {"model": chosen, "score": found[chosen], "select_by": p.select_by,
                      "higher_is_better": SELECTORS[p.select_by], "dataset_sha256": tags["dataset_sha256"],
-                     "onnx_sha256": files.sha256_file(export_dir / "model.onnx")}  # fmt: skip
+                     "onnx_sha256": files.sha256_file(export_dir / "model.onnx")}
         files.write_json(run.live_dir / "selection.json", {
             "model": chosen, "select_by": p.select_by, "score": found[chosen], "registered_model": p.model_name,
-            "alias": p.alias, "onnx_sha256": candidate["onnx_sha256"]})  # fmt: skip
+            "alias": p.alias, "onnx_sha256": candidate["onnx_sha256"]})
         print(f"register: {chosen} ({p.select_by} {found[chosen]:.4f}) -> {p.model_name}")
         run.register_model(p.model_name, p.alias, candidate, export_dir, test.images[:1],
-                           {"model": chosen, **tags, "pipeline.onnx_sha256": candidate["onnx_sha256"]})  # fmt: skip
+                           {"model": chosen, **tags, "pipeline.onnx_sha256": candidate["onnx_sha256"]})
 
 
 if __name__ == "__main__":

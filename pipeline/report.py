@@ -87,7 +87,7 @@ def headline(evaluation: dict, export: dict, onnx_bytes: int | None) -> dict:
         "temperature": get("calibrated/temperature"), "parameters": get("model/parameters"),
         "model_bytes": get("model/file_bytes"), "onnx_bytes": onnx_bytes,
         "onnx_max_abs_diff": export.get("onnx", {}).get("max_abs_diff"),
-    }  # fmt: skip
+    }
     return {k: v for k, v in row.items() if v is not None}
 
 
@@ -120,7 +120,7 @@ def markdown(rows: dict[str, dict], evaluations: dict[str, dict], dataset: dict,
     lines = ["# Evaluation report", ""]
     lines += [f"Dataset: `{dataset.get('source')}` (sha256 `{str(dataset.get('sha256'))[:12]}`), "
               f"{dataset.get('images')} images, {dataset.get('classes')} classes. Every number is on the "
-              "test split unless it says otherwise.", ""]  # fmt: skip
+              "test split unless it says otherwise.", ""]
     names = list(rows)
     lines += ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for column, (path, fmt) in HEADLINE.items():
@@ -133,7 +133,7 @@ def markdown(rows: dict[str, dict], evaluations: dict[str, dict], dataset: dict,
                 cells.append(f"{node / 1e6:.2f}" if fmt is None else fmt.format(node))
         lines.append(f"| {column} | " + " | ".join(cells) + " |")
     lines.append("| ONNX file (MB) | " + " | ".join(
-        f"{rows[n]['onnx_bytes'] / 1e6:.2f}" if "onnx_bytes" in rows[n] else "-" for n in names) + " |")  # fmt: skip
+        f"{rows[n]['onnx_bytes'] / 1e6:.2f}" if "onnx_bytes" in rows[n] else "-" for n in names) + " |")
     lines.append("")
     for name in names:
         lines += [f"## {name}", ""]
@@ -147,10 +147,10 @@ def main(argv: list[str] | None = None) -> None:
                      cli.path("--data", "data/prepared"), cli.path("--evaluations", "dvclive/evaluate"),
                      cli.path("--exports", "exports"), cli.path("--export-metrics", "dvclive/export"),
                      cli.path("--curves", "dvclive"), cli.path("--out", "reports"),
-                     cli.path("--live", "dvclive/report"))  # fmt: skip
+                     cli.path("--live", "dvclive/report"))
     dataset = formats.read_json(args.data / "dataset.json", "the dataset description")
     evaluations = {m: formats.read_json(args.evaluations / m / "metrics.json", f"{m}'s evaluation")
-                   for m in args.models}  # fmt: skip
+                   for m in args.models}
     with tracking.stage_run("report", {"models": list(args.models)}, args.live) as run:
         rows, images = {}, {}
         with files.atomic_dir(args.out, checksums=False) as out:  # read by people, not by a stage

@@ -31,7 +31,7 @@ class Objective:
     def __post_init__(self) -> None:
         file, _, key = self.metric.partition(":")
         check(bool(file and key), "metric", f"must be '<metrics file>:<key>', e.g. "
-              f"'dvclive/train/metrics.json:best.val_loss'; got {self.metric!r}")  # fmt: skip
+              f"'dvclive/train/metrics.json:best.val_loss'; got {self.metric!r}")
 
     @property
     def file(self) -> str:
@@ -106,7 +106,7 @@ def load(path: Path, params_file: Path = config.PARAMS_FILE) -> SearchSpace:
         raise ConfigError(f"{path}: unknown keys {unknown}; valid keys are ['objective', 'params', 'prune']")
     if not isinstance(raw.get("params"), dict) or not raw["params"]:
         raise ConfigError(f"{path}: params: expected a mapping of params.yaml keys to ranges, e.g. "
-                          "'train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}'")  # fmt: skip
+                          "'train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}'")
     if "objective" not in raw:
         raise ConfigError(f"{path}: missing objective: (e.g. {{metric: 'dvclive/train/metrics.json:best.val_loss'}})")
     objective = config.from_dict(raw["objective"], Objective, f"{path}: objective")

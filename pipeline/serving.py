@@ -46,14 +46,14 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             raise ValueError(f"expected uint8 images (N, H, W, C), got an array of shape {pixels.shape}")
         prep = self.meta["preprocessing"]
         fitted = np.stack([images.array_for_model(p, prep["image_size"], prep["channels"], prep["resize"])
-                           for p in pixels])  # fmt: skip
+                           for p in pixels])
         proba = self.run(float_batches(fitted, BATCH_SIZE, self.meta["input"]["layout"])).astype(np.float64)
         if (params or {}).get("calibrated"):
             proba = calibration.scale(proba, float(self.meta["calibration"]["temperature"]))
         classes = self.meta["classes"]
         top = proba.argmax(1)
         return pd.DataFrame({"class": [classes[i] for i in top], "probability": proba[np.arange(len(top)), top],
-                             "probabilities": [row.tolist() for row in proba]})  # fmt: skip
+                             "probabilities": [row.tolist() for row in proba]})
 
 
 mlflow.models.set_model(ImageClassifier())

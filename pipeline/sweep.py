@@ -49,12 +49,12 @@ def open_study(space: SearchSpace, name: str, storage: str, seed: int) -> Any:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     study = optuna.create_study(study_name=name, storage=trial.storage(storage), sampler=sampler, load_if_exists=True,
-                                direction=space.objective.direction)  # fmt: skip
+                                direction=space.objective.direction)
     described = json.loads(json.dumps(space.as_dict()))
     previous = study.user_attrs.get("space")
     if previous is not None and previous != described:
         raise PipelineError(f"study '{name}' in {safe_url(storage)} was run with another search space; "
-                            "use a new --study name, or the same sweep file")  # fmt: skip
+                            "use a new --study name, or the same sweep file")
     study.set_user_attr("space", described)
     study.set_user_attr(trial.PRUNE_ATTR, described["prune"])
     return study
@@ -71,7 +71,7 @@ def safe_url(url: str) -> str:
 
 
 def run_batch(study: Any, space: SearchSpace, size: int, jobs: int, root: Path, env: dict,
-              targets: list[str]) -> list[tuple]:  # fmt: skip
+              targets: list[str]) -> list[tuple]:
     """Ask `size` trials, queue them as experiments (of `targets` and what they need, or the
     whole pipeline), run the queue, tell the study; the outcomes."""
     import optuna
@@ -117,12 +117,12 @@ def parent_run(study_name: str, args: argparse.Namespace, storage: str) -> tuple
     root = tracking.repo_root()
     uri = tracking.tracking_uri(root)
     experiment_id = tracking_worker.open_store(mlflow, uri, tracking.experiment_name(), root,
-                                               tracking.load_tracking_params())  # fmt: skip
+                                               tracking.load_tracking_params())
     client = mlflow.MlflowClient(uri)
     run = client.create_run(experiment_id, run_name=f"sweep {study_name}", tags={
         SWEEP_TAG: study_name, "mlflow.note.content": "An Optuna sweep: each trial's pipeline run is nested here."})
     params = {"study": study_name, "storage": safe_url(storage), "trials": args.trials, "jobs": args.jobs,
-              "seed": args.seed, "space_file": str(args.space)}  # fmt: skip
+              "seed": args.seed, "space_file": str(args.space)}
     for key, value in params.items():
         client.log_param(run.info.run_id, key, str(value))
     return client, run.info.run_id
@@ -143,7 +143,7 @@ def sweep(args: argparse.Namespace) -> int:
             for number, exp, values, value, state in run_batch(study, space, size, args.jobs, root, env, args.target):
                 shown = f"{value:.5g}" if value is not None else "-"
                 print(f"trial {number} ({exp}): {space.objective.key} {shown}, {state}; "
-                      + ", ".join(f"{k}={v}" for k, v in values.items()), flush=True)  # fmt: skip
+                      + ", ".join(f"{k}={v}" for k, v in values.items()), flush=True)
                 if value is not None:
                     client.log_metric(parent, "trial_value", value, step=number)
             remaining -= size
@@ -177,7 +177,7 @@ def finish(study: Any, client: Any, parent: str, apply: bool) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, required=True, help="trials this process runs")
     parser.add_argument("--jobs", type=int, default=1, help="experiments at once (dvc queue start -j)")
     parser.add_argument("--space", type=Path, default=Path("sweep.yaml"), help="the search space (YAML)")

@@ -125,7 +125,7 @@ def git_tags(root: Path) -> dict[str, str]:
     # what `dvc repro` itself rewrites (dvc.lock, the git-tracked metrics it deletes before a stage
     # runs) is not a change to the code or params: counted, every repro would read as dirty
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                 *(f":(exclude,glob){p}" for p in pipeline_outputs(root)))  # fmt: skip
+                 *(f":(exclude,glob){p}" for p in pipeline_outputs(root)))
     return {
         "git_commit": commit or "none",
         "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
@@ -303,7 +303,7 @@ class StageRun:
         tags = formats.dataset_tags(prepared)
         self.set_tags(tags)
         self._worker.call("log_input", name=tags["data_source"], uri=str(Path(prepared).resolve()),
-                          digest=tags["dataset_sha256"][:36], context=context)  # fmt: skip  # MLflow keeps 36 chars
+                          digest=tags["dataset_sha256"][:36], context=context)  # MLflow keeps 36 chars
 
     def log_model(self, export_dir: Path, example: Any, tags: Mapping[str, str], linked: Mapping[str, float]) -> None:
         """An export folder as this run's MLflow model (`pipeline.serving`: uint8 images of any
@@ -311,7 +311,7 @@ class StageRun:
         the metrics shown with it under "Logged models"."""
         self._worker.call("log_model", export_dir=str(Path(export_dir).resolve()), example=self._example(example),
                           scratch=str(self._scratch), tags={k: str(v) for k, v in tags.items()},
-                          linked={k: float(v) for k, v in linked.items()})  # fmt: skip
+                          linked={k: float(v) for k, v in linked.items()})
 
     def _example(self, example: Any) -> str:
         """An input example saved for the worker (an array has no JSON form worth sending)."""
@@ -322,14 +322,14 @@ class StageRun:
         return str(path)
 
     def register_model(self, name: str, alias: str, candidate: Mapping[str, Any], export_dir: Path, example: Any,
-                       tags: Mapping[str, str]) -> None:  # fmt: skip
+                       tags: Mapping[str, str]) -> None:
         """Register the chosen export's MLflow model (found by its ONNX file's hash; logged in
         this run when the store has none) as a version of `name`, and move `alias` to it when
         it beats the current holder (`tracking_models.register`)."""
         self._worker.call("register", name=name, alias=alias, candidate=dict(candidate),
                           export_dir=str(Path(export_dir).resolve()), example=self._example(example),
                           scratch=str(self._scratch),
-                          tags={k: str(v) for k, v in tags.items()})  # fmt: skip
+                          tags={k: str(v) for k, v in tags.items()})
 
     def log_group_metrics(self, metrics: Mapping[str, float | int]) -> None:
         """Headline figures onto the parent run of this pipeline execution too, so executions
@@ -376,7 +376,7 @@ class StageRun:
         """A nested MLflow run under this one (a cross-validation fold): what is logged through
         the StageRun it yields goes to MLflow only, and the child ends FINISHED, FAILED or KILLED."""
         self._worker.call("start_child", run_name=name, tags={"stage": self.stage, DRIVER_TAG: workspace.driver().key},
-                          params={k: str(v) for k, v in flatten(params).items()})  # fmt: skip
+                          params={k: str(v) for k, v in flatten(params).items()})
         status = "FAILED"
         try:
             yield StageRun(self.stage, None, self._worker, self._scratch)

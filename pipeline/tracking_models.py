@@ -39,7 +39,7 @@ def signature() -> Any:
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),  # N images, any H, W, and C 1, 3 or 4
         outputs=Schema([ColSpec("string", "class"), ColSpec("double", "probability"),
-                        ColSpec(Array("double"), "probabilities")]),  # fmt: skip
+                        ColSpec(Array("double"), "probabilities")]),
         params=ParamSchema([ParamSpec("calibrated", "boolean", False)]),
     )
 
@@ -49,12 +49,12 @@ def code_copy(scratch: Path) -> Path:
     target = Path(scratch) / "code" / "pipeline"
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(PACKAGE, target, ignore=lambda _, names: [n for n in names if n == "__pycache__"
-                                                               or n.endswith((".pyc", ".pyo"))])  # fmt: skip
+                                                               or n.endswith((".pyc", ".pyo"))])
     return target
 
 
 def log_model(mlflow: Any, export_dir: Path, example: np.ndarray, scratch: Path, tags: dict[str, str],
-              linked: dict[str, float], dataset: Any = None) -> str:  # fmt: skip
+              linked: dict[str, float], dataset: Any = None) -> str:
     """Log `export_dir` as this run's MLflow model, named after `tags["model"]`; returns its id.
     Its source is the run's (the stage's file), not this worker's."""
     export_dir = Path(export_dir)
@@ -118,7 +118,7 @@ def register(mlflow: Any, client: Any, name: str, alias: str, model_id: str, new
         client.create_registered_model(name, description=about)
     same = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get(ONNX_TAG) == new["onnx_sha256"]]
     tags = {ONNX_TAG: new["onnx_sha256"], DATASET_TAG: new["dataset_sha256"], SELECT_TAG: new["select_by"],
-            SCORE_TAG: repr(float(new["score"])), "model": new["model"]}  # fmt: skip
+            SCORE_TAG: repr(float(new["score"])), "model": new["model"]}
     if same:
         version = same[0]
     else:
@@ -134,4 +134,4 @@ def register(mlflow: Any, client: Any, name: str, alias: str, model_id: str, new
     if moved:
         client.set_registered_model_alias(name, alias, version.version)
     say(f"{name} version {version.version} ({new['model']}, {new['select_by']} {new['score']:.6g}): "
-        f"{'now' if moved else 'not'} @{alias}: {why}")  # fmt: skip
+        f"{'now' if moved else 'not'} @{alias}: {why}")

@@ -168,7 +168,7 @@ def mark_orphans_killed(client: Any, experiment_id: str, p: TrackingParams) -> N
     same pid) end as KILLED: their stage and its worker died together."""
     host = socket.gethostname()
     runs = retrying(lambda: client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and "
-                                               f"tags.`{HOST_TAG}` = '{host}'"), p.lock_wait_seconds)  # fmt: skip
+                                               f"tags.`{HOST_TAG}` = '{host}'"), p.lock_wait_seconds)
     for run in runs:
         pid = run.data.tags.get(PID_TAG, "")
         since = alive_since(int(pid)) if pid.isdigit() else None
@@ -203,7 +203,7 @@ def serve(uri: str, experiment: str, root: str) -> None:
     def log_export(msg: dict) -> str:
         example = np.load(msg["example"], allow_pickle=False)
         return tracking_models.log_model(mlflow, Path(msg["export_dir"]), example, Path(msg["scratch"]), msg["tags"],
-                                         msg.get("linked", {}), state.get("dataset"))  # fmt: skip
+                                         msg.get("linked", {}), state.get("dataset"))
 
     def apply(msg: dict) -> bool:
         """Apply one call; False once the stage said 'end'."""
@@ -214,7 +214,7 @@ def serve(uri: str, experiment: str, root: str) -> None:
             state["group"] = group_run(client, experiment_id, group["driver"], group["name"], p) if group else None
             state["run"] = retrying(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=msg["run_name"],
                                                              parent_run_id=state["group"], tags=tags),
-                                    p.lock_wait_seconds)  # fmt: skip
+                                    p.lock_wait_seconds)
             call(lambda: mlflow.log_params(msg["params"]))
         elif op == "log_input":
             args = (msg["name"], msg["uri"], msg["digest"], msg["context"], state.get("group"))
@@ -231,11 +231,11 @@ def serve(uri: str, experiment: str, root: str) -> None:
         elif op == "log_group_metrics":  # headline figures, copied onto the execution's parent run
             if state.get("group"):
                 call(lambda: client.log_batch(state["group"], metrics=[
-                    Metric(k, float(v), int(time.time() * 1000), 0) for k, v in msg["metrics"].items()]))  # fmt: skip
+                    Metric(k, float(v), int(time.time() * 1000), 0) for k, v in msg["metrics"].items()]))
         elif op == "start_child":  # a nested run (cross-validation folds); later calls log into it
             tags = {**msg["tags"], HOST_TAG: socket.gethostname(), PID_TAG: str(os.getppid())}
             retrying(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=msg["run_name"], nested=True,
-                                              tags=tags), p.lock_wait_seconds)  # fmt: skip
+                                              tags=tags), p.lock_wait_seconds)
             call(lambda: mlflow.log_params(msg["params"]))
         elif op == "end_child":
             call(lambda: mlflow.end_run(msg["status"]))
@@ -304,7 +304,7 @@ def group_run(client: Any, experiment_id: str, driver: str, name: str, p: Tracki
     same = f"tags.`{GROUP_TAG}` = 'true' and tags.`{GROUP_NAME_TAG}` = '{name}'"
     earlier = retrying(lambda: client.search_runs([experiment_id], same, max_results=10000), p.lock_wait_seconds)
     tags = {GROUP_TAG: "true", DRIVER_TAG: driver, HOST_TAG: socket.gethostname(), GROUP_NAME_TAG: name,
-            "mlflow.note.content": "One pipeline execution: its stage runs are nested under this run."}  # fmt: skip
+            "mlflow.note.content": "One pipeline execution: its stage runs are nested under this run."}
     if os.environ.get(PARENT_RUN_ENV):  # one trial of a sweep: under the sweep's run
         tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
     run_name = f"{name} #{len(earlier) + 1}" if earlier else name
@@ -339,10 +339,10 @@ def end_all(mlflow: Any, status: str, p: TrackingParams) -> None:
 def fail_experiment(client: Any, experiment_id: str, driver: str, stage: str, p: TrackingParams) -> None:
     """Mark FAILED the FINISHED runs of one `dvc exp run` (`driver`) that DVC did not save."""
     runs = retrying(lambda: client.search_runs([experiment_id], f"attributes.status = 'FINISHED' and "
-                                               f"tags.`{DRIVER_TAG}` = '{driver}'"), p.lock_wait_seconds)  # fmt: skip
+                                               f"tags.`{DRIVER_TAG}` = '{driver}'"), p.lock_wait_seconds)
     for run in runs:
         retrying(lambda r=run: client.set_tag(r.info.run_id, FAILED_BY_TAG, stage),
-                 p.lock_wait_seconds)  # fmt: skip
+                 p.lock_wait_seconds)
         retrying(lambda r=run: client.set_terminated(r.info.run_id, "FAILED"), p.lock_wait_seconds)
 
 

@@ -38,13 +38,13 @@ def main(argv: list[str] | None = None) -> None:
         run.log_choices({"input_size": margs["input_size"], "augment": augmentation(p, train_set.image_size)})
         # per-epoch checkpoints outside DVC's outputs: a killed run resumes
         saved = checkpoints.for_stage(tracking.repo_root(), "train", {"train": p, "runtime": rt}, [args.data],
-                                      backend.describe())  # fmt: skip
+                                      backend.describe())
         started = time.perf_counter()
         result = backend.fit(model, train_set, val_set, p, run, desc=f"train ({p.framework})",
-                             checkpoint=saved.slot("fit", backend.checkpoint_suffix))  # fmt: skip
+                             checkpoint=saved.slot("fit", backend.checkpoint_suffix))
         seconds = time.perf_counter() - started
         run.log_summary({"best/epoch": result.best_epoch, "best/val_loss": result.best_val_loss,
-                         "best/val_acc": result.best_val_acc, "epochs_run": result.epochs_run})  # fmt: skip
+                         "best/val_acc": result.best_val_acc, "epochs_run": result.epochs_run})
         run.log_timing({"fit_seconds": seconds, "images_per_second": result.epochs_run * len(train_set) / seconds})
         if launch.rank() == 0:  # under torchrun the ranks hold equal weights; one writes them
             card.save(args.out, backend, model, "scratch_cnn", margs, train_set.classes)

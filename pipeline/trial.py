@@ -38,7 +38,7 @@ def make_pruner(settings: Mapping[str, Any]) -> Any:
     import optuna
 
     return optuna.pruners.MedianPruner(n_startup_trials=int(settings["startup_trials"]),
-                                       n_warmup_steps=int(settings["warmup_epochs"]))  # fmt: skip
+                                       n_warmup_steps=int(settings["warmup_epochs"]))
 
 
 def epoch_hook(stage: str) -> Callable[[int, Mapping[str, float]], None] | None:
@@ -71,6 +71,6 @@ def epoch_hook(stage: str) -> Callable[[int, Mapping[str, float]], None] | None:
             trial.set_user_attr(PRUNED_ATTR, epoch)
             raise TrialPruned(f"{stage}: pruned by the Optuna study '{study_name}' at epoch {epoch} (trial "
                               f"{trial.number}): its {metric} {metrics[metric]:.4f} is worse than the median of "
-                              "earlier trials at this epoch")  # fmt: skip
+                              "earlier trials at this epoch")
 
     return report

@@ -139,7 +139,7 @@ def claim(root: Path | None = None) -> None:
             _check(held.get("params"), digest, me)
         else:
             record = {"driver": me.key, "host": me.host, "pid": me.pid, "started": me.started,
-                      "command": me.command, "params": digest}  # fmt: skip
+                      "command": me.command, "params": digest}
             files.write_json(path, record)
     _claimed = (root, digest)
 

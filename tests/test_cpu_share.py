@@ -33,7 +33,7 @@ def report_from_inside(node: str) -> str:
     inner = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {WORKER!r}, 'report'], check=True)"
     script = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {inner!r}], check=True)"
     done = subprocess.run([sys.executable, "-c", script, "exp", "queue-worker", f"{node}@localhost"],
-                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+                          capture_output=True, text=True, timeout=60, check=True)
     return done.stdout.strip()
 
 

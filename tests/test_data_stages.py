@@ -181,7 +181,7 @@ def planted(size: int = 48) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
         return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
     photo = {n: Image.fromarray(getattr(skimage.data, n)()).convert("RGB") for n in
-             ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins")}  # fmt: skip
+             ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins")}
     rows = [("train", name, photo[name]) for name in ("astronaut", "chelsea", "coffee", "rocket")]
     rows += [
         ("val", "chelsea-half", photo["chelsea"].resize((225, 150))),
@@ -226,7 +226,7 @@ def test_similar_but_distinct_digits_are_not_reported_as_near_duplicates():
     frame = pd.DataFrame({
         "path": [f"{i:04d}" for i in range(len(pixels))], "label": labels.astype(str), "source_split": "",
         "sha256": [formats.pixel_sha256(p) for p in pixels], "phash": [images.phash(p) for p in pixels],
-    })  # fmt: skip
+    })
     prepared = prepare.prepare_manifest(frame, PrepareParams())
     stored = {s: pixels[prepared.loc[prepared.split == s].sort_values("index").index] for s in formats.SPLITS}
     held_out = (prepared.split != "train").sum()

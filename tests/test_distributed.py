@@ -23,7 +23,7 @@ PARAMS = TINY_PARAMS.replace("epochs: 2, batch_size: 64", "epochs: 3, batch_size
 def stage(work: Path, name: str, prepared: Path, out: str, check: bool = True):
     model = "scratch" if name == "train" else "finetune"
     cmd = [sys.executable, "-m", "pipeline", name, "--data", str(prepared), "--out", f"{out}/{model}",
-           "--live", f"{out}/dvclive"]  # fmt: skip
+           "--live", f"{out}/dvclive"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if check:
         return run(cmd, work, env)

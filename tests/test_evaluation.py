@@ -118,7 +118,7 @@ def test_grad_cam_puts_its_mass_on_a_planted_patch():
     test, test_labels, test_masks = planted(64, rng)
     with torch.no_grad():
         accuracy = (model.eval()(torch.from_numpy(test).permute(0, 3, 1, 2).float() / 255).argmax(1).numpy()
-                    == test_labels).mean()  # fmt: skip
+                    == test_labels).mean()
     assert accuracy > 0.9
     ones = np.flatnonzero(test_labels)
     maps = explain.grad_cam(model, test[ones], np.ones(len(ones), int))

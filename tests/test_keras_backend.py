@@ -138,7 +138,7 @@ elif check == "paths":
     keras.Model.fit, keras.Model.compile = recorded, steps_per_call
     weights = {}
     for path, limit, forced in (("resident", kb_recipe.RESIDENT_BYTES, 0), ("streamed", 0, 0),
-                                ("step_per_call", kb_recipe.RESIDENT_BYTES, 1)):  # fmt: skip
+                                ("step_per_call", kb_recipe.RESIDENT_BYTES, 1)):
         kb_recipe.RESIDENT_BYTES = limit
         keras.utils.set_random_seed(0)
         net = kb_model.build_scratch_cnn(**args)
@@ -238,7 +238,7 @@ def test_keras_builds_torchs_network_with_torchs_schedules_and_optimizers(repo_r
     torch_bounds, keras_bounds = out["bounds"]  # torch's initial weight scale, layer by layer
     assert len(keras_bounds) == len(torch_bounds) and np.allclose(keras_bounds, torch_bounds, rtol=0.05)
     assert "runtime.device is 'cuda' but TensorFlow (tensorflow-cpu, which has no GPU support) sees no GPU" in out[
-        "cuda_error"] and "make setup-gpu" in out["cuda_error"]  # fmt: skip
+        "cuda_error"] and "make setup-gpu" in out["cuda_error"]
 
 
 def test_the_resident_and_streamed_splits_and_an_epoch_per_call_train_the_same_weights(repo_root, prepared):
@@ -342,7 +342,7 @@ def test_tensorflows_cuda_libraries_load_from_their_own_folder(tmp_path):
 
     assert cuda.preload(tmp_path / "absent") == []
     zlib = next(p for p in (Path("/lib/x86_64-linux-gnu"), Path("/usr/lib/x86_64-linux-gnu"), Path("/lib64"))
-                if (p / "libz.so.1").is_file()) / "libz.so.1"  # fmt: skip
+                if (p / "libz.so.1").is_file()) / "libz.so.1"
     (tmp_path / "nvidia/zlib/lib").mkdir(parents=True)
     shutil.copy(zlib, tmp_path / "nvidia/zlib/lib/libz.so.1")
     (tmp_path / "nvidia/cudnn/lib").mkdir(parents=True)

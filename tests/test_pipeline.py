@@ -196,7 +196,7 @@ def test_queued_experiments_run_side_by_side_and_each_lands_once(tmp_repo, tmp_p
     names = ["queued-1", "queued-2"]
     for seed, name in enumerate(names, 1):  # the train stage alone: what the threads and the store need
         run(["dvc", "exp", "run", "--queue", "-q", "-n", name, "-S", f"train.seed={seed}",
-             "-S", "runtime.threads=auto", "-S", "+runtime.portable=false", "train"], repo, env)  # fmt: skip
+             "-S", "runtime.threads=auto", "-S", "+runtime.portable=false", "train"], repo, env)
     dvc_queue.start(2, env, repo)
     status = dvc_queue.wait_for(names, repo, env, 2, timeout=900)
     assert status == dict.fromkeys(names, "Success"), run(["dvc", "queue", "logs", names[0]], repo, env).stdout
@@ -208,7 +208,7 @@ def test_queued_experiments_run_side_by_side_and_each_lands_once(tmp_repo, tmp_p
     experiment = client.get_experiment_by_name("cnn-pipeline")
     runs = client.search_runs([experiment.experiment_id], "tags.stage LIKE '%'")
     assert sorted((r.data.tags["dvc_exp_name"], r.data.tags["stage"], r.info.status) for r in runs) == [
-        (n, "train", "FINISHED") for n in names]  # fmt: skip
+        (n, "train", "FINISHED") for n in names]
     # the two ran at once: auto shared the cores between the two workers
     assert {r.data.tags["threads"] for r in runs} == {str(cpu_share.auto_threads(workers=2))}
     assert {r.data.params["runtime.threads"] for r in runs} == {"auto"}  # with runtime.portable: false, added by -S +
@@ -261,7 +261,7 @@ def test_a_three_trial_sweep_queues_experiments_and_applies_the_best(tmp_repo):
         "prune: {stage: train, metric: val/loss, warmup_epochs: 0, startup_trials: 1}\n"
         "params:\n  train.lr: {low: 1.0e-3, high: 3.0e-2, log: true}\n  train.batch_size: {choices: [32, 64]}\n")
     done = run([sys.executable, "-m", "pipeline.sweep", "--trials", "3", "--jobs", "2", "--space", "tiny-sweep.yaml",
-                "--study", "tiny", "--target", "train"], repo, env)  # fmt: skip
+                "--study", "tiny", "--target", "train"], repo, env)
     import optuna
 
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{repo / 'optuna.db'}")

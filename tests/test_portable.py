@@ -63,9 +63,9 @@ def train(work: Path, prepared: Path, shell: dict[str, str | None], one_core: bo
     env = {name: value for name, value in env.items() if value is not None}
     core = min(os.sched_getaffinity(0))
     cmd = [sys.executable, "-m", "pipeline", "train", "--data", str(prepared), "--out", "models/scratch",
-           "--live", "dvclive/train"]  # fmt: skip
+           "--live", "dvclive/train"]
     done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True,
-                          preexec_fn=(lambda: os.sched_setaffinity(0, {core})) if one_core else None)  # fmt: skip
+                          preexec_fn=(lambda: os.sched_setaffinity(0, {core})) if one_core else None)
     assert done.returncode == 0, done.stderr[-3000:]
     found = [p for folder in ("models/scratch", "dvclive/train") for p in sorted((work / folder).rglob("*"))]
     return {str(p.relative_to(work)): p.read_bytes() for p in found if p.is_file()}

@@ -27,7 +27,7 @@ def exported(trained, tmp_path_factory):
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent}/m.db"}
     run([sys.executable, "-m", "pipeline", "export", "--model", "scratch", "--data", str(trained / "data/prepared"),
          "--models", str(trained / "models"), "--out", str(out), "--live", str(out.parent / "live"),
-         "--evaluation", str(trained / "dvclive/evaluate/scratch")], cwd=trained, env=env)  # fmt: skip
+         "--evaluation", str(trained / "dvclive/evaluate/scratch")], cwd=trained, env=env)
     return out
 
 
@@ -55,7 +55,7 @@ def test_predictions_match_the_export_on_the_same_pixels(exported, photos, capsy
     rows = {r["path"]: r for r in json.loads(capsys.readouterr().out)}
     names = sorted(Path(p).relative_to(folder).as_posix() for p in rows)
     assert names == ["broken.png", "set0/0.png", "set0/2.png", "set0/4.png", "set0/6.png", "set1/1.png",
-                     "set1/3.png", "set1/5.png", "set1/7.png", "truncated.jpg", "whole.jpg"]  # fmt: skip
+                     "set1/3.png", "set1/5.png", "set1/7.png", "truncated.jpg", "whole.jpg"]
     session = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
     x = np.asarray(test.images[:8], np.float32).transpose(0, 3, 1, 2) / 255
     expected = session.run(None, {"image": x})[0]
@@ -74,7 +74,7 @@ def test_csv_rows_errors_and_exit_codes(exported, photos, tmp_path, capsys):
     folder, _ = photos
     out = tmp_path / "rows.csv"
     assert predict.main([str(folder / "set0"), str(folder / "broken.png"), "--model", str(exported), "--out",
-                         str(out)]) == 0  # fmt: skip
+                         str(out)]) == 0
     lines = out.read_text().splitlines()
     assert lines[0] == "path,class,probability,top,error" and len(lines) == 1 + 5
     assert lines[-1].startswith(f"{folder / 'broken.png'},,,,cannot decode")
@@ -98,9 +98,9 @@ def test_a_tampered_export_is_refused_and_no_framework_is_imported(exported, pho
     folder, _ = photos
     script = (f"import sys; from pipeline import predict; code = predict.main([{str(folder / 'set1')!r}, '--model', "
               f"{str(exported)!r}]); assert 'torch' not in sys.modules and 'tensorflow' not in sys.modules; "
-              "sys.exit(code)")  # fmt: skip
+              "sys.exit(code)")
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={"PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True)  # fmt: skip
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     tampered = tmp_path / "tampered"
     tampered.mkdir()
@@ -110,6 +110,6 @@ def test_a_tampered_export_is_refused_and_no_framework_is_imported(exported, pho
     data[-1] ^= 1
     (tampered / "model.onnx").write_bytes(bytes(data))
     done = subprocess.run([sys.executable, "-m", "pipeline.predict", str(folder), "--model", str(tampered)],
-                          cwd=tmp_path, env={"PYTHONPATH": str(REPO)}, capture_output=True, text=True)  # fmt: skip
+                          cwd=tmp_path, env={"PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "model.onnx: its content differs from the sha256" in done.stderr

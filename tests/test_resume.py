@@ -27,7 +27,7 @@ FINETUNE = ("head_epochs: 1\n  epochs: 1\n", "head_epochs: 3\n  epochs: 4\n")
 def stage_cmd(stage: str, prepared: Path) -> list[str]:
     model = "scratch" if stage == "train" else "finetune"
     return [sys.executable, "-m", "pipeline", stage, "--data", str(prepared), "--out", f"models/{model}",
-            "--live", f"dvclive/{stage}"]  # fmt: skip
+            "--live", f"dvclive/{stage}"]
 
 
 def outputs(work: Path, stage: str) -> dict[str, bytes]:
@@ -67,7 +67,7 @@ def kill_after(cmd: list[str], work: Path, env: dict, writes: int, delay: float)
     """Start the stage; SIGKILL it (and its MLflow worker) `delay` seconds after it has
     written `writes` checkpoints: inside the next epoch, or inside the next write."""
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True)
     seen: set = set()
     before = saves(work)
     deadline = time.monotonic() + 300
@@ -118,7 +118,7 @@ def test_killed_at_random_points_and_rerun_it_ends_byte_identical(case, tmp_path
 def test_a_checkpoint_of_other_params_is_never_resumed(tmp_path, prepared):
     work, env = fresh(tmp_path, "work", PARAMS)
     proc = subprocess.Popen(stage_cmd("train", prepared), cwd=work, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while not any((work / checkpoints.FOLDER).rglob("fit.pt")) and time.monotonic() < deadline:
         time.sleep(0.05)

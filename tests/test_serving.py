@@ -39,14 +39,14 @@ def tiny_export(folder: Path) -> Path:
         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
     ]
     weights = [helper.make_tensor("w", TensorProto.FLOAT, [1, 2], [-8.0, 8.0]),
-               helper.make_tensor("b", TensorProto.FLOAT, [2], [4.0, -4.0])]  # fmt: skip
+               helper.make_tensor("b", TensorProto.FLOAT, [2], [4.0, -4.0])]
     model = helper.make_model(helper.make_graph(nodes, "brightness", [x], [y], weights),
-                              opset_imports=[helper.make_opsetid("", 18)])  # fmt: skip
+                              opset_imports=[helper.make_opsetid("", 18)])
     folder.mkdir(parents=True)
     onnx.save(model, folder / "model.onnx")
     files.write_json(folder / "model.json", {
         "classes": ["dark", "light"], "input": {"layout": "NCHW"}, "calibration": {"temperature": 2.0},
-        "preprocessing": {"image_size": 8, "channels": 1, "resize": "stretch"}})  # fmt: skip
+        "preprocessing": {"image_size": 8, "channels": 1, "resize": "stretch"}})
     files.write_checksums(folder)
     return folder
 
@@ -58,7 +58,7 @@ def photo(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 def test_an_array_becomes_what_the_same_pixels_in_a_file_become(tmp_path):
     """Serving takes arrays, predict and prepare take files: the same pixels give the same input."""
     for name, pixels in [("grey.png", photo((30, 50))), ("rgb.png", photo((40, 25, 3))),
-                         ("rgba.png", photo((20, 20, 4))), ("grey1.png", photo((12, 9, 1)))]:  # fmt: skip
+                         ("rgba.png", photo((20, 20, 4))), ("grey1.png", photo((12, 9, 1)))]:
         path = tmp_path / name
         Image.fromarray(pixels[..., 0] if pixels.shape[-1:] == (1,) else pixels).save(path)
         for channels in (1, 3):
@@ -81,7 +81,7 @@ def test_the_logged_model_takes_any_image_and_answers_as_the_export(tmp_path):
     experiment("serving", tmp_path)
     with mlflow.start_run(tags={"mlflow.source.name": "pipeline/export.py"}):
         model_id = tracking_models.log_model(mlflow, export, photo((1, 8, 8, 1)), tmp_path / "scratch",
-                                             {"model": "tiny"}, {"test/acc": 0.5})  # fmt: skip
+                                             {"model": "tiny"}, {"test/acc": 0.5})
     logged = mlflow.get_logged_model(model_id)
     assert {m.key for m in logged.metrics} == {"test/acc"} and logged.tags["model"] == "tiny"
     assert logged.name == "tiny" and logged.tags["mlflow.source.name"] == "pipeline/export.py"  # not the worker
@@ -114,7 +114,7 @@ def test_the_alias_moves_only_to_a_better_model_on_the_same_data(tmp_path):
         if name not in logged:
             logged[name] = mlflow.create_external_model(name=name).model_id
         return logged[name], {"model": name, "score": score, "select_by": select_by, "higher_is_better": True,
-                              "dataset_sha256": dataset, "onnx_sha256": f"sha-{name}"}  # fmt: skip
+                              "dataset_sha256": dataset, "onnx_sha256": f"sha-{name}"}
 
     def champion() -> tuple[str, str]:
         version = client.get_model_version_by_alias("clf", "champion")
@@ -133,14 +133,14 @@ def test_the_alias_moves_only_to_a_better_model_on_the_same_data(tmp_path):
     tracking_models.register(mlflow, client, "clf", "champion", *candidate("e", 0.10, dataset="d2"))
     assert champion() == (5, "e")  # a champion chosen on other data says nothing about this data
     tracking_models.register(mlflow, client, "clf", "champion", *candidate("f", 0.05, dataset="d2",
-                                                                           select_by="val_loss"))  # fmt: skip
+                                                                           select_by="val_loss"))
     assert champion() == (6, "f")
     assert len(client.search_model_versions("name = 'clf'")) == 6
 
 
 def test_register_picks_by_validation_never_by_test():
     curves = {"scratch": {"best": {"val_acc": 0.91, "val_loss": 0.30}},
-              "finetune": {"best": {"val_acc": 0.97, "val_loss": 0.35}}}  # fmt: skip
+              "finetune": {"best": {"val_acc": 0.97, "val_loss": 0.35}}}
     models = ["scratch", "finetune"]
     assert register.choose(register.scores(models, curves, "val_acc"), True) == "finetune"
     assert register.choose(register.scores(models, curves, "val_loss"), False) == "scratch"
@@ -164,10 +164,10 @@ def test_mlflow_serves_the_champion_as_the_export_answers(trained, tmp_path):
     out = tmp_path / "exports"
     run([sys.executable, "-m", "pipeline", "export", "--model", "scratch", "--data", str(trained / "data/prepared"),
          "--models", str(trained / "models"), "--out", str(out / "scratch"), "--live", str(tmp_path / "live"),
-         "--evaluation", str(trained / "dvclive/evaluate/scratch")], cwd=trained, env=env)  # fmt: skip
+         "--evaluation", str(trained / "dvclive/evaluate/scratch")], cwd=trained, env=env)
     run([sys.executable, "-m", "pipeline", "register", "--models", "scratch", "--data", str(trained / "data/prepared"),
          "--exports", str(out), "--curves", str(trained / "dvclive"), "--live", str(tmp_path / "reg")],
-        cwd=trained, env=env)  # fmt: skip
+        cwd=trained, env=env)
     selection = json.loads((tmp_path / "reg/selection.json").read_text())
     assert selection["model"] == "scratch" and selection["select_by"] == "val_acc"
 
@@ -177,14 +177,14 @@ def test_mlflow_serves_the_champion_as_the_export_answers(trained, tmp_path):
          "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
         env={**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         wait_until_up(f"http://127.0.0.1:{port}/ping", server)
         astronaut = skimage.data.astronaut()[::2, ::3]  # 256 x 171 RGB, a grey 16 px model
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": astronaut[None].tolist()}).encode(),
             headers={"Content-Type": "application/json"},
-        )  # fmt: skip
+        )
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -200,7 +200,7 @@ def test_mlflow_serves_the_champion_as_the_export_answers(trained, tmp_path):
     fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
     run([sys.executable, "-m", "pipeline", "register", "--models", "scratch", "--data", str(trained / "data/prepared"),
          "--exports", str(out), "--curves", str(trained / "dvclive"), "--live", str(tmp_path / "reg2")],
-        cwd=trained, env={**env, "MLFLOW_TRACKING_URI": fresh})  # fmt: skip
+        cwd=trained, env={**env, "MLFLOW_TRACKING_URI": fresh})
     client = mlflow.MlflowClient(fresh)
     version = client.get_model_version_by_alias("cnn-pipeline", "champion")
     assert client.get_run(version.run_id).data.tags["stage"] == "register"

@@ -66,7 +66,7 @@ def test_evaluate_reports_metrics_per_class_figures_and_a_confusion_plot(workdir
     written = json.loads((workdir / "live/metrics.json").read_text())
     metrics = written["test"]
     assert set(metrics) == {"acc", "top_k_acc", "top_k", "balanced_acc", "precision_macro", "recall_macro",
-                            "f1_macro", "loss", "ece", "images", "roc_auc_macro"}  # fmt: skip
+                            "f1_macro", "loss", "ece", "images", "roc_auc_macro"}
     assert metrics["top_k"] == 5 and metrics["top_k_acc"] >= metrics["acc"]
     assert set(written["calibrated"]) == {"temperature", "ece", "loss"} and written["model"]["parameters"] > 0
     calibration = json.loads((workdir / "live/calibration.json").read_text())
@@ -75,7 +75,7 @@ def test_evaluate_reports_metrics_per_class_figures_and_a_confusion_plot(workdir
     assert sum(map(sum, confusion["counts"])) == metrics["images"]
     images = {p.name for p in (workdir / "live/plots/images").iterdir()}
     assert images == {"reliability.png", "gradcam.png", "errors.png", "confusion_counts.png",
-                      "confusion_normalised.png"}  # fmt: skip
+                      "confusion_normalised.png"}
     assert metrics["images"] == len(formats.load_split(trained / "data/prepared", "test"))
     per_class = json.loads((workdir / "live/per_class.json").read_text())
     assert sorted(per_class) == [str(i) for i in range(10)]
@@ -182,7 +182,7 @@ def test_export_is_byte_identical_on_rerun(workdir, trained, repo_root):
         run([sys.executable, "-m", "pipeline", "export", "--model", "finetune",
              "--data", str(trained / "data/prepared"), "--models", str(trained / "models"), "--out", name,
              "--live", f"live-{name}", "--evaluation", str(trained / "dvclive/evaluate/finetune")],
-            cwd=workdir, env=env)  # fmt: skip
+            cwd=workdir, env=env)
     for file in ("model.onnx", "model.torchscript.pt", "model.json"):
         assert (workdir / "a" / file).read_bytes() == (workdir / "b" / file).read_bytes(), file
     assert (workdir / "live-a/metrics.json").read_bytes() == (workdir / "live-b/metrics.json").read_bytes()

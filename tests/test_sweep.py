@@ -62,7 +62,7 @@ params:
      "'train.learning_rate' is not a key of"),
     ("trian.lr: {low: 0.1, high: 1.0}", "(sections there: ['prepare', 'train'])"),
     ("train.lr: {low: 0.1, hihg: 1.0}", "unknown keys ['hihg']"),
-])  # fmt: skip
+])
 def test_a_bad_space_names_the_file_the_key_and_what_is_valid(files, params, message):
     with pytest.raises(ConfigError) as err:
         load(files, f'objective: {{metric: "m.json:a"}}\nparams:\n  {params}\n')
@@ -92,7 +92,7 @@ def study(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     s = optuna.create_study(study_name="s", storage=trial.storage(url))
     s.set_user_attr(trial.PRUNE_ATTR, {"stage": "train", "metric": "val/loss", "warmup_epochs": 1,
-                                       "startup_trials": 2})  # fmt: skip
+                                       "startup_trials": 2})
     for _ in range(2):
         t = s.ask()
         for epoch, loss in enumerate((1.0, 0.7, 0.5)):

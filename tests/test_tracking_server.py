@@ -28,7 +28,7 @@ def server(tmp_path):
          "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
         cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(f"{uri}/health", proc, 120)

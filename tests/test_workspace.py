@@ -23,7 +23,7 @@ def repo(tmp_path):
 
 def write_claim(repo, pid: int, started: float, command: str = "dvc exp run -S train.lr=0.2") -> None:
     record = {"driver": f"{socket.gethostname()}:{pid}:{started:.2f}", "host": socket.gethostname(), "pid": pid,
-              "started": started, "command": command, "params": ""}  # fmt: skip
+              "started": started, "command": command, "params": ""}
     (repo / workspace.CLAIM_FILE).parent.mkdir(parents=True, exist_ok=True)
     (repo / workspace.CLAIM_FILE).write_text(json.dumps(record))
 

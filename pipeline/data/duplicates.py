@@ -85,6 +85,6 @@ def find(
         found.append(pd.DataFrame({
             "split": split, "path": paths[a[i[keep]]], "nearest_split": other, "nearest_path": paths[b[j[keep]]],
             "distance": bits[keep], "correlation": np.round(corr[keep], 6),
-        }))  # fmt: skip
+        }))
     table = pd.concat(found, ignore_index=True)[COLUMNS] if found else pd.DataFrame(columns=COLUMNS)
     return table, checked

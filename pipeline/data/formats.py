@@ -31,7 +31,7 @@ SPLITS = ("train", "val", "test")
 # colourfulness: images.colourfulness of the pixels (0 for grey ones, also in an RGB file).
 MANIFEST_COLUMNS = (
     "path", "label", "source_split", "sha256", "width", "height", "mode", "file_mode", "phash", "colourfulness",
-)  # fmt: skip
+)
 _TEXT_COLUMNS = ("path", "label", "source_split", "sha256", "mode", "file_mode", "phash", "split")
 
 

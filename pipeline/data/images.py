@@ -252,7 +252,7 @@ def array_for_model(pixels: np.ndarray, size: int, channels: int, resize: Resize
     pixels = np.asarray(pixels)
     if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (1, 3, 4)):
         raise Rejected("unsupported_array", f"expected uint8 pixels of shape (H, W), (H, W, 1), (H, W, 3) or "
-                                            f"(H, W, 4), got {pixels.dtype} {pixels.shape}")  # fmt: skip
+                                            f"(H, W, 4), got {pixels.dtype} {pixels.shape}")
     if min(pixels.shape[:2]) < 1:
         raise Rejected("too_small", f"an image of {pixels.shape[1]}x{pixels.shape[0]} pixels")
     if pixels.ndim == 3 and pixels.shape[2] == 1:

@@ -37,7 +37,7 @@ def reliability(proba: np.ndarray, labels: np.ndarray, bins: int = BINS) -> list
             "bin": b, "lower": round(b / bins, 6), "upper": round((b + 1) / bins, 6), "count": n,
             "confidence": round(float(confidence[inside].mean()), 6) if n else None,
             "accuracy": round(float(correct[inside].mean()), 6) if n else None,
-        })  # fmt: skip
+        })
     return rows
 
 
@@ -76,5 +76,5 @@ def fit_temperature(proba: np.ndarray, labels: np.ndarray) -> float:
         return 1.0
     lo, hi = np.log(T_RANGE[0]), np.log(T_RANGE[1])
     found = minimize_scalar(lambda t: log_loss(scale(proba, float(np.exp(t))), labels), bounds=(lo, hi),
-                            method="bounded", options={"xatol": 1e-6})  # fmt: skip
+                            method="bounded", options={"xatol": 1e-6})
     return round(float(np.exp(found.x)), 6)

@@ -63,7 +63,7 @@ def _points(rows: list[dict]) -> tuple[list[float], list[float]]:
 
 
 def image_grid(images: np.ndarray, captions: Sequence[str], title: str, maps: np.ndarray | None = None,
-               columns: int = 4):  # fmt: skip
+               columns: int = 4):
     """uint8 (N, H, W, C) images in a grid with a caption each; with `maps` ((N, H, W) in
     [0, 1]), each image twice: as it is and with its heat-map over it."""
     plt = _plt()
@@ -106,6 +106,6 @@ def confusion_figure(matrix: np.ndarray, classes: Sequence[str], title: str, nor
         for (r, c), value in np.ndenumerate(matrix):
             text = f"{value:.2f}" if normalised else str(int(value))
             ax.text(c, r, text, ha="center", va="center", fontsize=6,
-                    color="white" if value > (0.5 if normalised else matrix.max() / 2) else "black")  # fmt: skip
+                    color="white" if value > (0.5 if normalised else matrix.max() / 2) else "black")
     figure.tight_layout()
     return figure

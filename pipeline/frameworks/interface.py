@@ -45,7 +45,7 @@ class RuntimeParams:
         check(valid, "threads", f"must be 'auto' or at least 1, got {self.threads}")
         check(not (self.portable and self.threads == "auto"), "threads",
               "auto follows the machine's cores and the queue, so results would too; runtime.portable: true "
-              "needs a fixed number of threads (or set runtime.portable: false)")  # fmt: skip
+              "needs a fixed number of threads (or set runtime.portable: false)")
 
     @functools.cached_property
     def thread_count(self) -> int:
@@ -97,7 +97,7 @@ class Backend(ABC):
 
     @abstractmethod
     def fit(self, model: Any, train: Split, val: Split, p: FitParams, run: StageRun | None, desc: str,
-            checkpoint: Path | None = None) -> FitResult:  # fmt: skip
+            checkpoint: Path | None = None) -> FitResult:
         """The recipe in `p`; early-stops on the unsmoothed val loss and restores the best weights.
         With `checkpoint` (a file), each epoch is saved there and a fit that finds one resumes it."""
 

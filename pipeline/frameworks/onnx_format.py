@@ -99,7 +99,7 @@ def quantize_int8(onnx_bytes: bytes, calibration: Sequence[np.ndarray], meta: di
             quantize_static(source, target, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             op_types_to_quantize=list(INT8_OPS), nodes_to_exclude=keep_float,
-                            calibrate_method=CalibrationMethod.MinMax)  # fmt: skip
+                            calibrate_method=CalibrationMethod.MinMax)
         finally:
             root.setLevel(level)
         proto = onnx.load(target)

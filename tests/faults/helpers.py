@@ -21,7 +21,7 @@ def stage_env(**extra: str) -> dict[str, str]:
 def stage(cwd: Path, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m pipeline <args>` in `cwd`, not asserting its outcome."""
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env or stage_env(),
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+                          capture_output=True, text=True, timeout=timeout)
 
 
 PROGRESS = ("epoch/s", "s/epoch", "it/s", "s/it")  # tqdm's bars
@@ -30,7 +30,7 @@ PROGRESS = ("epoch/s", "s/epoch", "it/s", "s/it")  # tqdm's bars
 def message_lines(stderr: str) -> list[str]:
     """stderr less progress bars and MLflow's own INFO log lines."""
     return [line for line in stderr.splitlines()
-            if line.strip() and " INFO " not in line and not any(bar in line for bar in PROGRESS)]  # fmt: skip
+            if line.strip() and " INFO " not in line and not any(bar in line for bar in PROGRESS)]
 
 
 def assert_expected_failure(done: subprocess.CompletedProcess, *needles: str, code: int = 1) -> str:

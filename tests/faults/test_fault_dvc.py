@@ -51,7 +51,7 @@ def last_run(repo: Path, name: str):
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("cnn-pipeline")
     runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{name}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
+                              order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0]
 
 
@@ -138,7 +138,7 @@ def test_an_interrupted_stage_is_killed_in_mlflow_and_its_outputs_come_back(repo
     long = TINY_PARAMS.replace("epochs: 2,", "epochs: 400, early_stopping_patience: 0,")  # long enough to interrupt
     (path / "params.yaml").write_text(long)
     proc = subprocess.Popen(["dvc", "repro", "train"], cwd=path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     pid = stage_pid("train", proc.pid)
     for _ in range(600):  # until epochs are running: Ctrl-C during start-up is another case
         running = last_run(path, "train")
@@ -173,7 +173,7 @@ def test_two_exp_runs_in_one_workspace_fail_loudly_and_save_nothing(repo):
     lock = (path / "dvc.lock").read_bytes()
     first = subprocess.Popen(["dvc", "exp", "run", "-S", "train.epochs=60",
                               "-S", "+train.early_stopping_patience=0", "train"], cwd=path, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stage_pid("train", first.pid)
     for _ in range(600):
         running = last_run(path, "train")
@@ -193,7 +193,7 @@ def test_two_exp_runs_in_one_workspace_fail_loudly_and_save_nothing(repo):
     name = last_run(path, "train").data.tags["dvc_exp_name"]
     client = mlflow.MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id],
-                              f"tags.dvc_exp_name = '{name}'")  # fmt: skip
+                              f"tags.dvc_exp_name = '{name}'")
     assert [(r.info.run_name, r.info.status) for r in runs] == [("train", "FAILED")]
 
 
@@ -209,12 +209,12 @@ def test_a_stage_refuses_a_workspace_another_live_run_holds(repo):
     try:
         started = psutil.Process(holder.pid).create_time()
         claim = {"driver": "x", "host": socket.gethostname(), "pid": holder.pid, "started": started, "params": "",
-                 "command": "dvc exp run -S train.lr=0.1"}  # fmt: skip
+                 "command": "dvc exp run -S train.lr=0.1"}
         claim_file = path / ".dvc/tmp/pipeline-workspace.json"
         claim_file.write_text(json.dumps(claim))
         done = stage(path, "train", env={**env, "PYTHONPATH": str(REPO)})
         assert_expected_failure(done, "in use by another run: `dvc exp run -S train.lr=0.1`", f"pid {holder.pid}",
-                                "dvc exp run --queue")  # fmt: skip
+                                "dvc exp run --queue")
         assert snapshot(path / "models/scratch") == before
     finally:
         holder.kill()

@@ -140,7 +140,7 @@ def test_a_really_full_disk_while_writing_an_export_keeps_the_previous_one(prepa
     fill(small_disk, 16 * 1024)  # less than the tiny model's ONNX file
     work = trained_briefly
     done = stage(work, "export", "--model", "scratch", "--data", str(prepared), "--out", str(previous),
-                 "--live", str(work / "live-export"), "--evaluation", str(work / "live-evaluate"))  # fmt: skip
+                 "--live", str(work / "live-export"), "--evaluation", str(work / "live-evaluate"))
     assert_expected_failure(done, f"error: {previous}/", "no space left on the device while writing it")
     assert (previous / "model.onnx").read_bytes() == b"the previous export"
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "scratch"]  # no temporary folder left

@@ -108,7 +108,7 @@ def test_ctrl_c_stops_a_stage_with_exit_130_one_line_and_a_killed_run(work, mlfl
     (work / "params.yaml").write_text(TINY_PARAMS.replace("epochs: 2,", "epochs: 400, early_stopping_patience: 0,"))
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--data", str(prepared)], cwd=work,
                             env=stage_env(MLFLOW_TRACKING_URI=mlflow_store), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     for _ in range(600):  # until epochs are running: Ctrl-C during start-up is another case
         runs = runs_of(mlflow_store)
         if runs and "train/loss" in runs[0].data.metrics:
@@ -126,9 +126,9 @@ def test_ctrl_c_stops_a_stage_with_exit_130_one_line_and_a_killed_run(work, mlfl
 def test_a_stage_that_vanishes_leaves_a_killed_run_and_its_scratch_folder_is_swept(work, mlflow_store):
     script = ("import os, time; from pipeline import tracking\n"
               "with tracking.stage_run('train', {}) as run:\n"
-              "    run.log_epoch(0, {'loss': 1.0}); time.sleep(6); os.kill(os.getpid(), 9)\n")  # fmt: skip
+              "    run.log_epoch(0, {'loss': 1.0}); time.sleep(6); os.kill(os.getpid(), 9)\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=work, env=stage_env(MLFLOW_TRACKING_URI=mlflow_store),
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == -9
     for _ in range(100):  # the worker sees its stdin close and ends the run
         runs = runs_of(mlflow_store)
@@ -152,7 +152,7 @@ def test_a_run_orphaned_with_its_worker_is_marked_killed_by_the_next_start(mlflo
     dead.wait()
     def owned_by(pid: int):
         return client.create_run(experiment, tags={tracking_worker.HOST_TAG: socket.gethostname(),
-                                                   tracking_worker.PID_TAG: str(pid)})  # fmt: skip
+                                                   tracking_worker.PID_TAG: str(pid)})
 
     orphan, live = owned_by(dead.pid), owned_by(os.getpid())
     mlflow.set_tracking_uri(mlflow_store)
@@ -216,7 +216,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(work, mlflow_store, pre
     message, and no traceback from either (only Python's own first ~40 ms are out of reach)."""
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--data", str(prepared)], cwd=work,
                             env=stage_env(MLFLOW_TRACKING_URI=mlflow_store), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     time.sleep(after)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)

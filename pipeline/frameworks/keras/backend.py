@@ -106,7 +106,7 @@ class KerasBackend(interface.Backend):
     def __init__(self, rt: RuntimeParams, seed: int = 0) -> None:
         if rt.precision != "fp32":
             raise ConfigError(f"params.yaml: runtime.precision {rt.precision} is torch's (autocast); "
-                              "the keras framework trains in fp32: set runtime.precision: fp32")  # fmt: skip
+                              "the keras framework trains in fp32: set runtime.precision: fp32")
         self.runtime = rt
         self.tf = configure(seed, rt.thread_count, rt.device)
 

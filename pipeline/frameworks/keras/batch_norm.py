@@ -35,7 +35,7 @@ def fused_batch_norm(model: keras.Model) -> Iterator[list[Any]]:
     layers = [] if tf.config.list_logical_devices("GPU") else [
         layer for layer in model._flatten_layers(include_self=False)
         if isinstance(layer, keras.layers.BatchNormalization) and fusable(layer)
-    ]  # fmt: skip
+    ]
     for layer in layers:
         layer.call = types.MethodType(fused_call, layer)  # this instance only; the class keeps Keras' call
     try:
@@ -48,7 +48,7 @@ def fused_batch_norm(model: keras.Model) -> Iterator[list[Any]]:
 def fusable(layer: Any) -> bool:
     """A plain batch norm over the last axis of 4-D inputs: what FusedBatchNormV3 computes."""
     return (layer.built and layer.input_spec.ndim == 4 and layer.axis in (-1, 3) and layer.center and layer.scale
-            and not layer.renorm and not layer.synchronized and layer.compute_dtype == "float32")  # fmt: skip
+            and not layer.renorm and not layer.synchronized and layer.compute_dtype == "float32")
 
 
 def fused_call(self: Any, inputs: Any, training: Any = None, mask: Any = None) -> Any:
@@ -60,7 +60,7 @@ def fused_call(self: Any, inputs: Any, training: Any = None, mask: Any = None) -
     y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
         x=inputs, scale=self.gamma.value, offset=self.beta.value, mean=empty, variance=empty,
         epsilon=self.epsilon, data_format="NHWC", is_training=True,
-    )  # fmt: skip
+    )
     # Keras' own update, with the unbiased variance (torch's running_var) the op returns
     self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
     self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))

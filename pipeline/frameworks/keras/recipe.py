@@ -236,7 +236,7 @@ def fit(
     # 0.18 s for 0.1-0.2 s more tracing, the same weights (a call never runs past the epoch's
     # end, as one of fewer steps that does not divide the epoch would: Keras runs whole calls)
     model.compile(optimizer=optimizer, loss=loss, metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")],
-                  jit_compile=False, steps_per_execution=steps)  # fmt: skip
+                  jit_compile=False, steps_per_execution=steps)
     # the optimizer's moments made now, not inside the first training step: a tf.function that
     # creates variables is traced twice (once to make them, once without), 0.8 s on the digits
     optimizer.build(model.trainable_variables)
@@ -258,7 +258,7 @@ def fit(
             lr = float(schedule_value(kind, p.lr, p.epochs * steps, warmup, epoch * steps))
             metrics = {"train/loss": float(logs["loss"]), "train/acc": float(logs["acc"]),
                        "val/loss": float(keras.ops.mean(val_losses)),
-                       "val/acc": float((logits.argmax(1) == val_labels).mean()), "lr": lr}  # fmt: skip
+                       "val/acc": float((logits.argmax(1) == val_labels).mean()), "lr": lr}
             if loop.end(epoch, metrics):
                 self.model.stop_training = True
 
@@ -271,7 +271,7 @@ def fit(
             # one fit for every epoch (a fit per epoch cost 0.04 s each in Keras' own set-up)
             with fused_batch_norm(model):
                 model.fit(train_batches(train, p, begin, images), epochs=p.epochs, initial_epoch=begin,
-                          steps_per_epoch=steps, verbose=0, shuffle=False, callbacks=[EpochEnd()])  # fmt: skip
+                          steps_per_epoch=steps, verbose=0, shuffle=False, callbacks=[EpochEnd()])
     finally:
         loop.close()
     return loop.finish()

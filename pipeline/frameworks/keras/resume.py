@@ -64,7 +64,7 @@ class KerasResume:
                 variable.assign(value)
         except Exception as exc:  # a checkpoint of an older layout, a truncated disk: start over
             print(f"{self.path}: not resumable ({type(exc).__name__}: {exc}); training from the start",
-                  file=sys.stderr)  # fmt: skip
+                  file=sys.stderr)
             return None
         return {**loop, "best": best}
 

@@ -76,10 +76,10 @@ class TorchBackend(interface.Backend):
             onnx_bytes = export.to_onnx(shipped, traced_on, meta, options.opset, options.onnx_exporter)
         int8 = onnx_format.quantize_int8(onnx_bytes, list(float_batches(calibration, 32, "NCHW")), meta)
         written = {"torchscript": ("model.torchscript.pt", script), "onnx": ("model.onnx", onnx_bytes),
-                   "onnx_int8": ("model_int8.onnx", int8)}  # fmt: skip
+                   "onnx_int8": ("model_int8.onnx", int8)}
         for name, blob in written.values():
             files.write_bytes(out / name, blob)
         threads = self.runtime.thread_count
         runners = {"torchscript": export.torchscript_runner(script), "onnx": onnx_format.runner(onnx_bytes, threads),
-                   "onnx_int8": onnx_format.runner(int8, threads)}  # fmt: skip
+                   "onnx_int8": onnx_format.runner(int8, threads)}
         return {name: Shipped(file, runners[name]) for name, (file, _) in written.items()}

@@ -278,7 +278,7 @@ def fit(
     train_y, val_y = labels_on(train, device), labels_on(val, device)
     start = evaluate(model, val_x, val_y, device, p) if keep_start else (math.inf, 0.0)
     return fit_inputs(model, train_x, train_y, val_x, val_y, p, device, generator, run, first_epoch, desc,
-                      param_groups, start, checkpoint)  # fmt: skip
+                      param_groups, start, checkpoint)
 
 
 def labels_on(split: Split, device: torch.device) -> torch.Tensor:
@@ -315,7 +315,7 @@ def fit_inputs(
     def run_epoch(epoch: int) -> dict[str, float]:
         lr = optimizer.param_groups[-1]["lr"]  # the head's (the last group), or the only one
         train_loss, train_acc = train_one_epoch(net, train_x, train_y, optimizer, scheduler, p, device, generator,
-                                                augment)  # fmt: skip
+                                                augment)
         val_loss, val_acc = evaluate(model, val_x, val_y, device, p)
         return {"train/loss": train_loss, "train/acc": train_acc, "val/loss": val_loss, "val/acc": val_acc, "lr": lr}
 

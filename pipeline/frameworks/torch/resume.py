@@ -63,7 +63,7 @@ class TorchResume:
     """`recipe.Resume` for one torch fit, in the file `path`."""
 
     def __init__(self, path: Path, attempt: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, generator: torch.Generator) -> None:  # fmt: skip
+                 scheduler: Any, generator: torch.Generator) -> None:
         self.path, self.attempt = Path(path), attempt
         self.model, self.optimizer, self.scheduler, self.generator = model, optimizer, scheduler, generator
 
@@ -80,7 +80,7 @@ class TorchResume:
             set_rng_states(self.generator, state["rng"])
         except Exception as exc:  # a checkpoint of an older layout, a truncated disk: start over
             print(f"{self.path}: not resumable ({type(exc).__name__}: {exc}); training from the start",
-                  file=sys.stderr)  # fmt: skip
+                  file=sys.stderr)
             return None
         return state["loop"]
 

@@ -57,7 +57,7 @@ def configure(params: RuntimeParams) -> torch.device:
     device = torch.device(auto if params.device == "auto" else params.device)
     if params.precision == "fp16" and device.type != "cuda":
         raise ConfigError("params.yaml: runtime.precision fp16 needs a CUDA device (its gradient scaler); "
-                          "use bf16 or fp32 on the CPU")  # fmt: skip
+                          "use bf16 or fp32 on the CPU")
     global PRECISION
     PRECISION = params.precision
     return device
