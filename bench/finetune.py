@@ -7,7 +7,7 @@ at their stored 180 px, the backbone at its pretrained 224; random pixels where
 ../shared/datasets/pets is missing: the costs do not depend on the content). Side by side in
 one process, alternated `--repeats` times so that machine noise hits both alike, medians:
 
-- head phase: the linear probe on features computed once (`finetune.fit_head`) against the
+- head phase: the linear probe on features computed once (`transfer.fit_head`) against the
   same head trained through the frozen backbone every epoch, at head_epochs and at 5;
 - phase 2 training steps (the top unfreeze_fraction of the backbone) in channels_last
   against the default contiguous layout;
@@ -121,7 +121,7 @@ def main() -> None:
     from pipeline import config, finetune
     from pipeline.frameworks.interface import RuntimeParams
     from pipeline.frameworks.torch import model as torch_model
-    from pipeline.frameworks.torch import recipe
+    from pipeline.frameworks.torch import recipe, transfer
     from pipeline.frameworks.torch import weights as pretrained
     from pipeline.frameworks.torch.backend import TorchBackend
 
@@ -138,7 +138,8 @@ def main() -> None:
     def head_cached(epochs: int) -> None:
         model.load_state_dict(initial)
         q = dataclasses.replace(p, head_epochs=epochs, early_stopping_patience=0)
-        finetune.fit_head(model, train, val, q, device, torch.Generator().manual_seed(0), None)
+        transfer.fit_head(model, train, val, q, q.head_epochs, q.head_lr, device, torch.Generator().manual_seed(0),
+                          None)
 
     def head_every_epoch(epochs: int) -> None:
         model.load_state_dict(initial)

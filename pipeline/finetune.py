@@ -11,13 +11,9 @@ are timm's and torchvision's.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
-
-import torch
 
 from pipeline import checkpoints, cli, config, files, launch, tracking, trial
 from pipeline.config import check
@@ -26,7 +22,7 @@ from pipeline.frameworks import card, shapes
 from pipeline.frameworks.interface import RuntimeParams
 from pipeline.frameworks.recipe import PHOTO_SIZE, FitParams, FitResult, augmentation
 from pipeline.frameworks.torch import model as torch_model
-from pipeline.frameworks.torch import recipe, resume
+from pipeline.frameworks.torch import transfer
 from pipeline.frameworks.torch import weights as pretrained  # `weights` is a FinetuneParams field
 from pipeline.frameworks.torch.backend import TorchBackend
 
@@ -81,25 +77,18 @@ def model_args(p: FinetuneParams, train: formats.Split, pretrained_size: int = 2
     }
 
 
+def phases(p: FinetuneParams, image_size: int) -> transfer.Phases:
+    """The two phases' settings, `auto` resolved."""
+    return transfer.Phases(p.head_epochs, p.head_lr, unfreeze_share(p, image_size), p.layer_decay,
+                           p.batch_norm == "frozen")
+
+
 def finetune(
     model: torch_model.PretrainedCNN, train: formats.Split, val: formats.Split, p: FinetuneParams,
     device, generator, run: tracking.StageRun | None, saved: checkpoints.Checkpoints | None = None,
 ) -> list[FitResult]:
-    """Both phases; curves continue across them so one plot shows the whole run. With `saved`,
-    each phase checkpoints every epoch (slots 'head' and 'top') and resumes from there."""
-    model.freeze_batch_norm = p.batch_norm == "frozen"
-    results = []
-    if p.head_epochs:
-        results.append(fit_head(model, train, val, p, device, generator, run, saved.slot("head") if saved else None))
-    share = unfreeze_share(p, train.image_size)
-    if p.epochs and share > 0:
-        model.set_trainable(share)
-        first = results[0].epochs_run if results else 0
-        groups = model.param_groups(p.lr, p.layer_decay)
-        results.append(recipe.fit(model, train, val, p, device, generator, run, first_epoch=first,
-                                  desc="finetune top", param_groups=groups, keep_start=True,
-                                  checkpoint=saved.slot("top") if saved else None))
-    return results
+    """Both phases (`transfer.fit`) with this stage's params."""
+    return transfer.fit(model, train, val, p, phases(p, train.image_size), device, generator, run, saved)
 
 
 PHOTO_UNFREEZE = 0.3  # unfreeze_fraction auto for photos
@@ -111,29 +100,6 @@ def unfreeze_share(p: FinetuneParams, image_size: int) -> float:
     if p.unfreeze_fraction != "auto":
         return float(p.unfreeze_fraction)
     return PHOTO_UNFREEZE if image_size >= PHOTO_SIZE else 1.0
-
-
-def fit_head(
-    model: torch_model.PretrainedCNN, train: formats.Split, val: formats.Split, p: FinetuneParams,
-    device, generator, run: tracking.StageRun | None, checkpoint: Path | None = None,
-) -> FitResult:
-    """Phase 1, a linear probe: the frozen backbone's pooled features of the (unaugmented)
-    images are computed once, and the new head alone trains on them for `head_epochs` epochs:
-    one forward pass of the backbone instead of one an epoch."""
-    model.set_trainable(0.0)
-    model.to(device, memory_format=torch.channels_last if p.channels_last else torch.preserve_format)
-    size = max(p.batch_size, 256)
-    with model.head_removed() as head:
-        if resume.finished(checkpoint, p.head_epochs):  # a resumed run past this phase: no epoch reads them
-            features = [torch.empty(len(s.labels), 1) for s in (train, val)]
-        else:
-            features = [recipe.predict_logits(model, s.images, device, size, p.channels_last) for s in (train, val)]
-    # (N, F) features: no image augmentation, no channels_last (a 4-D layout)
-    q = dataclasses.replace(p, epochs=p.head_epochs, lr=p.head_lr, augment="none", channels_last=False)
-    train_x, val_x = (recipe.Images(f.to(device), device, channels_last=False) for f in features)
-    labels = recipe.labels_on(train, device), recipe.labels_on(val, device)
-    return recipe.fit_inputs(head, train_x, labels[0], val_x, labels[1], q, device, generator, run,
-                             desc="finetune head", checkpoint=checkpoint)
 
 
 def main(argv: list[str] | None = None) -> None:

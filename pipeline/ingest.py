@@ -19,19 +19,18 @@ excluded and counted; the stage fails only past `data.max_bad_fraction`, with on
 
 from __future__ import annotations
 
-import socket
 import time
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipeline import cli, config, files, tracking
 from pipeline.data import formats, images, parallel, sources
-from pipeline.data.sources import ArraySource, DataParams, Source, standard
+from pipeline.data.sources import ArraySource, DataParams, Source
 from pipeline.data.sources.candidates import Excluded, Item
+from pipeline.frameworks.torch import download
 
 REJECT_CODES = (
     "empty", "undecodable", "unsupported_format", "unsupported_mode", "too_many_pixels", "too_small",
@@ -193,23 +192,6 @@ def ingest(
     return manifest, excluded, statistics(manifest, source.classes, excluded, candidates)
 
 
-def download(name: str, root: Path) -> None:
-    """Fetch both official splits of `name` into `root` with torchvision's downloader: the
-    `fetch` that ingest hands the data layer (which imports no framework) for `data.download`."""
-    if name not in standard.STANDARD:
-        raise formats.DataError(f"no download for {name!r}; downloadable: {list(standard.STANDARD)}")
-    import torchvision.datasets  # here, not at the top: seconds to import and needed only to fetch
-
-    dataset = getattr(torchvision.datasets, standard.TORCHVISION[name])
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(15)  # without a network, fail in seconds rather than hang on each mirror
-    try:
-        for train in (True, False):
-            dataset(str(root), train=train, download=True)
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
 DETAIL_KEYS = ("per_class/", "rejected_by/")  # to details.json: a column each would drown `dvc metrics show`
 
 
@@ -218,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     params = config.load("data", DataParams)
     with tracking.stage_run("ingest", {"data": params}, live_dir=args.live) as run:
         started = time.perf_counter()
-        source = sources.open_source(params, fetch=download if params.download else None)
+        source = sources.open_source(params, fetch=download.fetch if params.download else None)
         manifest, excluded, stats = ingest(source, params, parallel.worker_count())
         digest = dataset_hash(manifest)
         with files.atomic_dir(args.out) as tmp:

@@ -150,7 +150,8 @@ def test_every_stage_module_is_a_stage_in_dvc_yaml():
 @pytest.mark.parametrize("path", all_modules(), ids=lambda p: p.relative_to(REPO).as_posix())
 def test_imports_point_down_the_layers(path):
     """A stage imports no stage; the shared layers import no stage (nor the entry point); the
-    data layer imports no framework, ours or a library."""
+    data layer imports no framework, ours or a library; only frameworks/torch/ imports torch's
+    family and only frameworks/keras/ TensorFlow's."""
     names = imports(path, run_time_only=False)
     layer = layer_of(path)
     stages = {n for n in names if n in {f"pipeline.{s}" for s in STAGES} | {"pipeline.__main__"}}
@@ -161,14 +162,14 @@ def test_imports_point_down_the_layers(path):
     if layer in ("data", "evaluation"):
         frameworks = {n for n in names if n.split(".")[0] in FRAMEWORK_LIBRARIES or n.startswith("pipeline.frameworks")}
         assert not frameworks, f"{path.relative_to(REPO)} ({layer} layer) imports a framework: {sorted(frameworks)}"
-    if layer == "frameworks":
-        parts = path.relative_to(PACKAGE / "frameworks").parts
-        own = parts[0] if len(parts) > 1 else None  # torch/ or keras/, else the framework-free modules
-        for library, package in (("torch", "torch"), ("tensorflow", "keras"), ("keras", "keras")):
-            if own != package:
-                assert library not in names, (
-                    f"{path.relative_to(REPO)} imports {library}, which only frameworks/{package}/ may"
-                )
+    # anywhere in pipeline/: torch's family only in frameworks/torch/, TensorFlow's only in frameworks/keras/
+    rel = path.relative_to(PACKAGE).parts
+    own = rel[1] if len(rel) > 2 and rel[0] == "frameworks" else None
+    for library, package in (("torch", "torch"), ("torchvision", "torch"), ("timm", "torch"),
+                             ("tensorflow", "keras"), ("keras", "keras"), ("tf2onnx", "keras")):
+        if own != package:
+            where = path.relative_to(REPO)
+            assert library not in names, f"{where} imports {library}, which only frameworks/{package}/ may"
 
 
 def test_the_closure_sees_lazy_imports_and_skips_type_checking_ones():

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import ingest
 from pipeline.data.formats import DataError
 from pipeline.data.sources import standard
+from pipeline.frameworks.torch import download
 
 IDX_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}
 SIZES = {"train": 12, "test": 5}
@@ -310,7 +310,7 @@ def test_download_uses_torchvision_for_both_splits_with_a_short_timeout(tmp_path
     monkeypatch.setitem(sys.modules, "torchvision", torchvision)
     monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
     before = socket.getdefaulttimeout()
-    ingest.download("cifar10", tmp_path)
+    download.fetch("cifar10", tmp_path)
     assert calls == [(str(tmp_path), True, True, 15), (str(tmp_path), False, True, 15)]
     assert socket.getdefaulttimeout() == before
 

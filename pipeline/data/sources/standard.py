@@ -7,7 +7,7 @@
 - `cifar10`: the official python pickles in `<root>/cifar-10-batches-py/`, unpickled with a
   loader that builds only numpy arrays, so a tampered file cannot run code.
 
-The layouts are torchvision's so that its downloader (`pipeline.ingest.download`, passed in
+The layouts are torchvision's so that its downloader (`pipeline.frameworks.torch.download.fetch`, passed in
 as `fetch` by ingest when files are missing and `data.download` is true) writes
 exactly the files read here. Nothing here imports torch, torchvision or scikit-learn.
 """
