@@ -2,7 +2,7 @@
 
     python -m bench.gpu [--out DIR]    # on a machine with a CUDA GPU and data/prepared
 
-What the README claims about GPUs, checked where one is lent (no GPU in CI):
+What docs/distributed.md and docs/determinism.md claim about GPUs, checked where one is lent (no GPU in CI):
 1. with `runtime.configure` (deterministic algorithms, cuDNN deterministic, cuBLAS workspace),
    fitting the scratch CNN twice from the same seed gives bit-identical weights on CUDA, and
    the streamed path (split read from its memory map) gives the same weights as the resident one;

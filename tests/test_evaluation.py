@@ -125,7 +125,7 @@ def test_grad_cam_puts_its_mass_on_a_planted_patch():
     inside = (maps * test_masks[ones]).sum() / maps.sum()
     chance = test_masks[ones].mean()  # the patch's share of the image: 16 / 256
     # The scratch CNN's last feature map is 4 x 4, each cell seeing the whole 16 px image, so the
-    # map is coarse: 1.68 times the patch's share of the mass here (README: Evaluation).
+    # map is coarse: 1.68 times the patch's share of the mass here (docs/benchmarks.md).
     assert inside > 1.5 * chance, f"{inside:.3f} of the heat-map mass in the patch, chance {chance:.3f}"
     assert (maps == explain.grad_cam(model, test[ones], np.ones(len(ones), int))).all()  # the same every run
 

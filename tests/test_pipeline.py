@@ -298,7 +298,7 @@ def test_a_three_trial_sweep_queues_experiments_and_applies_the_best(tmp_repo):
 
 @pytest.mark.xdist_group("repo")
 def test_a_dvc_tracked_image_folder_drives_ingest_and_prepare(tmp_repo, tmp_path):
-    """The README's folder workflow: dvc add, push to a local remote, change an image, repro."""
+    """The folder workflow of docs/data.md: dvc add, push to a local remote, change an image, repro."""
     repo, env = tmp_repo
     folder = repo / "data" / "sources" / "digits"
     digit_folder(folder, per_class=15)

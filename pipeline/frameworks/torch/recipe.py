@@ -309,7 +309,7 @@ def fit_inputs(
     world = distributed.current()
     net, augment = distributed.wrap(model, world), distributed.augment_generator(generator, p.seed, world)
     resume = None
-    if checkpoint is not None and world.size == 1:  # DDP runs do not checkpoint (README: Several processes)
+    if checkpoint is not None and world.size == 1:  # DDP runs do not checkpoint (docs/distributed.md)
         resume = TorchResume(checkpoint, run.attempt if run else "", model, optimizer, scheduler, generator)
 
     def run_epoch(epoch: int) -> dict[str, float]:
