@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from pipeline import dvc_queue, launch
+from pipeline import launch, queue_workers
 
 
 def available_cores() -> int:
@@ -31,6 +31,6 @@ def auto_threads(cores: int | None = None, workers: int | None = None, ranks: in
     """The cores divided among the queue's workers (all of them outside a queue) and among the
     stage's own torchrun processes on this machine, at least 1."""
     cores = available_cores() if cores is None else cores
-    workers = dvc_queue.workers_around() if workers is None else workers
+    workers = queue_workers.workers_around() if workers is None else workers
     ranks = launch.local_processes() if ranks is None else ranks
     return max(1, cores // (max(1, workers) * max(1, ranks)))

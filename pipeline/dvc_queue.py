@@ -1,12 +1,12 @@
 """DVC's experiment queue as this project drives and watches it: starting it, reading its
 status, finding its processes (`dvc exp queue-worker` nodes and the `dvc exp exec-run` each
-experiment runs in), and waiting for named experiments to finish. The sweep, the
-`runtime.threads: auto` share, bench/queue.py and the tests all go through here.
+experiment runs in), and waiting for named experiments to finish. The sweep, bench/queue.py
+and the tests go through here; `queue_workers` (which workers are alive) is the part the
+`runtime.threads: auto` share reads, so a stage depends on that module alone.
 """
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import time
@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 
 from pipeline.errors import PipelineError
+from pipeline.queue_workers import cmdline, worker_node
 
-WORKER = re.compile(r"^(dvc-exp-[0-9a-f]+)-\d+@")  # a queue worker's celery node name: one hash per repository
 DONE = ("Success", "Failed")
 
 
@@ -48,35 +48,6 @@ def landed(cwd: Path | None = None) -> set[str]:
     refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=cwd,
                           capture_output=True, text=True, check=True).stdout.split()
     return {ref.rsplit("/", 1)[-1] for ref in refs}
-
-
-def cmdline(process: psutil.Process) -> list[str]:
-    """The process's arguments; none for one that has gone or that this user may not read."""
-    try:
-        return process.cmdline()
-    except (psutil.Error, OSError):
-        return []
-
-
-def worker_node(process: psutil.Process) -> str | None:
-    """`dvc-exp-<hash>` when `process` is a DVC queue worker, else None."""
-    args = cmdline(process)
-    if "queue-worker" not in args:
-        return None
-    return next((m.group(1) for m in map(WORKER.match, args) if m), None)
-
-
-def workers_around(pid: int | None = None) -> int:
-    """How many workers of the queue that runs process `pid` (this one by default) are alive;
-    0 outside a queue."""
-    try:
-        ancestors = psutil.Process(pid).parents()
-    except psutil.Error:
-        return 0
-    node = next((n for n in map(worker_node, ancestors) if n), None)
-    if node is None:
-        return 0
-    return sum(1 for p in psutil.process_iter() if worker_node(p) == node)
 
 
 def workers_of(root: Path) -> list[psutil.Process]:

@@ -29,7 +29,8 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from pipeline import lockfile, tracking
+from pipeline import lockfile
+from pipeline import tracking_client as tracking
 from pipeline.lockfile import LOCK_TAG
 
 SELECTION = Path("dvclive/register/selection.json")

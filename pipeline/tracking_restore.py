@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import files, lockfile, tracking, tracking_models, tracking_worker, workspace
+from pipeline import files, lockfile, tracking_models, tracking_worker, workspace
+from pipeline import tracking_client as tracking
 from pipeline.data import formats
 
 RESTORED_TAG = "pipeline.restored_from"  # the commit whose dvc.lock recorded the state

@@ -40,11 +40,12 @@ from typing import Any, TypeVar
 import numpy as np
 
 from pipeline.config import ConfigError
-from pipeline.tracking import (
+from pipeline.tracking_client import (
     ARTIFACT_DIR,
     ATTEMPT_TAG,
     DRIVER_TAG,
     OFFLINE_STORE,
+    OPS,
     PARENT_RUN_ENV,
     TrackingParams,
     load_tracking_params,
@@ -205,57 +206,69 @@ def serve(uri: str, experiment: str, root: str) -> None:
         return tracking_models.log_model(mlflow, Path(msg["export_dir"]), example, Path(msg["scratch"]), msg["tags"],
                                          msg.get("linked", {}), state.get("dataset"))
 
+    def start(msg: dict) -> None:
+        tags = {**msg["tags"], HOST_TAG: socket.gethostname(), PID_TAG: str(os.getppid())}
+        group = msg.get("group")
+        state["group"] = group_run(client, experiment_id, group["driver"], group["name"], p) if group else None
+        state["run"] = retrying(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=msg["run_name"],
+                                                         parent_run_id=state["group"], tags=tags),
+                                p.lock_wait_seconds)
+        call(lambda: mlflow.log_params(msg["params"]))
+
+    def input_(msg: dict) -> None:
+        args = (msg["name"], msg["uri"], msg["digest"], msg["context"], state.get("group"))
+        state["dataset"] = retrying(lambda: log_input(mlflow, *args), p.lock_wait_seconds)
+
+    def register(msg: dict) -> None:  # the chosen export's logged model (logged here if none is found)
+        def register_now() -> None:
+            found = tracking_models.find_model(mlflow, experiment_id, msg["candidate"]["onnx_sha256"])
+            model_id = found or log_export(msg)
+            tracking_models.register(mlflow, client, msg["name"], msg["alias"], model_id, msg["candidate"])
+
+        call(register_now)
+
+    def group_metrics(msg: dict) -> None:  # headline figures, copied onto the execution's parent run
+        if state.get("group"):
+            now = int(time.time() * 1000)
+            metrics = [Metric(k, float(v), now, 0) for k, v in msg["metrics"].items()]
+            call(lambda: client.log_batch(state["group"], metrics=metrics))
+
+    def start_child(msg: dict) -> None:  # a nested run (cross-validation folds); later calls log into it
+        tags = {**msg["tags"], HOST_TAG: socket.gethostname(), PID_TAG: str(os.getppid())}
+        retrying(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=msg["run_name"], nested=True,
+                                          tags=tags), p.lock_wait_seconds)
+        call(lambda: mlflow.log_params(msg["params"]))
+
+    def end(msg: dict) -> bool:
+        state["status"] = msg["status"]
+        state["failed"] = msg.get("fail_experiment")  # {"driver": ..., "stage": ...} or None
+        return False
+
+    # one handler per op of tracking_client.OPS, the list both sides share
+    handlers: dict[str, Callable[[dict], bool | None]] = {
+        "start": start,
+        "log_input": input_,
+        "log_model": lambda msg: call(lambda: log_export(msg)),  # an export as this run's MLflow model
+        "register": register,
+        "log_group_metrics": group_metrics,
+        "start_child": start_child,
+        "end_child": lambda msg: call(lambda: mlflow.end_run(msg["status"])),
+        "end": end,
+        "log_metrics": lambda msg: call(lambda: mlflow.log_metrics(msg["metrics"], step=msg["step"])),
+        "set_tags": lambda msg: call(lambda: mlflow.set_tags(msg["tags"])),
+        "link_resumed": lambda msg: call(lambda: link_resumed(client, experiment_id, state["run"].info.run_id,
+                                                              msg["attempt"], msg["epoch"])),
+        "log_artifact": lambda msg: call(lambda: mlflow.log_artifact(msg["path"], msg["folder"])),
+        "log_artifacts": lambda msg: call(lambda: mlflow.log_artifacts(msg["path"], msg["folder"])),
+    }
+    assert set(handlers) == OPS, f"worker ops {sorted(set(handlers) ^ OPS)} differ from tracking_client.OPS"
+
     def apply(msg: dict) -> bool:
         """Apply one call; False once the stage said 'end'."""
         op = msg.pop("op")
-        if op == "start":
-            tags = {**msg["tags"], HOST_TAG: socket.gethostname(), PID_TAG: str(os.getppid())}
-            group = msg.get("group")
-            state["group"] = group_run(client, experiment_id, group["driver"], group["name"], p) if group else None
-            state["run"] = retrying(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=msg["run_name"],
-                                                             parent_run_id=state["group"], tags=tags),
-                                    p.lock_wait_seconds)
-            call(lambda: mlflow.log_params(msg["params"]))
-        elif op == "log_input":
-            args = (msg["name"], msg["uri"], msg["digest"], msg["context"], state.get("group"))
-            state["dataset"] = retrying(lambda: log_input(mlflow, *args), p.lock_wait_seconds)
-        elif op == "log_model":  # an export as this run's MLflow model
-            call(lambda: log_export(msg))
-        elif op == "register":  # the chosen export's logged model (logged here if none is found) into the registry
-            def register() -> None:
-                found = tracking_models.find_model(mlflow, experiment_id, msg["candidate"]["onnx_sha256"])
-                model_id = found or log_export(msg)
-                tracking_models.register(mlflow, client, msg["name"], msg["alias"], model_id, msg["candidate"])
-
-            call(register)
-        elif op == "log_group_metrics":  # headline figures, copied onto the execution's parent run
-            if state.get("group"):
-                call(lambda: client.log_batch(state["group"], metrics=[
-                    Metric(k, float(v), int(time.time() * 1000), 0) for k, v in msg["metrics"].items()]))
-        elif op == "start_child":  # a nested run (cross-validation folds); later calls log into it
-            tags = {**msg["tags"], HOST_TAG: socket.gethostname(), PID_TAG: str(os.getppid())}
-            retrying(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=msg["run_name"], nested=True,
-                                              tags=tags), p.lock_wait_seconds)
-            call(lambda: mlflow.log_params(msg["params"]))
-        elif op == "end_child":
-            call(lambda: mlflow.end_run(msg["status"]))
-        elif op == "end":
-            state["status"] = msg["status"]
-            state["failed"] = msg.get("fail_experiment")  # {"driver": ..., "stage": ...} or None
-            return False
-        elif op == "log_metrics":
-            call(lambda: mlflow.log_metrics(msg["metrics"], step=msg["step"]))
-        elif op == "set_tags":
-            call(lambda: mlflow.set_tags(msg["tags"]))
-        elif op == "link_resumed":  # this run carries on a checkpoint another run wrote
-            call(lambda: link_resumed(client, experiment_id, state["run"].info.run_id, msg["attempt"], msg["epoch"]))
-        elif op == "log_artifact":
-            call(lambda: mlflow.log_artifact(msg["path"], msg["folder"]))
-        elif op == "log_artifacts":
-            call(lambda: mlflow.log_artifacts(msg["path"], msg["folder"]))
-        else:
+        if op not in handlers:
             raise ValueError(f"unknown MLflow worker call {op!r}")
-        return True
+        return handlers[op](msg) is not False
 
     try:
         for line in sys.stdin:
