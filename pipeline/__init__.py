@@ -7,6 +7,6 @@ each other, image decoding, the sources, worker pools; no framework), `framework
 interface every framework implements and its torch-free types; `torch/` and `keras/` behind
 it) and the small cross-cutting modules (`config`, `files`, `cli`, `tracking`). A stage
 imports layers, never another stage; a framework imports no stage; the data layer imports no
-framework. `tests/test_layout.py` checks each rule and that dvc.yaml lists every file a stage
+framework. `tests/unit/test_layout.py` checks each rule and that dvc.yaml lists every file a stage
 imports.
 """

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class FitParams:
     """The training recipe; the train and finetune params extend it. Defaults are params.yaml's
-    `train:` values (finetune overrides its own; tests/test_config.py holds both to the file)."""
+    `train:` values (finetune overrides its own; tests/unit/test_config.py holds both to the file)."""
 
     seed: int = 0
     epochs: int = 25

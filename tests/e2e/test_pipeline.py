@@ -11,7 +11,7 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
-from conftest import copy_project, digit_folder, run
+from support import copy_project, digit_folder, run
 
 from pipeline import cpu_share, dvc_queue
 

@@ -3,19 +3,13 @@ names the file or key and the fix, and no traceback."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from support import REPO, stage_env
 
-
-def stage_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PIPELINE_DEBUG"}
-    env = {**env, "PYTHONPATH": str(REPO), **extra}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the venv's python and dvc
-    return env
+__all__ = ["REPO", "assert_expected_failure", "snapshot", "stage", "stage_env"]
 
 
 def stage(cwd: Path, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

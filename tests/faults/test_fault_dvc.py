@@ -17,8 +17,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import TINY_PARAMS, copy_project, run
 from helpers import REPO, assert_expected_failure, snapshot, stage
+from support import TINY_PARAMS, copy_project, run
 
 # one worker builds and shares `project` (module fixtures are per worker)
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.xdist_group("faults-dvc")]

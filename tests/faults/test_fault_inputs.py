@@ -11,8 +11,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_PARAMS
 from helpers import assert_expected_failure, stage, stage_env
+from support import TINY_PARAMS
 
 from pipeline import __main__ as entry
 from pipeline import tracking

@@ -6,8 +6,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import TINY_PARAMS
 from helpers import assert_expected_failure, snapshot, stage
+from support import TINY_PARAMS
 
 from pipeline import config, train
 

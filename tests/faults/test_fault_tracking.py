@@ -16,8 +16,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import TINY_PARAMS
 from helpers import assert_expected_failure, stage, stage_env
+from support import TINY_PARAMS
 
 from pipeline import interrupts, tracking, tracking_worker, workspace
 from pipeline.errors import PipelineError, TrackingError

@@ -9,8 +9,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import digit_folder
 from PIL import Image
+from support import digit_folder
 
 from pipeline import ingest, prepare
 from pipeline.config import ConfigError

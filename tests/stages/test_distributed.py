@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import REPO, TINY_PARAMS, run
+from support import REPO, TINY_PARAMS, run
 
 from pipeline import launch
 from pipeline.config import ConfigError

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import TINY_PARAMS, run, shared_folder, stage_env
+from support import TINY_PARAMS, run, shared_folder, stage_env
 
 from pipeline import config, portable
 from pipeline.config import ConfigError

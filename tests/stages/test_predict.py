@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import REPO, run
 from PIL import Image
+from support import REPO, run
 
 from pipeline import predict
 from pipeline.data import formats

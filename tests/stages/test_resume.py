@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import REPO, TINY_PARAMS, run
+from support import REPO, TINY_PARAMS, run
 
 from pipeline import checkpoints
 

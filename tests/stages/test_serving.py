@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 import pytest
 import skimage.data
-from conftest import REPO, free_port, run, wait_until_up
 from onnx import TensorProto, helper
 from PIL import Image
+from support import REPO, free_port, run, wait_until_up
 
 from pipeline import config, files, predict, register, tracking_models
 from pipeline.config import ConfigError

@@ -12,8 +12,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import run
 from PIL import Image
+from support import run
 
 from pipeline import crossval, evaluate, export, files, finetune, train
 from pipeline.data import formats, images

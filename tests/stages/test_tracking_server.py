@@ -7,11 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import TINY_PARAMS, free_port, run, wait_until_up
+from support import REPO, TINY_PARAMS, free_port, run, wait_until_up
 
 from pipeline import lockfile, tracking
 
@@ -43,7 +42,7 @@ def test_a_stage_logs_to_a_shared_server_and_its_artifacts_go_to_the_server(serv
     work = tmp_path / "work"
     work.mkdir()
     (work / "params.yaml").write_text(TINY_PARAMS)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MLFLOW_TRACKING_URI": uri}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": uri}
     run([sys.executable, "-m", "pipeline", "ingest"], cwd=work, env=env)
 
     client = mlflow.MlflowClient(uri)
@@ -60,7 +59,7 @@ def test_a_stage_logs_to_a_shared_server_and_its_artifacts_go_to_the_server(serv
 def test_sync_restores_a_skipped_stage_on_the_server_with_its_artifacts(server, tmp_path):
     """`pipeline.sync` against a server: the restored run and its artifacts go through it; a
     second sync adds nothing."""
-    from test_sync import lock_entry, write_lock
+    from support import lock_entry, write_lock
 
     uri, home = server
     work = tmp_path / "work"
@@ -70,7 +69,7 @@ def test_sync_restores_a_skipped_stage_on_the_server_with_its_artifacts(server, 
                                         "data/ingested/classes.json": '["a", "b"]'}, {"data": {"source": "digits"}})
     entry["outs"] = [entry["outs"][0], {"path": "data/ingested", "md5": lockfile.dir_md5(work / "data/ingested")}]
     write_lock(work, {"ingest": entry})
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MLFLOW_TRACKING_URI": uri}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": uri}
     for _ in range(2):
         run([sys.executable, "-m", "pipeline", "sync"], cwd=work, env=env)
 
@@ -84,14 +83,14 @@ def test_sync_restores_a_skipped_stage_on_the_server_with_its_artifacts(server, 
 
 
 def test_sync_with_the_server_down_mirrors_into_the_offline_store(tmp_path):
-    from test_sync import lock_entry, write_lock
+    from support import lock_entry, write_lock
 
     work = tmp_path / "work"
     work.mkdir()
     (work / "params.yaml").write_text(TINY_PARAMS + "tracking: {offline_fallback: true, timeout_seconds: 1, "
                                                     "http_retries: 0}\n")
     write_lock(work, {"ingest": lock_entry(work, "ingest", {"dvclive/ingest/metrics.json": '{"images": 7}'}, {})})
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    env = {**os.environ, "PYTHONPATH": str(REPO),
            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
     done = run([sys.executable, "-m", "pipeline", "sync"], cwd=work, env=env)
     assert "unreachable" in done.stderr

@@ -5,12 +5,11 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+from support import REPO
 
 from pipeline import config
 from pipeline.config import ConfigError, check
 from pipeline.tracking import TrackingParams
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)

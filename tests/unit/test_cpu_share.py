@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pipeline import config, cpu_share, dvc_queue
+from pipeline import config, cpu_share, queue_workers
 from pipeline.config import ConfigError
 from pipeline.frameworks.interface import RuntimeParams
 
@@ -17,8 +17,8 @@ from pipeline.frameworks.interface import RuntimeParams
 WORKER = """
 import subprocess, sys, time
 if sys.argv[-1] == "report":
-    from pipeline import cpu_share, dvc_queue
-    print(dvc_queue.workers_around(), cpu_share.auto_threads(cores=8), flush=True)
+    from pipeline import cpu_share, queue_workers
+    print(queue_workers.workers_around(), cpu_share.auto_threads(cores=8), flush=True)
 else:
     time.sleep(float(sys.argv[1]))
 """
@@ -38,7 +38,7 @@ def report_from_inside(node: str) -> str:
 
 
 def test_outside_a_queue_a_stage_gets_every_core():
-    assert dvc_queue.workers_around() == 0
+    assert queue_workers.workers_around() == 0
     assert cpu_share.auto_threads(cores=8) == 8
     assert RuntimeParams(threads="auto", portable=False).thread_count == cpu_share.available_cores()
 

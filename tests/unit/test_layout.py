@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 from ruamel.yaml import YAML
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "pipeline"
 STAGES = ("ingest", "prepare", "train", "crossval", "finetune", "evaluate", "export", "register", "report", "sync")
 FRAMEWORK_LIBRARIES = (
@@ -73,12 +73,42 @@ def imports(path: Path, run_time_only: bool = True) -> frozenset[str]:
     return frozenset(found)
 
 
-def closure(roots: list[Path]) -> set[Path]:
+# Observers: code a stage runs that can change none of its outputs, so no stage lists it in
+# dvc.yaml and editing it reruns nothing. Reporters talk to MLflow only (DVCLive files, which DVC
+# tracks, are written by tracking.py, which stays a dep); guards refuse or hold a run (workspace
+# claims, Ctrl-C) but compute nothing it writes. Two tests below hold them to that.
+REPORTERS = ("pipeline.tracking_client", "pipeline.tracking_worker", "pipeline.tracking_models",
+             "pipeline.tracking_restore")
+GUARDS = ("pipeline.workspace", "pipeline.interrupts")
+OBSERVERS = REPORTERS + GUARDS
+# What the rest of the package takes from an observer other than functions returning None,
+# context managers yielding None and constants, and why none of it can reach an output.
+OBSERVER_VALUES = {
+    "pipeline.tracking_client.TrackingParams": "MLflow's connection settings",
+    "pipeline.tracking_client.load_tracking_params": "MLflow's connection settings",
+    "pipeline.tracking_client.MlflowWorker": "the MLflow worker process; its calls return None",
+    "pipeline.tracking_client.SilentWorker": "the worker of ranks > 0: logs nothing",
+    "pipeline.tracking_client._take_worker": "the MLflow worker process; its calls return None",
+    "pipeline.tracking_client.experiment_name": "the MLflow experiment",
+    "pipeline.tracking_client.tracking_uri": "the MLflow store",
+    "pipeline.tracking_client.repo_root": "where the store and training checkpoints live, never what a stage writes",
+    "pipeline.tracking_client.flatten": "params and metrics as MLflow keys",
+    "pipeline.tracking_client.git_tags": "MLflow tags",
+    "pipeline.tracking_client.group_name": "the MLflow parent run's name",
+    "pipeline.tracking_client.pid_alive": "which scratch folders of dead stages to remove",
+    "pipeline.tracking_restore.reconcile": "sync's one-line summary, printed",
+    "pipeline.tracking_worker.open_store": "the sweep's MLflow experiment id",
+    "pipeline.workspace.driver": "the run's driver process, for MLflow tags",
+}
+
+
+def closure(roots: list[Path], observers: bool = False) -> set[Path]:
+    """The modules `roots` run; without `observers`, less the observers and what only they import."""
     seen: set[Path] = set()
     todo = list(roots)
     while todo:
         path = todo.pop()
-        if path in seen:
+        if path in seen or (not observers and module_name(path) in OBSERVERS):
             continue
         seen.add(path)
         todo += [p for name in imports(path) if (p := module_path(name)) is not None]
@@ -201,3 +231,58 @@ def test_no_module_imports_itself_through_others():
 
     circles = {" -> ".join(c) for m in graph if (c := cycle_from(m))}
     assert not circles, f"import circles: {sorted(circles)}"
+
+
+@pytest.mark.parametrize("path", all_modules(), ids=lambda p: p.relative_to(REPO).as_posix())
+def test_reporters_are_imported_by_no_layer_beneath_the_stages(path):
+    """The data, frameworks and evaluation layers compute outputs: they never reach MLflow's side."""
+    if layer_of(path) in ("data", "frameworks", "evaluation"):
+        found = {n for n in imports(path, run_time_only=False) if n in REPORTERS}
+        assert not found, f"{path.relative_to(REPO)} imports {sorted(found)}, which only report to MLflow"
+
+
+def observer_uses() -> dict[str, set[str]]:
+    """Each observer name the rest of the package uses (`from obs import x`, `obs.x`): {name: users}."""
+    used: dict[str, set[str]] = {}
+    for path in all_modules():
+        me = module_name(path)
+        if me in OBSERVERS:
+            continue
+        tree, aliases = ast.parse(path.read_text()), {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    if full in OBSERVERS:
+                        aliases[alias.asname or alias.name] = full
+                    elif node.module in OBSERVERS:
+                        used.setdefault(full, set()).add(me)
+            elif isinstance(node, ast.Import):
+                aliases.update({a.asname or a.name: a.name for a in node.names if a.name in OBSERVERS})
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                used.setdefault(f"{aliases[node.value.id]}.{node.attr}", set()).add(me)
+    return used
+
+
+def test_observers_hand_back_nothing_a_stage_computes_with():
+    """What the package takes from an observer is a function returning None, a context manager
+    yielding None, a constant, or a value OBSERVER_VALUES names with the reason it reaches no
+    output: so an observer's edit cannot change what a stage writes."""
+    definitions = {}
+    for name in OBSERVERS:
+        for node in ast.parse(module_path(name).read_text()).body:
+            if isinstance(node, ast.FunctionDef | ast.ClassDef):
+                definitions[f"{name}.{node.name}"] = node
+    unexplained = {}
+    for name, users in observer_uses().items():
+        node = definitions.get(name)
+        returns = ast.unparse(node.returns) if isinstance(node, ast.FunctionDef) and node.returns else None
+        if name.rsplit(".", 1)[1].isupper() or returns in ("None", "Iterator[None]"):
+            continue
+        if name not in OBSERVER_VALUES:
+            unexplained[name] = sorted(users)
+    assert not unexplained, f"values taken from observers with no reason they reach no output: {unexplained}"
+    assert set(OBSERVER_VALUES) <= set(observer_uses()), "OBSERVER_VALUES names something nothing uses"
+
+

@@ -25,7 +25,7 @@ def load(files, text: str):
 
 
 def test_the_repositorys_sweep_file_matches_its_params_yaml():
-    from conftest import REPO
+    from support import REPO
 
     space = search_space.load(REPO / "sweep.yaml", REPO / "params.yaml")
     assert space.objective.file == "dvclive/train/metrics.json" and space.objective.key == "best.val_loss"

@@ -1,32 +1,16 @@
-"""`pipeline.sync`: the MLflow store mirrors dvc.lock (the whole pipeline: tests/test_pipeline.py)."""
+"""`pipeline.sync`: the MLflow store mirrors dvc.lock (the whole pipeline: tests/e2e/test_pipeline.py)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import mlflow
 import yaml
+from support import REPO, lock_entry, write_lock
 
 from pipeline import lockfile, sync, tracking_restore
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def lock_entry(work, stage: str, files: dict[str, str], params: dict) -> dict:
-    """Write `files` under `work` and return the dvc.lock entry DVC would record for them."""
-    outs = []
-    for rel, text in files.items():
-        (work / rel).parent.mkdir(parents=True, exist_ok=True)
-        (work / rel).write_text(text)
-        outs.append({"path": rel, "hash": "md5", "md5": lockfile.file_md5(work / rel), "size": len(text)})
-    return {"cmd": f"python -m pipeline {stage}", "params": {"params.yaml": params}, "outs": outs}
-
-
-def write_lock(work, stages: dict) -> None:
-    (work / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}, sort_keys=False))
 
 
 def stage_runs(uri: str) -> list:

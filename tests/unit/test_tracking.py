@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import mlflow
+from support import REPO
 
 from pipeline import tracking
 
@@ -174,3 +175,23 @@ def test_the_stage_runs_of_one_execution_nest_under_one_parent_with_its_dataset(
     (dataset,) = train.inputs.dataset_inputs
     assert (dataset.dataset.name, dataset.dataset.digest) == ("digits", ("ab" * 32)[:36])
     assert dataset.tags[0].value == "training"
+
+
+def test_the_stage_and_its_worker_share_one_list_of_calls():
+    """Every call the facade sends is one tracking_client.OPS names, and the worker has a handler
+    for each (it checks at start-up; an unknown call is refused on the stage's side)."""
+    import re
+
+    from pipeline import tracking_client
+
+    sent = set(re.findall(r'_worker\.call\(\s*"(\w+)"', (REPO / "pipeline" / "tracking.py").read_text()))
+    sent |= set(re.findall(r'self\.call\(\s*"(\w+)"', (REPO / "pipeline" / "tracking_client.py").read_text()))
+    assert sent <= tracking_client.OPS and sent, sent
+    handled = set(re.findall(r'^        "(\w+)": ', (REPO / "pipeline" / "tracking_worker.py").read_text(), re.M))
+    assert handled == tracking_client.OPS
+    try:
+        tracking_client.MlflowWorker.call(None, "no_such_call")
+    except ValueError as exc:
+        assert "no_such_call" in str(exc)
+    else:
+        raise AssertionError("an unknown call was accepted")

@@ -42,7 +42,7 @@ def configure(seed: int, threads: int, device: str = "cpu") -> Any:
     generation. With them, the scratch CNN trains about twice as fast as on TensorFlow's Eigen
     kernels (bench/frameworks.py), and reruns stay byte-identical for a fixed thread count
     (tested end to end); in portable mode ONEDNN_MAX_CPU_ISA caps them at AVX2, as it caps
-    torch's (tests/test_portable.py). The thread count changes float sums, so it is pinned;
+    torch's (tests/stages/test_portable.py). The thread count changes float sums, so it is pinned;
     `threads` is also how many independent ops may run at once."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no C++ start-up chatter in stage logs
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"  # read once, when TensorFlow loads

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import TINY_PARAMS, run
+from support import TINY_PARAMS, run
 
 from pipeline.data import formats
 from pipeline.frameworks import card

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_splits
+from support import save_splits
 from torch import nn
 
 from pipeline.config import ConfigError
