@@ -1,9 +1,10 @@
 """Make the MLflow store mirror the result DVC holds: a run for every stage that dvc.lock records.
 
-`python -m pipeline sync` (the last, `always_changed` stage of dvc.yaml; `make mlflow-ui` and
-`make run` call it too). Reads dvc.lock, the outputs it records (the DVCLive metrics and plots,
-the models, exports and report), `dvclive/register/selection.json` and the store; writes
-nothing DVC tracks, only MLflow runs, tags and registry entries.
+`python -m pipeline sync` (the last, `always_changed` stage of dvc.yaml, so every `dvc repro` and
+`dvc exp run` ends with it; `make mlflow-ui` runs it too, for a `dvc checkout` or `dvc exp
+apply`). Reads dvc.lock, the outputs it records (the DVCLive metrics and plots, the models,
+exports and report), `dvclive/register/selection.json` and the store; writes nothing DVC
+tracks, only MLflow runs, tags and registry entries.
 
 A stage's recorded state is named by a digest of its dvc.lock entry (its command, deps,
 params and outs hashes: what DVC itself computed), tagged `pipeline.lock_digest` on the run
@@ -11,8 +12,8 @@ that holds it. For each stage whose digest no FINISHED run carries:
 - the stage ran in this `dvc repro` / `dvc exp run` (same driver): its run is tagged (adopted);
 - DVC skipped it, restored it from the run-cache, or `dvc checkout` / `dvc exp apply` put its
   outputs back: a run is made from what DVC holds (params from dvc.lock, metrics, curves,
-  figures, artifacts and, for an export, the logged model), tagged `pipeline.restored` with
-  the commit, and no timings, since nothing was timed.
+  figures, artifacts and, for an export, the logged model), tagged `pipeline.restored_from`
+  with the commit, and no timings, since nothing was timed.
 Then the registry: the alias `dvclive/register/selection.json` names must exist, held by a
 version of the chosen ONNX file (`tracking_models.register`'s rule decides who holds it).
 
@@ -43,10 +44,6 @@ def selection(root: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return found if isinstance(found, dict) and {"registered_model", "alias", "onnx_sha256"} <= set(found) else None
-
-
-def sqlite_path(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def mirrored(db: Path, experiment: str, digests: set[str], chosen: dict | None) -> bool | None:
@@ -87,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     digests = {name: lockfile.digest(entry) for name, entry in stages.items()}
     chosen = selection(workdir) if "register" in stages else None
     uri = tracking.tracking_uri(root)
-    db = sqlite_path(uri)
-    if db is not None and mirrored(db, tracking.experiment_name(), set(digests.values()), chosen):
+    db = tracking.sqlite_file(uri)
+    if db is not None and mirrored(Path(db), tracking.experiment_name(), set(digests.values()), chosen):
         return
     from pipeline import tracking_restore  # MLflow: only when something is missing
 

@@ -96,6 +96,11 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / STORE_FILE}"
 
 
+def sqlite_file(uri: str) -> str | None:
+    """The file of a `sqlite:///` store URI, else None (a server, another database)."""
+    return uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+
+
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'train': TrainParams(lr=...)} -> {'train.lr': ...}; dataclasses and dicts alike."""
     flat: dict[str, Any] = {}

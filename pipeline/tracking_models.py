@@ -63,24 +63,20 @@ def log_model(mlflow: Any, export_dir: Path, example: np.ndarray, scratch: Path,
     tags = {**({"mlflow.source.name": source} if source else {}), **tags}
     with warnings.catch_warnings():  # MLflow asks for type hints on `predict`: the signature above says it all
         warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
-        info = _log_pyfunc(mlflow, export_dir, example, scratch, tags)
+        info = mlflow.pyfunc.log_model(
+            name=tags.get("model", "model"),
+            python_model=str(PACKAGE / "serving.py"),
+            artifacts={"onnx": str(export_dir / "model.onnx"), "card": str(export_dir / "model.json")},
+            code_paths=[str(code_copy(scratch))],
+            signature=signature(),
+            input_example=example,
+            pip_requirements=[f"{name}=={metadata.version(name)}" for name in REQUIREMENTS],
+            tags=tags,
+            model_type="image-classifier",
+        )
     if linked:
         mlflow.log_metrics(linked, model_id=info.model_id, dataset=dataset)
     return info.model_id
-
-
-def _log_pyfunc(mlflow: Any, export_dir: Path, example: np.ndarray, scratch: Path, tags: dict[str, str]) -> Any:
-    return mlflow.pyfunc.log_model(
-        name=tags.get("model", "model"),
-        python_model=str(PACKAGE / "serving.py"),
-        artifacts={"onnx": str(export_dir / "model.onnx"), "card": str(export_dir / "model.json")},
-        code_paths=[str(code_copy(scratch))],
-        signature=signature(),
-        input_example=example,
-        pip_requirements=[f"{name}=={metadata.version(name)}" for name in REQUIREMENTS],
-        tags=tags,
-        model_type="image-classifier",
-    )
 
 
 def find_model(mlflow: Any, experiment_id: str, onnx_sha256: str) -> str | None:

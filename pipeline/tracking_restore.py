@@ -256,8 +256,15 @@ def reconcile(root: Path, workdir: Path, uri: str, stages: dict[str, dict], dige
     with tracking_worker.creating(uri, ".sync.lock"):  # parallel experiments: one run per state
         r = Restorer(mlflow, root, workdir, p)
         have = r.tagged()
-        adopted, restored, left = [], [], []
-        for stage, entry in stages.items():
+        adopted, restored, left = [], [], {}  # left: stage -> why its outputs are not dvc.lock's
+        checked: dict[str, str | None] = {}
+
+        def problem(stage: str) -> str | None:  # each stage's outputs hashed once
+            if stage not in checked:
+                checked[stage] = outs_differ(workdir, stages[stage])
+            return checked[stage]
+
+        for stage in stages:
             if digests[stage] in have:
                 continue
             own = r.own_run(stage)
@@ -266,19 +273,19 @@ def reconcile(root: Path, workdir: Path, uri: str, stages: dict[str, dict], dige
                 have[digests[stage]] = own.info.run_id
                 adopted.append(stage)
                 continue
-            problem = outs_differ(workdir, entry)
-            if problem:
-                left.append(f"{stage} ({problem})")
+            if problem(stage):
+                left[stage] = problem(stage)
                 continue
-            have[digests[stage]] = r.restore(stage, entry, digests[stage])
+            have[digests[stage]] = r.restore(stage, stages[stage], digests[stage])
             restored.append(stage)
-        if chosen is not None and "register" not in [s.split(" ")[0] for s in left]:
+        if chosen is not None and "register" not in left:
             r.ensure_champion(chosen, have.get(digests["register"]))
-        if "report" in stages and not outs_differ(workdir, stages["report"]):
+        if "report" in stages and not problem("report"):
             r.headline(workdir / "dvclive" / "report" / "metrics.json", chosen)
     done = [f"{len(adopted)} run(s) of this execution tagged with their dvc.lock state",
             f"{len(restored)} restored from what DVC holds ({', '.join(restored) or 'none'})"]
     if left:
-        done.append(f"not mirrored, as the workspace does not hold what dvc.lock records: {'; '.join(left)} "
+        why = "; ".join(f"{stage} ({reason})" for stage, reason in left.items())
+        done.append(f"not mirrored, as the workspace does not hold what dvc.lock records: {why} "
                     "(`dvc checkout` or `dvc repro` first)")
     return "; ".join(done)

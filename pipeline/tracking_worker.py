@@ -49,6 +49,7 @@ from pipeline.tracking_client import (
     PARENT_RUN_ENV,
     TrackingParams,
     load_tracking_params,
+    sqlite_file,
 )
 from pipeline.workspace import alive_since
 
@@ -123,7 +124,7 @@ def creating(uri: str, suffix: str = ".lock") -> Any:
     migrates the schema, the others wait and find it done. Queued experiments open one new
     store at once; unserialised, a second migration failed with `duplicate column name: step`.
     (`pipeline.sync` holds `.sync.lock` the same way while it finds and makes missing runs.)"""
-    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    path = sqlite_file(uri)
     try:
         import fcntl
     except ImportError:  # Windows: no flock; MLflow's own retries are all there is

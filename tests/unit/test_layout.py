@@ -91,6 +91,7 @@ OBSERVER_VALUES = {
     "pipeline.tracking_client._take_worker": "the MLflow worker process; its calls return None",
     "pipeline.tracking_client.experiment_name": "the MLflow experiment",
     "pipeline.tracking_client.tracking_uri": "the MLflow store",
+    "pipeline.tracking_client.sqlite_file": "the MLflow store's file, which sync reads",
     "pipeline.tracking_client.repo_root": "where the store and training checkpoints live, never what a stage writes",
     "pipeline.tracking_client.flatten": "params and metrics as MLflow keys",
     "pipeline.tracking_client.git_tags": "MLflow tags",

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import yaml
 from support import REPO, lock_entry, write_lock
 
-from pipeline import lockfile, sync, tracking_restore
+from pipeline import lockfile, sync, tracking_client, tracking_restore
 
 
 def stage_runs(uri: str) -> list:
@@ -54,7 +55,7 @@ def test_a_skipped_stage_gets_a_restored_run_once_and_a_changed_output_none(work
         "dvclive/ingest/details.json": json.dumps({"excluded": {"unreadable": 1}}),
     }, {"data": {"source": "digits", "folder": "data/sources"}})
     write_lock(workdir, {"ingest": entry, "sync": {"cmd": "python -m pipeline sync"}})
-    db = sync.sqlite_path(mlflow_store)
+    db = Path(tracking_client.sqlite_file(mlflow_store))
     digest = lockfile.digest(entry)
     assert sync.mirrored(db, "cnn-pipeline", {digest}, None) is False
 
@@ -84,7 +85,7 @@ def test_a_skipped_stage_gets_a_restored_run_once_and_a_changed_output_none(work
 
 
 def test_the_alias_counts_only_with_a_version_of_the_chosen_file(workdir, mlflow_store):
-    db = sync.sqlite_path(mlflow_store)
+    db = Path(tracking_client.sqlite_file(mlflow_store))
     chosen = {"registered_model": "cnn-pipeline", "alias": "champion", "onnx_sha256": "ab" * 32}
     client = mlflow.MlflowClient(mlflow_store)
     client.create_registered_model("cnn-pipeline")
