@@ -71,8 +71,8 @@ def allocator_child(heap: bool, images: int) -> float:
 
     from pipeline import config, finetune
     from pipeline.frameworks.interface import RuntimeParams
+    from pipeline.frameworks.torch import inputs, recipe
     from pipeline.frameworks.torch import model as torch_model
-    from pipeline.frameworks.torch import recipe
     from pipeline.frameworks.torch import weights as pretrained
     from pipeline.frameworks.torch.backend import TorchBackend
 
@@ -85,7 +85,7 @@ def allocator_child(heap: bool, images: int) -> float:
     model.set_trainable(finetune.unfreeze_share(p, split.image_size))
     n = 3 * p.batch_size
     started = time.perf_counter()
-    images_ = recipe.Images(split.images[:n], backend.device, p.channels_last)
+    images_ = inputs.Images(split.images[:n], backend.device, p.channels_last)
     optimizer = recipe.make_optimizer([w for w in model.parameters() if w.requires_grad], p)
     scheduler = recipe.make_scheduler(optimizer, p, 3)
     recipe.train_one_epoch(model, images_, recipe.labels_on(split, backend.device)[:n], optimizer, scheduler, p,
@@ -120,8 +120,8 @@ def main() -> None:
 
     from pipeline import config, finetune
     from pipeline.frameworks.interface import RuntimeParams
+    from pipeline.frameworks.torch import inputs, recipe, transfer
     from pipeline.frameworks.torch import model as torch_model
-    from pipeline.frameworks.torch import recipe, transfer
     from pipeline.frameworks.torch import weights as pretrained
     from pipeline.frameworks.torch.backend import TorchBackend
 
@@ -153,7 +153,7 @@ def main() -> None:
             model.set_trainable(finetune.unfreeze_share(p, train.image_size))
             model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             q = dataclasses.replace(p, channels_last=channels_last)
-            images = recipe.Images(train.images[: n * p.batch_size], device, channels_last)
+            images = inputs.Images(train.images[: n * p.batch_size], device, channels_last)
             labels = recipe.labels_on(train, device)[: n * p.batch_size]
             optimizer = recipe.make_optimizer([w for w in model.parameters() if w.requires_grad], q)
             scheduler = recipe.make_scheduler(optimizer, q, n)

@@ -65,7 +65,7 @@ def digest(framework: str, model) -> str:
 
 def child(framework: str, data: str, epochs: int | None, n: int, device: str) -> dict:
     """One fit in this process, pinned and configured as the train stage is; returns its figures."""
-    from pipeline import portable
+    from pipeline.runtime import portable
 
     portable.pin(portable.requested())  # before torch or TensorFlow loads, as `python -m pipeline` does
     from pipeline import config, train

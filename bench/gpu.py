@@ -39,8 +39,8 @@ import torch
 from pipeline import config, finetune, train
 from pipeline.data import formats
 from pipeline.frameworks.interface import RuntimeParams
+from pipeline.frameworks.torch import inputs, recipe, runtime, weights
 from pipeline.frameworks.torch import model as torch_model
-from pipeline.frameworks.torch import recipe, runtime, weights
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -111,7 +111,7 @@ def portable_check() -> dict:
 
     from bench import REPO
     from bench.pipeline import bench_env, copy_repo
-    from pipeline import portable
+    from pipeline.runtime import portable
 
     def outs(lock: dict) -> dict:
         return {s: {o["path"]: o.get("md5") for o in v.get("outs", [])} for s, v in lock["stages"].items()}
@@ -166,9 +166,9 @@ def main() -> None:
     cuda = runtime.configure(RuntimeParams(device="cuda"))
     report: dict = {"gpu": torch.cuda.get_device_name(cuda), "torch": torch.__version__}
     report["scratch_cuda"] = [fit_scratch(args.data, cuda, tp) for _ in range(2)]
-    resident_bytes, recipe.RESIDENT_BYTES = recipe.RESIDENT_BYTES, 0
+    resident_bytes, inputs.RESIDENT_BYTES = inputs.RESIDENT_BYTES, 0
     report["scratch_cuda_streamed"] = fit_scratch(args.data, cuda, tp)
-    recipe.RESIDENT_BYTES = resident_bytes
+    inputs.RESIDENT_BYTES = resident_bytes
     report["finetune_cuda"] = [fit_finetune(args.data, cuda, fp) for _ in range(2)]
     for precision in ("bf16", "fp16"):
         runtime.configure(RuntimeParams(device="cuda", precision=precision))

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from bench import report
 from bench.pipeline import bench_env, copy_repo
-from pipeline import dvc_queue
+from pipeline.experiments import dvc_queue
 
 # what a train.seed change reruns (crossval reads the train params too)
 RERUN = ("train", "crossval", "evaluate@scratch", "export@scratch", "register", "report")

@@ -91,26 +91,26 @@ def write_split(folder: Path, n: int, seed: int = 0) -> None:
 def first_steps(steps: int) -> Iterator[None]:
     """Cut `recipe.train_one_epoch` short: its epoch yields only the first `steps` batches. The
     whole shuffled order is still drawn, so the per-image index memory is counted."""
-    from pipeline.frameworks.torch import recipe
+    from pipeline.frameworks.torch import inputs
 
-    full = recipe.batches
-    recipe.batches = lambda n, batch_size, generator: itertools.islice(full(n, batch_size, generator), steps)
+    full = inputs.batches
+    inputs.batches = lambda n, batch_size, generator: itertools.islice(full(n, batch_size, generator), steps)
     try:
         yield
     finally:
-        recipe.batches = full
+        inputs.batches = full
 
 
 @contextlib.contextmanager
 def resident_limit(limit: int) -> Iterator[None]:
-    from pipeline.frameworks.torch import recipe
+    from pipeline.frameworks.torch import inputs
 
-    default = recipe.RESIDENT_BYTES
-    recipe.RESIDENT_BYTES = limit
+    default = inputs.RESIDENT_BYTES
+    inputs.RESIDENT_BYTES = limit
     try:
         yield
     finally:
-        recipe.RESIDENT_BYTES = default
+        inputs.RESIDENT_BYTES = default
 
 
 class Trainer:
@@ -130,9 +130,9 @@ class Trainer:
         self.stats_seconds = time.perf_counter() - started
 
     def images(self):
-        from pipeline.frameworks.torch import recipe
+        from pipeline.frameworks.torch import inputs
 
-        return recipe.Images(self.split.images, self.device, self.p.channels_last)
+        return inputs.Images(self.split.images, self.device, self.p.channels_last)
 
     def run(self, images) -> float:
         """Images per second over `steps` training steps from a fresh model."""

@@ -55,16 +55,15 @@ def main(argv: list[str] | None = None) -> None:
     keep_heap()
     restore = restore_hint(argv)
     try:
-        from pipeline import portable
+        from pipeline.runtime import launch, portable
 
         portable.pin(portable.requested())  # before torch or TensorFlow loads: the CPU code paths they take
-        from pipeline import launch, tracking
+        if argv[0] not in UNTRACKED and launch.rank() == 0 and not launch.relaunches(argv[0]):
+            from pipeline.tracking import store
 
-        if argv[0] not in UNTRACKED:
-            launch.relaunch(argv)  # nproc > 1: this process becomes torchrun's, and exits with the ranks
-            if launch.rank() == 0:  # the other ranks log nothing
-                tracking.start_worker()
-        from pipeline import interrupts
+            # the other ranks log nothing; a process that hands its stage to torchrun neither (its rank 0 does)
+            store.start_worker()
+        from pipeline.runtime import interrupts
 
         with interrupts.held():  # some stages import torch at the top: a Ctrl-C inside would abort
             stage = importlib.import_module(f"pipeline.{argv[0]}")

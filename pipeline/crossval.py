@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import cli, config, files, tracking
+from pipeline import cli, config, files
 from pipeline.config import check
 from pipeline.data import formats
 from pipeline.frameworks import registry
 from pipeline.frameworks.interface import RuntimeParams
 from pipeline.frameworks.scratch import TrainParams, model_args
+from pipeline.tracking.run import stage_run
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     t = config.load("train", TrainParams)
     rt = config.load("runtime", RuntimeParams)
     files.verify_folder(args.data, "prepare")
-    with tracking.stage_run("crossval", {"crossval": p, "train": t, "runtime": rt}, args.live) as run:
+    with stage_run("crossval", {"crossval": p, "train": t, "runtime": rt}, args.live) as run:
         per_fold: list[dict] = []
         run.log_dataset(args.data, "training")
         if p.folds:

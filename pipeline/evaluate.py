@@ -23,12 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import cli, config, files, tracking
+from pipeline import cli, config, files
 from pipeline.config import check
 from pipeline.data import formats
 from pipeline.evaluation import calibration, figures, samples
 from pipeline.frameworks import registry
 from pipeline.frameworks.interface import RuntimeParams
+from pipeline.tracking.run import stage_run
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     test, val = formats.load_split(args.data, "test"), formats.load_split(args.data, "val")
     backend, model, _ = registry.open_model(args.model_dir, test.classes, args.data, rt)  # only its framework loads
     classes, name = test.classes, args.model
-    with tracking.stage_run(f"evaluate@{name}", {"evaluate": p, "runtime": rt, "model": name}, args.live) as run:
+    with stage_run(f"evaluate@{name}", {"evaluate": p, "runtime": rt, "model": name}, args.live) as run:
         proba = backend.predict(model, test.images, p.batch_size)
         summary, per_class = classification_metrics(test.labels, proba, classes)
         temperature = 1.0

@@ -17,7 +17,7 @@ from the model's probabilities, the share of images whose top-1 class agrees, it
 accuracy and its size on disk; past the thresholds in params.yaml the stage fails and the
 previous export stays. Batch-1 latency and batch-`batch_size` throughput of each format go to
 MLflow only (wall-clock figures), as does the MLflow model: a pyfunc over `model.onnx` that
-takes uint8 images of any size (`pipeline.serving`), with evaluate's metrics linked to it.
+takes uint8 images of any size (`pipeline.serving.pyfunc`), with evaluate's metrics linked to it.
 """
 
 from __future__ import annotations
@@ -30,13 +30,15 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline import cli, config, files, tracking
+from pipeline import cli, config, files
 from pipeline.config import check
 from pipeline.data import formats
 from pipeline.errors import ArtifactError, PipelineError
 from pipeline.frameworks import registry
 from pipeline.frameworks.card import ModelCard
 from pipeline.frameworks.interface import INPUT_NAME, OUTPUT_NAME, ExportOptions, Runner, RuntimeParams, float_batches
+from pipeline.tracking import store
+from pipeline.tracking.run import stage_run
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = formats.read_json(args.data / "dataset.json", "the dataset description")
     meta = metadata(card, test, dataset.get("preprocessing", {}), backend.layout, read_temperature(args.evaluation))
     options = ExportOptions(opset=p.opset, onnx_exporter=p.onnx_exporter, batch_size=p.batch_size)
-    with tracking.stage_run(
+    with stage_run(
         f"export@{args.model}", {"export": p, "runtime": rt, "model": args.model}, args.live
     ) as run:
         run.set_tags({"model": args.model, **backend.describe()})
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
                 run.log_timing({f"{name}/{k}": v for k, v in timings(fmt.run, test.images, backend.layout, p).items()})
             files.write_json(tmp / "model.json", meta)
         run.log_artifact(args.out, "export")
-        evaluated = tracking.flatten(formats.read_json(args.evaluation / "metrics.json", "evaluate's metrics"), "")
+        evaluated = store.flatten(formats.read_json(args.evaluation / "metrics.json", "evaluate's metrics"), "")
         # evaluate's figures, linked to the logged model (MLflow links the run's own as well)
         linked = {k.replace(".", "/"): v for k, v in evaluated.items() if isinstance(v, int | float)}
         run.log_model(args.out, test.images[:1], {"model": args.model, "framework": card.framework,

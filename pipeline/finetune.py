@@ -15,16 +15,20 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline import checkpoints, cli, config, files, launch, tracking, trial
+from pipeline import cli, config, files
 from pipeline.config import check
 from pipeline.data import formats
+from pipeline.experiments import trial
 from pipeline.frameworks import card, shapes
 from pipeline.frameworks.interface import RuntimeParams
 from pipeline.frameworks.recipe import PHOTO_SIZE, FitParams, FitResult, augmentation
 from pipeline.frameworks.torch import model as torch_model
-from pipeline.frameworks.torch import transfer
+from pipeline.frameworks.torch import torchrun, transfer
 from pipeline.frameworks.torch import weights as pretrained  # `weights` is a FinetuneParams field
 from pipeline.frameworks.torch.backend import TorchBackend
+from pipeline.runtime import checkpoints, launch
+from pipeline.tracking import store
+from pipeline.tracking.run import StageRun, stage_run
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ def phases(p: FinetuneParams, image_size: int) -> transfer.Phases:
 
 def finetune(
     model: torch_model.PretrainedCNN, train: formats.Split, val: formats.Split, p: FinetuneParams,
-    device, generator, run: tracking.StageRun | None, saved: checkpoints.Checkpoints | None = None,
+    device, generator, run: StageRun | None, saved: checkpoints.Checkpoints | None = None,
 ) -> list[FitResult]:
     """Both phases (`transfer.fit`) with this stage's params."""
     return transfer.fit(model, train, val, p, phases(p, train.image_size), device, generator, run, saved)
@@ -103,6 +107,7 @@ def unfreeze_share(p: FinetuneParams, image_size: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
+    torchrun.relaunch("finetune", argv or [])  # nproc > 1: this process becomes torchrun's agent, exits with the ranks
     args = cli.fit_paths(argv, __doc__, "finetune", "finetune")
     p = config.load("finetune", FinetuneParams)
     rt = config.load("runtime", RuntimeParams)
@@ -112,16 +117,16 @@ def main(argv: list[str] | None = None) -> None:
     net, weights_sha256 = pretrained.load_pretrained(p.backbone, p.weights, p.weights_sha256)
     margs = model_args(p, train_set, torch_model.pretrained_resolution(net))
     model = torch_model.PretrainedCNN(**margs, net=net)
-    with tracking.stage_run("finetune", {"finetune": p, "runtime": rt}, live_dir=args.live) as run:
+    with stage_run("finetune", {"finetune": p, "runtime": rt}, live_dir=args.live) as run:
         run.set_tags({**backend.describe(), "weights_sha256": weights_sha256})
-        if (prune := trial.epoch_hook("finetune")) is not None:  # a trial of `python -m pipeline.sweep`
+        if (prune := trial.epoch_hook("finetune")) is not None:  # a trial of `python -m pipeline.experiments.sweep`
             run.epoch_hooks.append(prune)
         run.log_dataset(args.data, "training")
         run.log_choices({"input_size": margs["input_size"], "augment": augmentation(p, train_set.image_size),
                          "unfreeze_fraction": unfreeze_share(p, train_set.image_size)})
         # per-epoch checkpoints outside DVC's outputs: a killed run resumes
         ran_on = {**backend.describe(), "weights_sha256": weights_sha256}
-        saved = checkpoints.for_stage(tracking.repo_root(), "finetune", {"finetune": p, "runtime": rt}, [args.data],
+        saved = checkpoints.for_stage(store.repo_root(), "finetune", {"finetune": p, "runtime": rt}, [args.data],
                                       ran_on)
         started = time.perf_counter()
         results = finetune(model, train_set, val_set, p, backend.device, backend.generator, run, saved)

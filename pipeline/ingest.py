@@ -26,11 +26,12 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline import cli, config, files, tracking
+from pipeline import cli, config, files
 from pipeline.data import formats, images, parallel, sources
 from pipeline.data.sources import ArraySource, DataParams, Source
 from pipeline.data.sources.candidates import Excluded, Item
 from pipeline.frameworks.torch import download
+from pipeline.tracking.run import stage_run
 
 REJECT_CODES = (
     "empty", "undecodable", "unsupported_format", "unsupported_mode", "too_many_pixels", "too_small",
@@ -198,7 +199,7 @@ DETAIL_KEYS = ("per_class/", "rejected_by/")  # to details.json: a column each w
 def main(argv: list[str] | None = None) -> None:
     args = cli.parse(argv, __doc__, cli.path("--out", "data/ingested"), cli.path("--live", "dvclive/ingest"))
     params = config.load("data", DataParams)
-    with tracking.stage_run("ingest", {"data": params}, live_dir=args.live) as run:
+    with stage_run("ingest", {"data": params}, live_dir=args.live) as run:
         started = time.perf_counter()
         source = sources.open_source(params, fetch=download.fetch if params.download else None)
         manifest, excluded, stats = ingest(source, params, parallel.worker_count())

@@ -13,26 +13,25 @@ images are ranked by sha256(seed, pixel hash), and the first ranks go to test, t
 image keeps its split when files are renamed, reordered or added. Splits that the source
 fixes (a folder's train/ val/ test/, the standard datasets' test sets) are kept; missing
 ones are carved from train. Images are decoded, checked against their ingest hash, resized
-and written straight into the memory-mapped arrays by worker processes on every core.
+and written straight into the memory-mapped arrays by worker processes on every core
+(`pipeline.data.writer`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from pipeline import cli, config, files, tracking
+from pipeline import cli, config, files
 from pipeline.config import check
-from pipeline.data import duplicates, formats, images, parallel, sources
-from pipeline.data.sources import DataParams, Source
-from pipeline.data.sources.candidates import Item
+from pipeline.data import duplicates, formats, images, parallel, sources, writer
+from pipeline.data.sources import DataParams
+from pipeline.tracking.run import stage_run
 
 
 @dataclass(frozen=True)
@@ -130,86 +129,6 @@ def assign_splits(manifest: pd.DataFrame, params: PrepareParams) -> np.ndarray:
     return splits
 
 
-# -- pixels: written by worker processes straight into the memory-mapped arrays -------------
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where and how every image goes: the same for all tasks, sent to each worker once."""
-
-    source: Source
-    out: Path
-    size: int
-    channels: int
-    resize: images.Resize
-
-
-# (item, pixel sha256, split, row): small tuples, as 60,000 of them are pickled to the workers
-Task = tuple[Item, str, str, int]
-_TARGET: Target | None = None
-_ARRAYS: dict[str, np.ndarray] = {}  # each worker's open memory maps, by split
-
-
-def _use_target(target: Target) -> None:
-    global _TARGET
-    _TARGET = target
-    _ARRAYS.clear()
-
-
-def _fill_batch(batch: Sequence[Task]) -> list[str | None]:
-    """Write each image's resized pixels into its row; an error message where that failed."""
-    assert _TARGET is not None
-    t = _TARGET
-    errors: list[str | None] = []
-    for item, sha256, split, row in batch:
-        try:
-            pixels, _ = t.source.pixels(item)
-        except images.Rejected as rejected:
-            errors.append(f"{item.path}: {rejected} (it was readable at ingest)")
-            continue
-        if formats.pixel_sha256(pixels) != sha256:
-            errors.append(
-                f"{item.path}: pixels differ from the ingest manifest's sha256 (the file changed since ingest)"
-            )
-            continue
-        if split not in _ARRAYS:
-            _ARRAYS[split] = np.load(t.out / f"{split}_images.npy", mmap_mode="r+")
-        _ARRAYS[split][row] = images.fit_square(pixels, t.size, t.channels, t.resize)
-        errors.append(None)
-    for array in _ARRAYS.values():
-        array.flush()
-    return errors
-
-
-def _crashed(task: Task) -> str:
-    return f"{task[0].path}: the decoder crashed its process on this file"
-
-
-def write_splits(
-    out: Path, prepared: pd.DataFrame, classes: tuple[str, ...], source: Source, params: PrepareParams,
-    storage: Storage, workers: int,
-) -> None:
-    """`<split>_images.npy` (as `storage` decides) and `<split>_labels.npy` for every split, filled in parallel."""
-    size, channels = storage.size, storage.channels
-    class_index = {name: i for i, name in enumerate(classes)}
-    tasks: list[Task] = []
-    for split in formats.SPLITS:
-        rows = prepared[prepared["split"] == split]
-        shape = (len(rows), size, size, channels)
-        np.lib.format.open_memmap(out / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=shape).flush()
-        np.save(out / f"{split}_labels.npy", rows["label"].map(class_index).to_numpy(np.int64))
-        tasks += [(source.item(r.path, r.label, r.source_split), r.sha256, split, r.index) for r in rows.itertuples()]
-    target = Target(source, out, size, channels, params.resize)
-    errors = [e for e in parallel.map_batches(_fill_batch, tasks, _crashed, workers, 1024, _use_target, (target,)) if e]
-    if errors:
-        more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
-        raise formats.DataError(
-            f"{len(errors)} images could not be prepared; rerun ingest (dvc repro):\n  "
-            + "\n  ".join(errors[:10])
-            + more
-        )
-
-
 def colour_decision(prepared: pd.DataFrame, storage: Storage) -> str:
     """One line for the stage's log: the channels chosen, and why."""
     colourful, threshold = storage.colourful, storage.threshold
@@ -284,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     data_params = config.load("data", DataParams)
     params = config.load("prepare", PrepareParams)
     files.verify_folder(args.ingested, "ingest")
-    with tracking.stage_run("prepare", {"data": data_params, "prepare": params}, live_dir=args.live) as run:
+    with stage_run("prepare", {"data": data_params, "prepare": params}, live_dir=args.live) as run:
         started = time.perf_counter()
         manifest = formats.read_manifest(args.ingested / "manifest.csv")
         classes = formats.load_classes(args.ingested)
@@ -298,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         prepared = prepare_manifest(manifest, params)
         storage = decide_storage(prepared, params)
         with files.atomic_dir(args.out) as tmp:
-            write_splits(tmp, prepared, classes, source, params, storage, parallel.worker_count())
+            writer.write_splits(tmp, prepared, classes, source, storage.size, storage.channels, params.resize,
+                                parallel.worker_count())
             stored = lambda split: np.load(tmp / f"{split}_images.npy", mmap_mode="r")  # noqa: E731
             near, candidates = duplicates.find(
                 prepared, stored, params.near_duplicate_distance, params.near_duplicate_min_correlation

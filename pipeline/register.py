@@ -6,7 +6,7 @@ and its export folder (`exports/<model>/`, verified). The model with the best
 `register.select_by` (validation accuracy by default, or validation loss; never a test
 figure, which must stay an unbiased estimate) is registered as a version of
 `register.model_name` (the same ONNX file is always the same version), and `register.alias`
-moves to it when it beats the version holding the alias (`tracking_models.register`):
+moves to it when it beats the version holding the alias (`tracking.models.register`):
 `mlflow models serve -m "models:/<model_name>@champion"` serves the best model so far.
 
 Writes `dvclive/register/metrics.json` (each candidate's score) and `selection.json` (the
@@ -19,10 +19,11 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline import cli, config, files, tracking
+from pipeline import cli, config, files
 from pipeline.config import check
 from pipeline.data import formats
 from pipeline.errors import ArtifactError
+from pipeline.tracking.run import stage_run
 
 SELECTORS = {"val_acc": True, "val_loss": False}  # the training stages' best/<name>; True: higher is better
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     files.verify_folder(export_dir, f"export@{chosen}")
     test = formats.load_split(args.data, "test")
     tags = formats.dataset_tags(args.data)
-    with tracking.stage_run("register", {"register": p, "models": list(args.models)}, args.live) as run:
+    with stage_run("register", {"register": p, "models": list(args.models)}, args.live) as run:
         run.set_tags({**tags, "chosen": chosen, "registered_model": p.model_name})
         run.log_summary({f"{m}/{p.select_by}": v for m, v in found.items()})
         candidate = {"model": chosen, "score": found[chosen], "select_by": p.select_by,

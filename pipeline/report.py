@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import cli, files, tracking
+from pipeline import cli, files
 from pipeline.data import formats
 from pipeline.evaluation import figures
+from pipeline.tracking.run import stage_run
 
 HEADLINE = {  # report column: (evaluate metrics path, format)
     "test accuracy": ("test/acc", "{:.4f}"),
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = formats.read_json(args.data / "dataset.json", "the dataset description")
     evaluations = {m: formats.read_json(args.evaluations / m / "metrics.json", f"{m}'s evaluation")
                    for m in args.models}
-    with tracking.stage_run("report", {"models": list(args.models)}, args.live) as run:
+    with stage_run("report", {"models": list(args.models)}, args.live) as run:
         rows, images = {}, {}
         with files.atomic_dir(args.out, checksums=False) as out:  # read by people, not by a stage
             for m in args.models:

@@ -15,11 +15,11 @@ that holds it. For each stage whose digest no FINISHED run carries:
   figures, artifacts and, for an export, the logged model), tagged `pipeline.restored_from`
   with the commit, and no timings, since nothing was timed.
 Then the registry: the alias `dvclive/register/selection.json` names must exist, held by a
-version of the chosen ONNX file (`tracking_models.register`'s rule decides who holds it).
+version of the chosen ONNX file (`tracking.models.register`'s rule decides who holds it).
 
 Nothing missing: one read of dvc.lock and one query of the SQLite store, without importing
 MLflow (`bench/pipeline.py` times it; the target is under 2 s). Otherwise
-`tracking_restore` does the work, under a lock on the store so parallel experiments make one
+`tracking.restore` does the work, under a lock on the store so parallel experiments make one
 run per state, not two.
 """
 
@@ -30,9 +30,8 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from pipeline import lockfile
-from pipeline import tracking_client as tracking
-from pipeline.lockfile import LOCK_TAG
+from pipeline.tracking import lockfile, store
+from pipeline.tracking.lockfile import LOCK_TAG
 
 SELECTION = Path("dvclive/register/selection.json")
 STAGE = "sync"  # this stage: it has no run of its own
@@ -75,7 +74,7 @@ def mirrored(db: Path, experiment: str, digests: set[str], chosen: dict | None) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    root = tracking.repo_root()
+    root = store.repo_root()
     workdir = Path.cwd()  # DVC's copy for queued and --temp runs: its dvc.lock and outputs
     stages = lockfile.stages(workdir, skip=STAGE)
     if not stages:
@@ -83,13 +82,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     digests = {name: lockfile.digest(entry) for name, entry in stages.items()}
     chosen = selection(workdir) if "register" in stages else None
-    uri = tracking.tracking_uri(root)
-    db = tracking.sqlite_file(uri)
-    if db is not None and mirrored(Path(db), tracking.experiment_name(), set(digests.values()), chosen):
+    uri = store.tracking_uri(root)
+    db = store.sqlite_file(uri)
+    if db is not None and mirrored(Path(db), store.experiment_name(), set(digests.values()), chosen):
         return
-    from pipeline import tracking_restore  # MLflow: only when something is missing
+    from pipeline.tracking import restore  # MLflow: only when something is missing
 
-    summary = tracking_restore.reconcile(root, workdir, uri, stages, digests, chosen)
+    summary = restore.reconcile(root, workdir, uri, stages, digests, chosen)
     print(f"sync: {summary}", file=sys.stderr)
 
 

@@ -11,17 +11,23 @@ from __future__ import annotations
 
 import time
 
-from pipeline import checkpoints, cli, config, files, launch, tracking, trial
+from pipeline import cli, config, files
 from pipeline.data import formats
+from pipeline.experiments import trial
 from pipeline.frameworks import card, registry
 from pipeline.frameworks.interface import RuntimeParams
 from pipeline.frameworks.recipe import augmentation
 from pipeline.frameworks.scratch import TrainParams, channel_stats, model_args
+from pipeline.frameworks.torch import torchrun
+from pipeline.runtime import checkpoints, launch
+from pipeline.tracking import store
+from pipeline.tracking.run import stage_run
 
 __all__ = ["TrainParams", "channel_stats", "main", "model_args"]  # the train section's params and the model's args
 
 
 def main(argv: list[str] | None = None) -> None:
+    torchrun.relaunch("train", argv or [])  # nproc > 1: this process becomes torchrun's agent, exits with the ranks
     args = cli.fit_paths(argv, __doc__, "train", "scratch")
     p = config.load("train", TrainParams)
     rt = config.load("runtime", RuntimeParams)
@@ -30,14 +36,14 @@ def main(argv: list[str] | None = None) -> None:
     train_set, val_set = formats.load_split(args.data, "train"), formats.load_split(args.data, "val")
     margs = model_args(p, train_set)
     model = backend.build("scratch_cnn", margs)
-    with tracking.stage_run("train", {"train": p, "runtime": rt}, live_dir=args.live) as run:
+    with stage_run("train", {"train": p, "runtime": rt}, live_dir=args.live) as run:
         run.set_tags(backend.describe())
-        if (prune := trial.epoch_hook("train")) is not None:  # a trial of `python -m pipeline.sweep`
+        if (prune := trial.epoch_hook("train")) is not None:  # a trial of `python -m pipeline.experiments.sweep`
             run.epoch_hooks.append(prune)
         run.log_dataset(args.data, "training")
         run.log_choices({"input_size": margs["input_size"], "augment": augmentation(p, train_set.image_size)})
         # per-epoch checkpoints outside DVC's outputs: a killed run resumes
-        saved = checkpoints.for_stage(tracking.repo_root(), "train", {"train": p, "runtime": rt}, [args.data],
+        saved = checkpoints.for_stage(store.repo_root(), "train", {"train": p, "runtime": rt}, [args.data],
                                       backend.describe())
         started = time.perf_counter()
         result = backend.fit(model, train_set, val_set, p, run, desc=f"train ({p.framework})",

@@ -161,7 +161,7 @@ def wait_until_up(url: str, proc: subprocess.Popen, seconds: float = 180) -> Non
 
 def lock_entry(work, stage: str, files: dict[str, str], params: dict) -> dict:
     """Write `files` under `work` and return the dvc.lock entry DVC would record for them."""
-    from pipeline import lockfile
+    from pipeline.tracking import lockfile
 
     outs = []
     for rel, text in files.items():

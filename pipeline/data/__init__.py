@@ -2,5 +2,6 @@
 
 `formats` (ingested and prepared data on disk), `images` (safe decoding, pixel conversion,
 perceptual hashes, resizing), `sources` (where the candidate images come from: an image folder
-or an array dataset) and `parallel` (crash-proof worker pools).
+or an array dataset), `duplicates` (near-duplicates across splits), `parallel` (crash-proof
+worker pools) and `writer` (prepare's split arrays, filled by those pools).
 """

@@ -3,7 +3,7 @@
 A trained model is a folder, `models/<name>/`, whichever framework trained it:
 
     model.json    framework, arch, model_args, classes: what rebuilds and reads the model
-    model.pt      torch: the checkpoint (`frameworks.torch.model.checkpoint_bytes`' plain containers)
+    model.pt      torch: the checkpoint (`frameworks.torch.checkpoint.checkpoint_bytes`' plain containers)
     model.keras   keras: the Keras archive, without the timestamps a plain save writes
 """
 

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
-from pipeline import cpu_share
 from pipeline.config import check
+from pipeline.runtime import cpu_share
 
 if TYPE_CHECKING:
     from pipeline.data.formats import Split
     from pipeline.frameworks.card import ModelCard
     from pipeline.frameworks.recipe import FitParams, FitResult
-    from pipeline.tracking import StageRun
+    from pipeline.tracking.run import StageRun
 
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"  # every exported format's input and output
 
@@ -37,7 +37,7 @@ class RuntimeParams:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch: fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler, CUDA only); weights stay fp32
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    # the same numbers on any x86-64 CPU: the libraries' CPU code paths pinned (`pipeline.portable`)
+    # the same numbers on any x86-64 CPU: the libraries' CPU code paths pinned (`pipeline.runtime.portable`)
     portable: bool = True
 
     def __post_init__(self) -> None:

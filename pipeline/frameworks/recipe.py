@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from tqdm import tqdm
 
-from pipeline import launch
 from pipeline.config import check
+from pipeline.runtime import launch
 
 if TYPE_CHECKING:
-    from pipeline.tracking import StageRun
+    from pipeline.tracking.run import StageRun
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class FitParams:
     crop_scale: float = 0.35  # crop_flip: the smallest share of the image's area a crop keeps
     early_stopping_patience: int = 10  # epochs without a better val loss; 0 turns it off
     channels_last: bool = True
-    nproc: int = 1  # torch: processes under torchrun with DistributedDataParallel (pipeline.launch)
+    nproc: int = 1  # torch: processes under torchrun with DistributedDataParallel (pipeline.runtime.launch)
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")

@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline import interrupts
 from pipeline.config import ConfigError
 from pipeline.errors import ArtifactError
 from pipeline.frameworks.card import CARD, FRAMEWORKS, ModelCard, check_classes, read_card
 from pipeline.frameworks.interface import Backend, RuntimeParams
+from pipeline.runtime import interrupts
 
 
 def backend_class(framework: str) -> type[Backend]:

@@ -13,7 +13,8 @@ import pytest
 import yaml
 from support import copy_project, digit_folder, run
 
-from pipeline import cpu_share, dvc_queue
+from pipeline.experiments import dvc_queue
+from pipeline.runtime import cpu_share
 
 # `make e2e` runs pytest -n 2 --dist loadgroup: the tests of the "repo" group share one worker
 # and so one tmp_repo (a module fixture is built once per worker that needs it)
@@ -82,7 +83,8 @@ def assert_store_mirrors_the_lock(repo: Path) -> tuple[list, list]:
     """The clone's default store holds a FINISHED run for every stage dvc.lock records, evaluate's
     metrics on both logged models, a champion that classifies an image, and a parent with every
     model's headline figures; returns the stage runs and the parents."""
-    from pipeline import lockfile, sync
+    from pipeline import sync
+    from pipeline.tracking import lockfile
 
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
@@ -122,7 +124,7 @@ def test_a_clone_a_run_cache_pull_and_an_applied_experiment_all_leave_a_complete
     """What DVC holds is what MLflow shows: after `git clone` + `dvc repro` (stages whose outputs
     are committed are skipped), after `dvc pull --run-cache` + `dvc repro` (nothing runs), and
     after `dvc exp apply` of an experiment logged to another store."""
-    from pipeline import tracking_restore
+    from pipeline.tracking import restore
 
     origin, env = tmp_repo
     first = tmp_path / "first"
@@ -130,7 +132,7 @@ def test_a_clone_a_run_cache_pull_and_an_applied_experiment_all_leave_a_complete
     log = run(["dvc", "repro"], first, env).stdout
     assert "Running stage 'train'" in log and "Running stage 'evaluate@scratch'" not in log  # committed, skipped
     runs, parents = assert_store_mirrors_the_lock(first)
-    restored = {r.data.tags["stage"] for r in runs if tracking_restore.RESTORED_TAG in r.data.tags}
+    restored = {r.data.tags["stage"] for r in runs if restore.RESTORED_TAG in r.data.tags}
     assert {"evaluate@scratch", "evaluate@finetune", "report"} <= restored and "train" not in restored
     assert len(parents) == 1
     again = run(["dvc", "repro"], first, env).stdout
@@ -147,7 +149,7 @@ def test_a_clone_a_run_cache_pull_and_an_applied_experiment_all_leave_a_complete
     log = run(["dvc", "repro"], second, env).stdout
     assert [line for line in log.splitlines() if line.startswith("Running stage")] == ["Running stage 'sync':"]
     runs, _ = assert_store_mirrors_the_lock(second)
-    assert all(tracking_restore.RESTORED_TAG in r.data.tags for r in runs)
+    assert all(restore.RESTORED_TAG in r.data.tags for r in runs)
 
     # an experiment run against a colleague's store, applied here: this store learns its results
     elsewhere = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'colleague.db'}"}
@@ -260,8 +262,8 @@ def test_a_three_trial_sweep_queues_experiments_and_applies_the_best(tmp_repo):
         'objective: {metric: "dvclive/train/metrics.json:best.val_loss"}\n'
         "prune: {stage: train, metric: val/loss, warmup_epochs: 0, startup_trials: 1}\n"
         "params:\n  train.lr: {low: 1.0e-3, high: 3.0e-2, log: true}\n  train.batch_size: {choices: [32, 64]}\n")
-    done = run([sys.executable, "-m", "pipeline.sweep", "--trials", "3", "--jobs", "2", "--space", "tiny-sweep.yaml",
-                "--study", "tiny", "--target", "train"], repo, env)
+    done = run([sys.executable, "-m", "pipeline.experiments.sweep", "--trials", "3", "--jobs", "2",
+                "--space", "tiny-sweep.yaml", "--study", "tiny", "--target", "train"], repo, env)
     import optuna
 
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{repo / 'optuna.db'}")
@@ -286,7 +288,7 @@ def test_a_three_trial_sweep_queues_experiments_and_applies_the_best(tmp_repo):
     # MLflow: one sweep parent, each trial's pipeline run nested under it, its train run under that
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("cnn-pipeline")
-    (parent,) = client.search_runs([experiment.experiment_id], "tags.`pipeline.sweep` = 'tiny'")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`pipeline.experiments.sweep` = 'tiny'")
     assert parent.info.status == "FINISHED" and parent.data.tags["best_experiment"] == f"tiny-{best.number}"
     groups = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(g.info.run_name for g in groups) == ["tiny-0", "tiny-1", "tiny-2"]

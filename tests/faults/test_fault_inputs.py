@@ -15,9 +15,9 @@ from helpers import assert_expected_failure, stage, stage_env
 from support import TINY_PARAMS
 
 from pipeline import __main__ as entry
-from pipeline import tracking
 from pipeline.frameworks.torch import weights
 from pipeline.frameworks.torch.model import WeightsError
+from pipeline.tracking import store
 
 # stages in subprocesses (make test runs them, test-fast does not), on one worker: one `trained_briefly` below
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fault-inputs")]
@@ -75,7 +75,7 @@ def test_a_full_disk_is_one_line_naming_the_file(monkeypatch, capsys):
             raise OSError(errno.ENOSPC, "No space left on device", "models/scratch/model.pt")
 
     monkeypatch.setattr(entry.importlib, "import_module", lambda name: Stage)
-    monkeypatch.setattr(tracking, "start_worker", lambda: None)
+    monkeypatch.setattr(store, "start_worker", lambda: None)
     monkeypatch.delenv(entry.DEBUG_ENV, raising=False)
     with pytest.raises(SystemExit) as info:
         entry.main(["train"])

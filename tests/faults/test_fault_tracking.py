@@ -19,15 +19,17 @@ import pytest
 from helpers import assert_expected_failure, stage, stage_env
 from support import TINY_PARAMS
 
-from pipeline import interrupts, tracking, tracking_worker, workspace
 from pipeline.errors import PipelineError, TrackingError
+from pipeline.runtime import interrupts, workspace
+from pipeline.tracking import connect, store, worker
+from pipeline.tracking.run import stage_run
 
 pytestmark = pytest.mark.slow  # stages in subprocesses; make test runs them, test-fast does not
 
 
 def runs_of(uri: str) -> list:
     client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    experiment = client.get_experiment_by_name(store.DEFAULT_EXPERIMENT)
     # stage runs only, not the parent run that groups one execution's stages
     return client.search_runs([experiment.experiment_id], "tags.stage LIKE '%'") if experiment else []
 
@@ -49,8 +51,8 @@ def test_offline_fallback_logs_to_a_local_store_and_says_so(work):
     (work / "params.yaml").write_text(TINY_PARAMS + "tracking: {offline_fallback: true}\n")
     done = stage(work, "ingest", env=stage_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9"), timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"logging this run to sqlite:///{work / tracking.OFFLINE_STORE} instead" in done.stderr
-    (run,) = runs_of(f"sqlite:///{work / tracking.OFFLINE_STORE}")
+    assert f"logging this run to sqlite:///{work / store.OFFLINE_STORE} instead" in done.stderr
+    (run,) = runs_of(f"sqlite:///{work / store.OFFLINE_STORE}")
     assert run.info.status == "FINISHED" and run.info.run_name == "ingest"
 
 
@@ -85,17 +87,17 @@ def test_the_retry_gives_up_after_its_bound_and_never_retries_other_errors():
             raise RuntimeError("(sqlite3.OperationalError) database is locked")
         return "done"
 
-    assert tracking_worker.retrying(locked_twice, wait_seconds=10) == "done" and len(calls) == 3
+    assert connect.retrying(locked_twice, wait_seconds=10) == "done" and len(calls) == 3
     with pytest.raises(RuntimeError, match="database is locked"):
-        tracking_worker.retrying(lambda: (_ for _ in ()).throw(RuntimeError("database is locked")), wait_seconds=0.3)
+        connect.retrying(lambda: (_ for _ in ()).throw(RuntimeError("database is locked")), wait_seconds=0.3)
     other = []
     with pytest.raises(ValueError):
-        tracking_worker.retrying(lambda: other.append(1) or (_ for _ in ()).throw(ValueError("no")), 10)
+        connect.retrying(lambda: other.append(1) or (_ for _ in ()).throw(ValueError("no")), 10)
     assert len(other) == 1
 
 
 def test_ctrl_c_in_a_stage_ends_its_run_killed(workdir, mlflow_store):
-    with pytest.raises(KeyboardInterrupt), tracking.stage_run("train", {}) as run:
+    with pytest.raises(KeyboardInterrupt), stage_run("train", {}) as run:
         run.log_epoch(0, {"train/loss": 1.0})
         raise KeyboardInterrupt
     (info,) = runs_of(mlflow_store)
@@ -124,8 +126,8 @@ def test_ctrl_c_stops_a_stage_with_exit_130_one_line_and_a_killed_run(work, mlfl
 
 
 def test_a_stage_that_vanishes_leaves_a_killed_run_and_its_scratch_folder_is_swept(work, mlflow_store):
-    script = ("import os, time; from pipeline import tracking\n"
-              "with tracking.stage_run('train', {}) as run:\n"
+    script = ("import os, time; from pipeline.tracking.run import stage_run\n"
+              "with stage_run('train', {}) as run:\n"
               "    run.log_epoch(0, {'loss': 1.0}); time.sleep(6); os.kill(os.getpid(), 9)\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=work, env=stage_env(MLFLOW_TRACKING_URI=mlflow_store),
                           capture_output=True, text=True, timeout=120)
@@ -138,44 +140,44 @@ def test_a_stage_that_vanishes_leaves_a_killed_run_and_its_scratch_folder_is_swe
     assert runs[0].info.status == "KILLED"
     import tempfile
 
-    left = list(Path(tempfile.gettempdir()).glob(f"{tracking.SCRATCH_PREFIX}*-train-*"))
-    tracking.remove_orphan_scratch()
-    assert left and not any(p.exists() for p in left if not tracking.pid_alive(int(p.name.split("-")[2])))
+    left = list(Path(tempfile.gettempdir()).glob(f"{store.SCRATCH_PREFIX}*-train-*"))
+    store.remove_orphan_scratch()
+    assert left and not any(p.exists() for p in left if not store.pid_alive(int(p.name.split("-")[2])))
 
 
 def test_a_run_orphaned_with_its_worker_is_marked_killed_by_the_next_start(mlflow_store):
     import socket
 
     client = mlflow.MlflowClient(mlflow_store)
-    experiment = client.create_experiment(tracking.DEFAULT_EXPERIMENT)
+    experiment = client.create_experiment(store.DEFAULT_EXPERIMENT)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     def owned_by(pid: int):
-        return client.create_run(experiment, tags={tracking_worker.HOST_TAG: socket.gethostname(),
-                                                   tracking_worker.PID_TAG: str(pid)})
+        return client.create_run(experiment, tags={worker.HOST_TAG: socket.gethostname(),
+                                                   worker.PID_TAG: str(pid)})
 
     orphan, live = owned_by(dead.pid), owned_by(os.getpid())
     mlflow.set_tracking_uri(mlflow_store)
-    tracking_worker.mark_orphans_killed(client, experiment, tracking.TrackingParams())
+    worker.mark_orphans_killed(client, experiment, store.TrackingParams())
     assert client.get_run(orphan.info.run_id).info.status == "KILLED"
     assert client.get_run(live.info.run_id).info.status == "RUNNING"  # its process is alive: still working
 
 
 def test_scratch_folders_of_live_stages_are_kept(tmp_path):
-    mine = tmp_path / f"{tracking.SCRATCH_PREFIX}{os.getpid()}-train-abc"
-    gone = tmp_path / f"{tracking.SCRATCH_PREFIX}999999999-train-abc"
+    mine = tmp_path / f"{store.SCRATCH_PREFIX}{os.getpid()}-train-abc"
+    gone = tmp_path / f"{store.SCRATCH_PREFIX}999999999-train-abc"
     for folder in (mine, gone):
         folder.mkdir()
-    tracking.remove_orphan_scratch(tmp_path)
+    store.remove_orphan_scratch(tmp_path)
     assert mine.exists() and not gone.exists()
 
 
 def test_a_failed_stage_keeps_the_previous_metrics_whole(workdir, mlflow_store):
     live = workdir / "dvclive" / "export"
-    with tracking.stage_run("export@scratch", {}, live_dir=live) as run:
+    with stage_run("export@scratch", {}, live_dir=live) as run:
         run.log_summary({"onnx/max_abs_diff": 1.0e-7})
     before = (live / "metrics.json").read_bytes()
-    with pytest.raises(PipelineError), tracking.stage_run("export@scratch", {}, live_dir=live) as run:
+    with pytest.raises(PipelineError), stage_run("export@scratch", {}, live_dir=live) as run:
         raise PipelineError("onnx export disagrees")
     assert (live / "metrics.json").read_bytes() == before
     assert sorted(p.name for p in live.parent.iterdir()) == ["export"]  # no staging folder left
@@ -183,7 +185,7 @@ def test_a_failed_stage_keeps_the_previous_metrics_whole(workdir, mlflow_store):
 
 def test_a_worker_that_dies_stops_the_stage_at_its_next_call(workdir, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir}/params.yaml/mlflow.db")
-    with pytest.raises(TrackingError, match="its worker stopped"), tracking.stage_run("train", {}) as run:
+    with pytest.raises(TrackingError, match="its worker stopped"), stage_run("train", {}) as run:
         for epoch in range(600):  # the worker fails within seconds; the stage must not work on for minutes
             run.log_epoch(epoch, {"loss": 1.0})
             time.sleep(0.1)
@@ -197,14 +199,14 @@ def test_a_failed_stage_of_an_experiment_fails_the_runs_its_earlier_stages_finis
     """DVC saves no experiment when a stage fails, so the experiment's finished runs fail with it;
     a plain `dvc repro` keeps them (DVC recorded their outputs), and another run's are untouched."""
     monkeypatch.setenv("DVC_EXP_NAME", experiment)
-    with tracking.stage_run("ingest", {}):
+    with stage_run("ingest", {}):
         pass  # another driver: an earlier `dvc repro`
     monkeypatch.setattr(workspace, "_driver", dataclasses.replace(workspace.driver(), pid=1, started=1.0))
-    with tracking.stage_run("prepare", {}):
+    with stage_run("prepare", {}):
         pass
-    with pytest.raises(RuntimeError), tracking.stage_run("train", {}):
+    with pytest.raises(RuntimeError), stage_run("train", {}):
         raise RuntimeError("boom")
-    tag = tracking_worker.FAILED_BY_TAG
+    tag = worker.FAILED_BY_TAG
     ended = {r.info.run_name: (r.info.status, r.data.tags.get(tag)) for r in runs_of(mlflow_store)}
     earlier = ("FAILED", "train") if experiment else ("FINISHED", None)
     assert ended == {"ingest": ("FINISHED", None), "prepare": earlier, "train": ("FAILED", None)}

@@ -14,7 +14,7 @@ from support import digit_folder
 
 from pipeline import ingest, prepare
 from pipeline.config import ConfigError
-from pipeline.data import duplicates, formats, images, sources
+from pipeline.data import duplicates, formats, images, sources, writer
 from pipeline.data.sources import standard
 from pipeline.prepare import PrepareParams
 
@@ -254,7 +254,8 @@ def test_prepared_arrays_do_not_depend_on_the_number_of_workers(tmp_path):
         prepared = prepare.prepare_manifest(manifest, prep)
         (tmp_path / str(workers)).mkdir()
         storage = prepare.decide_storage(prepared, prep)
-        prepare.write_splits(tmp_path / str(workers), prepared, source.classes, source, prep, storage, workers)
+        writer.write_splits(tmp_path / str(workers), prepared, source.classes, source, storage.size, storage.channels,
+                            prep.resize, workers)
     for name in ("train_images.npy", "val_images.npy", "test_images.npy", "test_labels.npy"):
         assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
 

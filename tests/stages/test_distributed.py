@@ -13,8 +13,8 @@ import mlflow
 import pytest
 from support import REPO, TINY_PARAMS, run
 
-from pipeline import launch
 from pipeline.config import ConfigError
+from pipeline.runtime import launch
 
 PARAMS = TINY_PARAMS.replace("epochs: 2, batch_size: 64", "epochs: 3, batch_size: 64, nproc: 2").replace(
     "  batch_size: 64\nevaluate", "  batch_size: 64\n  nproc: 2\nevaluate")

@@ -15,9 +15,10 @@ import mlflow
 import pytest
 from support import TINY_PARAMS, run, shared_folder, stage_env
 
-from pipeline import config, portable
+from pipeline import config
 from pipeline.config import ConfigError
 from pipeline.frameworks.interface import RuntimeParams
+from pipeline.runtime import portable
 
 # what a user's shell might hold: the widest paths exposed, or an AVX2 machine's paths
 EXPOSED = {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "ALL"}

@@ -1,4 +1,4 @@
-"""`python -m pipeline.predict`: a user's image files in, one row each out, through the ONNX
+"""`python -m pipeline.serving.predict`: a user's image files in, one row each out, through the ONNX
 export and prepare's own preprocessing, without torch."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from support import REPO, run
 
-from pipeline import predict
 from pipeline.data import formats
+from pipeline.serving import predict
 
 # an export of the tiny model first, by the one worker that runs this module's tests
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("predict")]
@@ -96,9 +96,9 @@ def test_calibration_changes_confidence_never_the_class(exported, photos, capsys
 
 def test_a_tampered_export_is_refused_and_no_framework_is_imported(exported, photos, tmp_path):
     folder, _ = photos
-    script = (f"import sys; from pipeline import predict; code = predict.main([{str(folder / 'set1')!r}, '--model', "
-              f"{str(exported)!r}]); assert 'torch' not in sys.modules and 'tensorflow' not in sys.modules; "
-              "sys.exit(code)")
+    script = (f"import sys; from pipeline.serving import predict; "
+              f"code = predict.main([{str(folder / 'set1')!r}, '--model', {str(exported)!r}]); "
+              "assert 'torch' not in sys.modules and 'tensorflow' not in sys.modules; sys.exit(code)")
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={"PYTHONPATH": str(REPO)},
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -109,7 +109,7 @@ def test_a_tampered_export_is_refused_and_no_framework_is_imported(exported, pho
     data = bytearray((tampered / "model.onnx").read_bytes())
     data[-1] ^= 1
     (tampered / "model.onnx").write_bytes(bytes(data))
-    done = subprocess.run([sys.executable, "-m", "pipeline.predict", str(folder), "--model", str(tampered)],
+    done = subprocess.run([sys.executable, "-m", "pipeline.serving.predict", str(folder), "--model", str(tampered)],
                           cwd=tmp_path, env={"PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "model.onnx: its content differs from the sha256" in done.stderr

@@ -15,7 +15,7 @@ import mlflow
 import pytest
 from support import REPO, TINY_PARAMS, run
 
-from pipeline import checkpoints
+from pipeline.runtime import checkpoints
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
-"""Models that ship through MLflow: the pyfunc over the ONNX export (`pipeline.serving`), its
-logging (`tracking_models.log_model`), the registry and its alias (`tracking_models.register`,
+"""Models that ship through MLflow: the pyfunc over the ONNX export (`pipeline.serving.pyfunc`), its
+logging (`models.log_model`), the registry and its alias (`models.register`,
 the register stage's choice) and `mlflow models serve` on the champion."""
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from onnx import TensorProto, helper
 from PIL import Image
 from support import REPO, free_port, run, wait_until_up
 
-from pipeline import config, files, predict, register, tracking_models
+from pipeline import config, files, register
 from pipeline.config import ConfigError
 from pipeline.data import images
 from pipeline.errors import ArtifactError
+from pipeline.serving import predict
+from pipeline.tracking import models
 
 
 def tiny_export(folder: Path) -> Path:
@@ -80,7 +82,7 @@ def test_the_logged_model_takes_any_image_and_answers_as_the_export(tmp_path):
     onnx_bytes, meta = predict.read_export(export)
     experiment("serving", tmp_path)
     with mlflow.start_run(tags={"mlflow.source.name": "pipeline/export.py"}):
-        model_id = tracking_models.log_model(mlflow, export, photo((1, 8, 8, 1)), tmp_path / "scratch",
+        model_id = models.log_model(mlflow, export, photo((1, 8, 8, 1)), tmp_path / "scratch",
                                              {"model": "tiny"}, {"test/acc": 0.5})
     logged = mlflow.get_logged_model(model_id)
     assert {m.key for m in logged.metrics} == {"test/acc"} and logged.tags["model"] == "tiny"
@@ -120,19 +122,19 @@ def test_the_alias_moves_only_to_a_better_model_on_the_same_data(tmp_path):
         version = client.get_model_version_by_alias("clf", "champion")
         return int(version.version), version.tags["model"]
 
-    tracking_models.register(mlflow, client, "clf", "champion", *candidate("a", 0.90))
+    models.register(mlflow, client, "clf", "champion", *candidate("a", 0.90))
     assert champion() == (1, "a")
-    tracking_models.register(mlflow, client, "clf", "champion", *candidate("b", 0.85))
+    models.register(mlflow, client, "clf", "champion", *candidate("b", 0.85))
     assert champion() == (1, "a")  # registered as version 2, the alias stays
-    tracking_models.register(mlflow, client, "clf", "champion", *candidate("c", 0.90))
+    models.register(mlflow, client, "clf", "champion", *candidate("c", 0.90))
     assert champion() == (1, "a")  # a tie does not move it
-    tracking_models.register(mlflow, client, "clf", "champion", *candidate("d", 0.95))
+    models.register(mlflow, client, "clf", "champion", *candidate("d", 0.95))
     assert champion() == (4, "d")
-    tracking_models.register(mlflow, client, "clf", "champion", *candidate("a", 0.90))
+    models.register(mlflow, client, "clf", "champion", *candidate("a", 0.90))
     assert champion() == (4, "d")  # the same ONNX file again: its old version, no new one
-    tracking_models.register(mlflow, client, "clf", "champion", *candidate("e", 0.10, dataset="d2"))
+    models.register(mlflow, client, "clf", "champion", *candidate("e", 0.10, dataset="d2"))
     assert champion() == (5, "e")  # a champion chosen on other data says nothing about this data
-    tracking_models.register(mlflow, client, "clf", "champion", *candidate("f", 0.05, dataset="d2",
+    models.register(mlflow, client, "clf", "champion", *candidate("f", 0.05, dataset="d2",
                                                                            select_by="val_loss"))
     assert champion() == (6, "f")
     assert len(client.search_model_versions("name = 'clf'")) == 6

@@ -20,8 +20,7 @@ from pipeline.data import formats, images
 from pipeline.data.sources import standard
 from pipeline.errors import ArtifactError
 from pipeline.frameworks import card
-from pipeline.frameworks.torch import model as torch_model
-from pipeline.frameworks.torch import weights
+from pipeline.frameworks.torch import checkpoint, weights
 
 
 def test_train_stage_writes_checkpoint_metrics_and_curves_and_repeats_them_exactly(workdir, prepared):
@@ -34,7 +33,7 @@ def test_train_stage_writes_checkpoint_metrics_and_curves_and_repeats_them_exact
     assert metrics["epochs_run"] == 2 and 0 <= metrics["best"]["epoch"] <= 1
     curve = (workdir / "a/live/plots/metrics/val/loss.tsv").read_text().splitlines()
     assert curve[0] == "step\tloss" and len(curve) == 3
-    model, ckpt = torch_model.load_checkpoint(workdir / "a/scratch/model.pt")
+    model, ckpt = checkpoint.load_checkpoint(workdir / "a/scratch/model.pt")
     assert ckpt["classes"] == [str(i) for i in range(10)] and ckpt["arch"] == "scratch_cnn"
     model_card = card.read_card(workdir / "a/scratch")
     assert (model_card.framework, model_card.arch, list(model_card.classes)) == (

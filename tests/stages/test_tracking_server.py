@@ -12,7 +12,7 @@ import mlflow
 import pytest
 from support import REPO, TINY_PARAMS, free_port, run, wait_until_up
 
-from pipeline import lockfile, tracking
+from pipeline.tracking import lockfile, store
 
 pytestmark = pytest.mark.slow  # a server and a stage in subprocesses
 
@@ -46,14 +46,14 @@ def test_a_stage_logs_to_a_shared_server_and_its_artifacts_go_to_the_server(serv
     run([sys.executable, "-m", "pipeline", "ingest"], cwd=work, env=env)
 
     client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    experiment = client.get_experiment_by_name(store.DEFAULT_EXPERIMENT)
     # the server's artifact store, not a folder on the client's disk that colleagues cannot see
     assert experiment.artifact_location.startswith("mlflow-artifacts:")
     (ingest,) = client.search_runs([experiment.experiment_id], "tags.stage = 'ingest'")
     assert ingest.info.status == "FINISHED" and ingest.data.metrics["images"] == 1797
     assert client.list_artifacts(ingest.info.run_id), "the run's artifacts did not reach the server"
     assert any(p.is_file() for p in (home / "artifacts").rglob("*"))
-    assert not (work / tracking.ARTIFACT_DIR).exists()
+    assert not (work / store.ARTIFACT_DIR).exists()
 
 
 def test_sync_restores_a_skipped_stage_on_the_server_with_its_artifacts(server, tmp_path):
@@ -74,12 +74,12 @@ def test_sync_restores_a_skipped_stage_on_the_server_with_its_artifacts(server, 
         run([sys.executable, "-m", "pipeline", "sync"], cwd=work, env=env)
 
     client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    experiment = client.get_experiment_by_name(store.DEFAULT_EXPERIMENT)
     (ingest,) = client.search_runs([experiment.experiment_id], "tags.stage = 'ingest'")
     assert ingest.info.run_name == "ingest (restored)" and ingest.data.metrics == {"images": 7.0}
     assert [a.path for a in client.list_artifacts(ingest.info.run_id, "ingested")] == ["ingested/classes.json"]
     assert list((home / "artifacts").rglob("classes.json"))
-    assert not (work / tracking.ARTIFACT_DIR).exists()
+    assert not (work / store.ARTIFACT_DIR).exists()
 
 
 def test_sync_with_the_server_down_mirrors_into_the_offline_store(tmp_path):
@@ -94,7 +94,7 @@ def test_sync_with_the_server_down_mirrors_into_the_offline_store(tmp_path):
            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
     done = run([sys.executable, "-m", "pipeline", "sync"], cwd=work, env=env)
     assert "unreachable" in done.stderr
-    offline = mlflow.MlflowClient(f"sqlite:///{work / tracking.OFFLINE_STORE}")
-    experiment = offline.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    offline = mlflow.MlflowClient(f"sqlite:///{work / store.OFFLINE_STORE}")
+    experiment = offline.get_experiment_by_name(store.DEFAULT_EXPERIMENT)
     (ingest,) = offline.search_runs([experiment.experiment_id], "tags.stage = 'ingest'")
     assert ingest.data.metrics == {"images": 7.0}

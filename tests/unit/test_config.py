@@ -9,7 +9,7 @@ from support import REPO
 
 from pipeline import config
 from pipeline.config import ConfigError, check
-from pipeline.tracking import TrackingParams
+from pipeline.tracking.store import TrackingParams
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def test_every_params_dataclass_default_is_the_committed_params_yaml():
     from pipeline.frameworks.scratch import TrainParams
     from pipeline.prepare import PrepareParams
     from pipeline.register import RegisterParams
-    from pipeline.tracking import TrackingParams
+    from pipeline.tracking.store import TrackingParams
 
     sections = {"runtime": RuntimeParams, "tracking": TrackingParams, "data": DataParams, "prepare": PrepareParams,
                 "train": TrainParams, "crossval": CrossvalParams, "finetune": FinetuneParams,

@@ -22,6 +22,8 @@ from support import REPO
 
 PACKAGE = REPO / "pipeline"
 STAGES = ("ingest", "prepare", "train", "crossval", "finetune", "evaluate", "export", "register", "report", "sync")
+SHARED = ("config", "files", "errors", "cli")  # the only modules beside the stages at the top
+MAX_LINES = 300  # a module read in one sitting
 FRAMEWORK_LIBRARIES = (
     "torch", "torchvision", "timm", "tensorflow", "keras", "tf2onnx", "ai_edge_litert", "onnxruntime",
 )
@@ -75,31 +77,29 @@ def imports(path: Path, run_time_only: bool = True) -> frozenset[str]:
 
 # Observers: code a stage runs that can change none of its outputs, so no stage lists it in
 # dvc.yaml and editing it reruns nothing. Reporters talk to MLflow only (DVCLive files, which DVC
-# tracks, are written by tracking.py, which stays a dep); guards refuse or hold a run (workspace
+# tracks, are written by tracking/run.py, which stays a dep); guards refuse or hold a run (workspace
 # claims, Ctrl-C) but compute nothing it writes. Two tests below hold them to that.
-REPORTERS = ("pipeline.tracking_client", "pipeline.tracking_worker", "pipeline.tracking_models",
-             "pipeline.tracking_restore")
-GUARDS = ("pipeline.workspace", "pipeline.interrupts")
+REPORTERS = ("pipeline.tracking.store", "pipeline.tracking.connect", "pipeline.tracking.worker",
+             "pipeline.tracking.models", "pipeline.tracking.restore")
+GUARDS = ("pipeline.runtime.workspace", "pipeline.runtime.interrupts")
 OBSERVERS = REPORTERS + GUARDS
 # What the rest of the package takes from an observer other than functions returning None,
 # context managers yielding None and constants, and why none of it can reach an output.
 OBSERVER_VALUES = {
-    "pipeline.tracking_client.TrackingParams": "MLflow's connection settings",
-    "pipeline.tracking_client.load_tracking_params": "MLflow's connection settings",
-    "pipeline.tracking_client.MlflowWorker": "the MLflow worker process; its calls return None",
-    "pipeline.tracking_client.SilentWorker": "the worker of ranks > 0: logs nothing",
-    "pipeline.tracking_client._take_worker": "the MLflow worker process; its calls return None",
-    "pipeline.tracking_client.experiment_name": "the MLflow experiment",
-    "pipeline.tracking_client.tracking_uri": "the MLflow store",
-    "pipeline.tracking_client.sqlite_file": "the MLflow store's file, which sync reads",
-    "pipeline.tracking_client.repo_root": "where the store and training checkpoints live, never what a stage writes",
-    "pipeline.tracking_client.flatten": "params and metrics as MLflow keys",
-    "pipeline.tracking_client.git_tags": "MLflow tags",
-    "pipeline.tracking_client.group_name": "the MLflow parent run's name",
-    "pipeline.tracking_client.pid_alive": "which scratch folders of dead stages to remove",
-    "pipeline.tracking_restore.reconcile": "sync's one-line summary, printed",
-    "pipeline.tracking_worker.open_store": "the sweep's MLflow experiment id",
-    "pipeline.workspace.driver": "the run's driver process, for MLflow tags",
+    "pipeline.tracking.store.load_tracking_params": "MLflow's connection settings",
+    "pipeline.tracking.store.MlflowWorker": "the MLflow worker process; its calls return None",
+    "pipeline.tracking.store.SilentWorker": "the worker of ranks > 0: logs nothing",
+    "pipeline.tracking.store._take_worker": "the MLflow worker process; its calls return None",
+    "pipeline.tracking.store.experiment_name": "the MLflow experiment",
+    "pipeline.tracking.store.tracking_uri": "the MLflow store",
+    "pipeline.tracking.store.sqlite_file": "the MLflow store's file, which sync reads",
+    "pipeline.tracking.store.repo_root": "where the store and training checkpoints live, never what a stage writes",
+    "pipeline.tracking.store.flatten": "params and metrics as MLflow keys",
+    "pipeline.tracking.store.git_tags": "MLflow tags",
+    "pipeline.tracking.store.group_name": "the MLflow parent run's name",
+    "pipeline.tracking.restore.reconcile": "sync's one-line summary, printed",
+    "pipeline.tracking.connect.open_store": "the sweep's MLflow experiment id",
+    "pipeline.runtime.workspace.driver": "the run's driver process, for MLflow tags",
 }
 
 
@@ -203,12 +203,69 @@ def test_imports_point_down_the_layers(path):
             assert library not in names, f"{where} imports {library}, which only frameworks/{package}/ may"
 
 
+def test_the_top_of_the_package_is_the_stages():
+    top = {p.stem for p in PACKAGE.glob("*.py")}
+    expected = {*STAGES, "__init__", "__main__", *SHARED}
+    assert top == expected, (f"pipeline/ holds {sorted(top - expected)} beside the stages: move them into the package "
+                             f"they belong to; missing: {sorted(expected - top)}")
+
+
+@pytest.mark.parametrize("path", all_modules(), ids=lambda p: p.relative_to(REPO).as_posix())
+def test_no_module_is_too_long_to_read_in_one_sitting(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_LINES, f"{path.relative_to(REPO)}: {lines} lines; split it by job (at most {MAX_LINES})"
+
+
+def readme_tree() -> dict[str, set[str]]:
+    """The README's layout block as {folder under pipeline/ ('' for the top): the .py files its lines list}.
+    A folder's lines run from its `name/` line to the next folder's; nesting follows the indentation."""
+    block = (REPO / "README.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    listed: dict[str, set[str]] = {}
+    stack: list[tuple[int, str]] = []
+    for line in block.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        indent = len(line) - len(line.lstrip())
+        if words[0] == "pipeline/" and indent == 0:
+            stack = [(0, "")]
+            listed[""] = set()
+            continue
+        if not stack or indent == 0:  # before pipeline/, or past it (tests/, docs/...)
+            stack = []
+            continue
+        if words[0].endswith("/"):
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            stack.append((indent, stack[-1][1] + words[0]))
+            listed[stack[-1][1]] = set()
+        listed[stack[-1][1]] |= set(re.findall(r"(?<![\w.])\w+\.py\b", line))
+    return listed
+
+
+def test_the_readme_tree_lists_every_module_where_it_is():
+    actual: dict[str, set[str]] = {}
+    for path in all_modules():
+        if path.name != "__init__.py":
+            folder = path.parent.relative_to(PACKAGE).as_posix()
+            actual.setdefault("" if folder == "." else folder + "/", set()).add(path.name)
+    listed = readme_tree()
+    for folder in sorted(set(actual) | set(listed)):
+        where = f"pipeline/{folder}"
+        assert folder in listed, f"README.md's layout has no line for {where}"
+        assert folder in actual, f"README.md's layout lists {where}, which holds no module"
+        assert listed[folder] == actual[folder], (
+            f"README.md's layout under {where}: missing {sorted(actual[folder] - listed[folder])}, "
+            f"not there {sorted(listed[folder] - actual[folder])}"
+        )
+
+
 def test_the_closure_sees_lazy_imports_and_skips_type_checking_ones():
     train = {p.relative_to(REPO).as_posix() for p in stage_closure("train")}
     assert "pipeline/frameworks/keras/backend.py" in train  # imported inside registry.backend_class
     finetune = {p.relative_to(REPO).as_posix() for p in stage_closure("finetune")}
     assert not any(p.startswith("pipeline/frameworks/keras") for p in finetune)
-    assert "pipeline/tracking_worker.py" not in train  # a separate process that writes only to MLflow
+    assert "pipeline/tracking/worker.py" not in train  # a separate process that writes only to MLflow
 
 
 def test_no_module_imports_itself_through_others():

@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import files, portable
+from pipeline import files
 from pipeline.config import ConfigError
 from pipeline.frameworks import interface, onnx_format
 from pipeline.frameworks.card import ModelCard
 from pipeline.frameworks.interface import ExportOptions, RuntimeParams, Shipped
 from pipeline.frameworks.keras import cuda, export, model, recipe, resume
+from pipeline.runtime import portable
 
 if TYPE_CHECKING:
     import keras

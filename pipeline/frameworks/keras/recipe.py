@@ -23,7 +23,7 @@ from pipeline.frameworks.recipe import EpochLoop, FitParams, FitResult, augmenta
 if TYPE_CHECKING:
     import keras
 
-    from pipeline.tracking import StageRun
+    from pipeline.tracking.run import StageRun
 
 def learning_rate(p: FitParams, total_steps: int) -> Any:
     """The schedule with torch's formulas (OneCycleLR: cosine, div 25, final div 1e4)."""
@@ -133,7 +133,7 @@ def train_batches(split: Split, p: FitParams, begin: int, images: Any = None) ->
     each epoch cost 0.08 s an epoch, a quarter of an epoch on the digits. With `images` (the
     split held as a tensor, `resident`) each batch is gathered by index inside the graph;
     without, each batch reads exactly its own rows from the split, usually its memory map, as
-    `frameworks.torch.recipe.Images` streams them for torch: a split larger than memory trains,
+    `frameworks.torch.inputs.Images` streams them for torch: a split larger than memory trains,
     and nothing is copied whole. Both give the same batches bit for bit (tested). Epoch e's
     order comes from NumPy's generator seeded with seed * 1,000,003 + e, its shifts from
     stateless draws keyed by (that seed, batch index): a rerun, or a resumed fit, sees the

@@ -1,6 +1,6 @@
 """The `torch` framework behind `frameworks.interface.Backend`: the default for every stage.
 
-Training is `recipe.fit`; a model file is `model.checkpoint_bytes`' checkpoint; the exports
+Training is `recipe.fit`; a model file is `checkpoint.checkpoint_bytes`' checkpoint; the exports
 are `export`'s TorchScript, ONNX and int8 ONNX files (`model.torchscript.pt`, `model.onnx`,
 `model_int8.onnx`), the model card embedded in each.
 """
@@ -18,7 +18,7 @@ from pipeline import files
 from pipeline.frameworks import interface, onnx_format
 from pipeline.frameworks.card import ModelCard
 from pipeline.frameworks.interface import ExportOptions, RuntimeParams, Shipped, float_batches
-from pipeline.frameworks.torch import distributed, export, model, recipe, runtime
+from pipeline.frameworks.torch import checkpoint, distributed, export, recipe, runtime
 
 
 class TorchBackend(interface.Backend):
@@ -40,16 +40,16 @@ class TorchBackend(interface.Backend):
         return info
 
     def build(self, arch: str, model_args: dict[str, Any]) -> nn.Module:
-        return model.build(arch, model_args)
+        return checkpoint.build(arch, model_args)
 
     def fit(self, net, train, val, p, run=None, desc="train", checkpoint=None) -> recipe.FitResult:
         return recipe.fit(net, train, val, p, self.device, self.generator, run, desc=desc, checkpoint=checkpoint)
 
     def serialize(self, net: nn.Module, card: ModelCard) -> bytes:
-        return model.checkpoint_bytes(net.cpu(), card.arch, card.model_args, card.classes)
+        return checkpoint.checkpoint_bytes(net.cpu(), card.arch, card.model_args, card.classes)
 
     def deserialize(self, path: Path, card: ModelCard) -> nn.Module:
-        net, _ = model.load_checkpoint(path)
+        net, _ = checkpoint.load_checkpoint(path)
         return net.to(self.device)
 
     def predict(self, net: nn.Module, images: np.ndarray, batch_size: int) -> np.ndarray:

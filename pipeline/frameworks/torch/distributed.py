@@ -1,4 +1,4 @@
-"""DistributedDataParallel for the train and finetune stages under torchrun (`pipeline.launch`).
+"""DistributedDataParallel for the train and finetune stages under torchrun (`pipeline.runtime.launch`).
 
 Every rank draws each epoch's order from the same seeded generator and takes every
 WORLD_SIZE-th index of each batch (`shard`): one global batch of `batch_size` images per

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import portable
 from pipeline.config import ConfigError
 from pipeline.frameworks.interface import RuntimeParams
+from pipeline.runtime import portable
 
 
 def seed_everything(seed: int) -> torch.Generator:

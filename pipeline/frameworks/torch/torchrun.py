@@ -1,11 +1,22 @@
-"""torchrun's agent inside a stage's process: `pipeline.launch` hands it a stage whose params
-ask for more than one process. Its own module, apart from `distributed` (what each rank runs),
-because every stage's entry point may reach it: each stage's dvc.yaml deps list it, and only
-this small file."""
+"""torchrun's agent inside a stage's process, for the two training stages when
+`pipeline.runtime.launch` says their params ask for more than one process. Its own module,
+apart from `distributed` (what each rank runs), and torch imported only inside: train imports
+it whichever framework it trains with."""
 
 from __future__ import annotations
 
 import os
+import sys
+
+from pipeline.runtime import launch
+
+
+def relaunch(stage: str, argv: list[str]) -> None:
+    """Run `stage` as `nproc` torchrun processes and exit with their outcome, when its params
+    ask for more than one and this process is not already one of them; else return."""
+    nproc = launch.relaunches(stage)
+    if nproc:
+        sys.exit(run_ranks(nproc, [stage, *argv]))
 
 
 def run_ranks(nproc: int, argv: list[str]) -> int:

@@ -17,12 +17,12 @@ import torch
 
 from pipeline.data import formats
 from pipeline.frameworks.recipe import FitParams, FitResult
+from pipeline.frameworks.torch import inputs, recipe, resume
 from pipeline.frameworks.torch import model as torch_model
-from pipeline.frameworks.torch import recipe, resume
 
 if TYPE_CHECKING:
-    from pipeline.checkpoints import Checkpoints
-    from pipeline.tracking import StageRun
+    from pipeline.runtime.checkpoints import Checkpoints
+    from pipeline.tracking.run import StageRun
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ def fit_head(
             features = [recipe.predict_logits(model, s.images, device, size, p.channels_last) for s in (train, val)]
     # (N, F) features: no image augmentation, no channels_last (a 4-D layout)
     q = dataclasses.replace(p, epochs=epochs, lr=lr, augment="none", channels_last=False)
-    train_x, val_x = (recipe.Images(f.to(device), device, channels_last=False) for f in features)
+    train_x, val_x = (inputs.Images(f.to(device), device, channels_last=False) for f in features)
     labels = recipe.labels_on(train, device), recipe.labels_on(val, device)
     return recipe.fit_inputs(head, train_x, labels[0], val_x, labels[1], q, device, generator, run,
                              desc="finetune head", checkpoint=checkpoint)

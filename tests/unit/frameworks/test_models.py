@@ -8,8 +8,8 @@ from torch import nn
 from pipeline import files
 from pipeline.errors import ArtifactError
 from pipeline.frameworks import shapes
+from pipeline.frameworks.torch import checkpoint, weights
 from pipeline.frameworks.torch import model as torch_model
-from pipeline.frameworks.torch import weights
 
 
 def test_scratch_cnn_maps_images_to_class_logits():
@@ -43,10 +43,10 @@ def test_checkpoint_round_trip(tmp_path):
     args = {"num_classes": 3, "in_channels": 1, "image_size": 16, "mean": (0.2,), "std": (0.3,)}
     model = torch_model.ScratchCNN(**args).eval()
     path = tmp_path / "scratch.pt"
-    files.write_bytes(path, torch_model.checkpoint_bytes(model, "scratch_cnn", args, ("a", "b", "c")))
+    files.write_bytes(path, checkpoint.checkpoint_bytes(model, "scratch_cnn", args, ("a", "b", "c")))
     raw = torch.load(path, weights_only=True)  # plain containers only
     assert set(raw) == {"arch", "model_args", "classes", "state_dict"}
-    loaded, ckpt = torch_model.load_checkpoint(path)
+    loaded, ckpt = checkpoint.load_checkpoint(path)
     x = torch.rand(5, 1, 16, 16)
     assert torch.equal(loaded(x), model(x))
     assert ckpt["classes"] == ["a", "b", "c"]
@@ -56,8 +56,8 @@ def test_checkpoint_bytes_do_not_depend_on_the_file_name(tmp_path):
     torch.manual_seed(0)
     args = {"num_classes": 2, "in_channels": 1, "image_size": 16}
     model = torch_model.ScratchCNN(**args)
-    files.write_bytes(tmp_path / "a.pt", torch_model.checkpoint_bytes(model, "scratch_cnn", args, ("x", "y")))
-    files.write_bytes(tmp_path / "other-name.pt", torch_model.checkpoint_bytes(model, "scratch_cnn", args, ("x", "y")))
+    files.write_bytes(tmp_path / "a.pt", checkpoint.checkpoint_bytes(model, "scratch_cnn", args, ("x", "y")))
+    files.write_bytes(tmp_path / "other-name.pt", checkpoint.checkpoint_bytes(model, "scratch_cnn", args, ("x", "y")))
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "other-name.pt").read_bytes()
 
 
@@ -65,7 +65,7 @@ def test_a_checkpoint_holding_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"arch": "scratch_cnn", "model_args": {}, "classes": [], "state_dict": {}, "x": nn.ReLU()}, path)
     with pytest.raises(ArtifactError, match=r"evil.pt: refused: not a plain tensor checkpoint \(Unsupported global"):
-        torch_model.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,15 @@ from pipeline.config import ConfigError
 from pipeline.data import formats
 from pipeline.frameworks.interface import RuntimeParams
 from pipeline.frameworks.recipe import FitParams, FitResult
+from pipeline.frameworks.torch import inputs, recipe, runtime
 from pipeline.frameworks.torch import model as torch_model
-from pipeline.frameworks.torch import recipe, runtime
 from pipeline.train import channel_stats
 
 
 def test_random_shift_translates_each_image_and_fills_with_zeros():
     x = torch.zeros(64, 1, 8, 8)
     x[:, :, 3, 3] = 1.0  # one lit pixel per image
-    shifted = recipe.random_shift(x, 2, torch.Generator().manual_seed(0))
+    shifted = inputs.random_shift(x, 2, torch.Generator().manual_seed(0))
     assert shifted.shape == x.shape
     assert torch.equal(shifted.sum((1, 2, 3)), torch.ones(64))  # 2 px from the centre never leaves the image
     positions = {tuple(torch.nonzero(img[0])[0].tolist()) for img in shifted}
@@ -31,12 +31,12 @@ def test_random_shift_translates_each_image_and_fills_with_zeros():
 
 def test_random_shift_of_zero_is_the_identity():
     x = torch.rand(4, 3, 8, 8)
-    assert torch.equal(recipe.random_shift(x, 0, torch.Generator()), x)
+    assert torch.equal(inputs.random_shift(x, 0, torch.Generator()), x)
 
 
 def test_a_resident_split_is_channels_first_floats_in_channels_last_memory():
     split = formats.Split(np.full((2, 5, 5, 3), 255, np.uint8), np.array([0, 1]), ("a", "b"))
-    images = recipe.Images(split.images, torch.device("cpu"), channels_last=True).resident
+    images = inputs.Images(split.images, torch.device("cpu"), channels_last=True).resident
     assert images.shape == (2, 3, 5, 5) and images.dtype == torch.float32 and images.max() == 1.0
     assert images.is_contiguous(memory_format=torch.channels_last)
 
@@ -78,8 +78,8 @@ def test_streamed_and_resident_fits_are_bit_identical(tmp_path, monkeypatch, cha
     cpu = torch.device("cpu")
     resident, resident_fit = train_once(p, (train, val))
     resident_logits = recipe.predict_logits(resident, val.images, cpu, 8, channels_last)
-    monkeypatch.setattr(recipe, "RESIDENT_BYTES", 0)  # every split streams from its map
-    assert recipe.Images(train.images, cpu, channels_last).streamed is train.images
+    monkeypatch.setattr(inputs, "RESIDENT_BYTES", 0)  # every split streams from its map
+    assert inputs.Images(train.images, cpu, channels_last).streamed is train.images
     streamed, streamed_fit = train_once(p, (train, val))
     streamed_logits = recipe.predict_logits(streamed, val.images, cpu, 8, channels_last)
     assert streamed_fit.history == resident_fit.history
@@ -125,7 +125,7 @@ def test_a_streamed_fit_does_not_copy_the_split_into_memory(tmp_path, monkeypatc
     np.save(tmp_path / "train_labels.npy", np.arange(n, dtype=np.int64) % 2)
     (tmp_path / "classes.json").write_text('["a", "b"]')
     split = formats.load_split(tmp_path, "train")
-    monkeypatch.setattr(recipe, "RESIDENT_BYTES", 1 << 20)
+    monkeypatch.setattr(inputs, "RESIDENT_BYTES", 1 << 20)
     runtime.configure(RuntimeParams(threads=2, device="cpu"))
     p = FitParams(epochs=1, batch_size=256, early_stopping_patience=0)
 
@@ -212,17 +212,17 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
 
 def test_random_crop_flip_keeps_the_shape_and_is_seeded():
     x = torch.rand(8, 3, 32, 32)
-    a = recipe.random_crop_flip(x, 0.35, torch.Generator().manual_seed(1))
-    b = recipe.random_crop_flip(x, 0.35, torch.Generator().manual_seed(1))
+    a = inputs.random_crop_flip(x, 0.35, torch.Generator().manual_seed(1))
+    b = inputs.random_crop_flip(x, 0.35, torch.Generator().manual_seed(1))
     assert a.shape == x.shape and torch.equal(a, b) and not torch.allclose(a, x)
     ramp = torch.linspace(0, 1, 32).expand(64, 1, 32, 32)  # brighter to the right
-    out = recipe.random_crop_flip(ramp, 0.35, torch.Generator().manual_seed(2))
+    out = inputs.random_crop_flip(ramp, 0.35, torch.Generator().manual_seed(2))
     steps = out[:, 0, 16].diff(dim=-1)  # along each crop's middle row
     rising, falling = (steps >= -1e-6).all(1), (steps <= 1e-6).all(1)
     assert (rising | falling).all()  # a crop of a ramp is a ramp, mirrored or not
     assert 16 <= int(falling.sum()) <= 48  # about half are flipped
     flat = torch.full((4, 1, 16, 16), 0.5)
-    assert torch.allclose(recipe.random_crop_flip(flat, 0.35, torch.Generator()), flat)
+    assert torch.allclose(inputs.random_crop_flip(flat, 0.35, torch.Generator()), flat)
 
 
 def test_augment_auto_crops_and_flips_photos_and_shifts_small_images():

@@ -6,9 +6,9 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from pipeline import search_space, trial
 from pipeline.config import ConfigError
-from pipeline.search_space import Objective, Range
+from pipeline.experiments import search_space, trial
+from pipeline.experiments.search_space import Objective, Range
 
 PARAMS = "train: {lr: 3.0e-3, width: 32, optimizer: adamw, dropout: 0.3}\nprepare: {seed: 0}\n"
 

@@ -25,7 +25,7 @@ from typing import Any
 from pipeline import files
 
 FOLDER = ".checkpoints"
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # pipeline/
 
 
 def code_digest(package: Path = PACKAGE) -> str:

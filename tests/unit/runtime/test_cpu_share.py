@@ -8,16 +8,19 @@ import time
 
 import pytest
 
-from pipeline import config, cpu_share, queue_workers
+from pipeline import config
 from pipeline.config import ConfigError
+from pipeline.experiments import queue_workers
 from pipeline.frameworks.interface import RuntimeParams
+from pipeline.runtime import cpu_share
 
 # a stand-in for `dvc exp queue-worker <node>`: its cmdline is what DVC's is; it runs a
 # stage-like child that reports what cpu_share sees from inside the queue
 WORKER = """
 import subprocess, sys, time
 if sys.argv[-1] == "report":
-    from pipeline import cpu_share, queue_workers
+    from pipeline.runtime import cpu_share
+    from pipeline.experiments import queue_workers
     print(queue_workers.workers_around(), cpu_share.auto_threads(cores=8), flush=True)
 else:
     time.sleep(float(sys.argv[1]))

@@ -1,4 +1,4 @@
-"""`python -m pipeline.predict PATH... [--model exports/finetune] [--format csv|json] [--top 3]`:
+"""`python -m pipeline.serving.predict PATH... [--model exports/finetune] [--format csv|json] [--top 3]`:
 classify image files with a shipped model.
 
 Reads the export folder's `model.onnx` and `model.json` (classes, input format, the

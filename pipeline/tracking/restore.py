@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import files, lockfile, tracking_models, tracking_worker, workspace
-from pipeline import tracking_client as tracking
+from pipeline import files
 from pipeline.data import formats
+from pipeline.runtime import workspace
+from pipeline.tracking import connect, lockfile, models, store, worker
 
 RESTORED_TAG = "pipeline.restored_from"  # the commit whose dvc.lock recorded the state
 ARTIFACT_FOLDERS = {"ingest": "ingested", "train": "model", "finetune": "model", "export": "export", "report": "report"}
@@ -76,18 +77,18 @@ def outs_differ(workdir: Path, entry: dict) -> str | None:
 class Restorer:
     """One store, one driver: finds what is missing and makes it."""
 
-    def __init__(self, mlflow: Any, root: Path, workdir: Path, p: tracking.TrackingParams) -> None:
+    def __init__(self, mlflow: Any, root: Path, workdir: Path, p: store.TrackingParams) -> None:
         self.mlflow, self.workdir, self.p = mlflow, workdir, p
         # the store may become the offline one (tracking.offline_fallback): the client after it
-        self.experiment_id = tracking_worker.open_store(mlflow, mlflow.get_tracking_uri(), tracking.experiment_name(),
+        self.experiment_id = connect.open_store(mlflow, mlflow.get_tracking_uri(), store.experiment_name(),
                                                         root, p)
         self.client = mlflow.MlflowClient()
         self.driver = workspace.driver().key
-        self.git = tracking.git_tags(workdir)
+        self.git = store.git_tags(workdir)
         self._parent: str | None = None
 
     def call(self, fn: Any) -> Any:
-        return tracking_worker.retrying(fn, self.p.lock_wait_seconds)
+        return connect.retrying(fn, self.p.lock_wait_seconds)
 
     def tagged(self) -> dict[str, str]:
         """digest -> run id of the FINISHED runs that carry one."""
@@ -99,35 +100,35 @@ class Restorer:
     def own_run(self, stage: str) -> Any | None:
         """This driver's FINISHED live run of `stage` that no digest names yet."""
         query = (f"attributes.status = 'FINISHED' and tags.stage = '{stage}' and "
-                 f"tags.`{tracking.DRIVER_TAG}` = '{self.driver}'")
+                 f"tags.`{store.DRIVER_TAG}` = '{self.driver}'")
         runs = self.call(lambda: self.client.search_runs([self.experiment_id], query, max_results=10))
         return next((r for r in runs if lockfile.LOCK_TAG not in r.data.tags and RESTORED_TAG not in r.data.tags), None)
 
     def parent(self, create: bool) -> str | None:
         if self._parent is None:
-            query = f"tags.`{tracking_worker.GROUP_TAG}` = 'true' and tags.`{tracking.DRIVER_TAG}` = '{self.driver}'"
+            query = f"tags.`{worker.GROUP_TAG}` = 'true' and tags.`{store.DRIVER_TAG}` = '{self.driver}'"
             found = self.call(lambda: self.client.search_runs([self.experiment_id], query, max_results=1))
             if found:
                 self._parent = found[0].info.run_id
             elif create:
-                name = tracking.group_name(self.git)
+                name = store.group_name(self.git)
                 if not workspace.driver().command.startswith("dvc "):  # run by hand (make mlflow-ui), not by DVC
                     name = name.replace("repro", "restored", 1)
-                self._parent = tracking_worker.group_run(self.client, self.experiment_id, self.driver, name, self.p)
+                self._parent = worker.group_run(self.client, self.experiment_id, self.driver, name, self.p)
         return self._parent
 
     def restore(self, stage: str, entry: dict, digest: str) -> str:
         """A FINISHED run of `stage` made from its outputs; returns its id."""
         family, _, model = stage.partition("@")
         commit = self.git["git_commit"][:7]
-        tags = {"stage": stage, tracking.DRIVER_TAG: self.driver, **self.git, lockfile.LOCK_TAG: digest,
+        tags = {"stage": stage, store.DRIVER_TAG: self.driver, **self.git, lockfile.LOCK_TAG: digest,
                 RESTORED_TAG: self.git["git_commit"], "mlflow.source.name": f"pipeline/{family}.py",
                 "mlflow.source.type": "LOCAL", "mlflow.note.content": NOTE.format(commit=commit)}
-        params = tracking.flatten((entry.get("params") or {}).get("params.yaml") or {})
+        params = store.flatten((entry.get("params") or {}).get("params.yaml") or {})
         if model:
             tags["model"] = params["model"] = model
         mlflow = self.mlflow
-        with tempfile.TemporaryDirectory(prefix=f"{tracking.SCRATCH_PREFIX}sync-") as scratch:
+        with tempfile.TemporaryDirectory(prefix=f"{store.SCRATCH_PREFIX}sync-") as scratch:
             run = self.call(lambda: mlflow.start_run(experiment_id=self.experiment_id, run_name=f"{stage} (restored)",
                                                      parent_run_id=self.parent(create=True), tags=tags))
             try:
@@ -151,7 +152,7 @@ class Restorer:
             return None
         t = formats.dataset_tags(prepared)
         self.call(lambda: self.mlflow.set_tags(t))
-        return self.call(lambda: tracking_worker.log_input(self.mlflow, t["data_source"], str(prepared.resolve()),
+        return self.call(lambda: worker.log_input(self.mlflow, t["data_source"], str(prepared.resolve()),
                                                            t["dataset_sha256"][:36], DATASET_CONTEXT[family],
                                                            self.parent(create=True)))
 
@@ -196,17 +197,17 @@ class Restorer:
         example = np.asarray(formats.load_split(self.workdir / PREPARED, "test").images[:1])
         tags = {"model": model, "framework": card.get("framework", ""), "arch": card.get("arch", ""),
                 **formats.dataset_tags(self.workdir / PREPARED),
-                tracking_models.ONNX_TAG: files.sha256_file(export_dir / "model.onnx")}
-        return self.call(lambda: tracking_models.log_model(self.mlflow, export_dir, example, scratch, tags, linked,
+                models.ONNX_TAG: files.sha256_file(export_dir / "model.onnx")}
+        return self.call(lambda: models.log_model(self.mlflow, export_dir, example, scratch, tags, linked,
                                                            dataset))
 
     def ensure_champion(self, chosen: dict, register_run: str | None) -> None:
         """The alias exists and a version of the chosen ONNX file is registered (the register
         stage's rule decides whether it takes the alias from another holder)."""
         mlflow, onnx = self.mlflow, chosen["onnx_sha256"]
-        model_id = self.call(lambda: tracking_models.find_model(mlflow, self.experiment_id, onnx))
+        model_id = self.call(lambda: models.find_model(mlflow, self.experiment_id, onnx))
         if model_id is None and register_run is not None:  # logged by no export run: under register's
-            with tempfile.TemporaryDirectory(prefix=f"{tracking.SCRATCH_PREFIX}sync-") as scratch:
+            with tempfile.TemporaryDirectory(prefix=f"{store.SCRATCH_PREFIX}sync-") as scratch:
                 self.call(lambda: mlflow.start_run(run_id=register_run))
                 try:
                     model_id = self.log_export(chosen["model"], None, Path(scratch))
@@ -218,7 +219,7 @@ class Restorer:
             return
         candidate = {**chosen, "higher_is_better": not chosen["select_by"].endswith("loss"),  # register.SELECTORS
                      "dataset_sha256": formats.dataset_tags(self.workdir / PREPARED)["dataset_sha256"]}
-        self.call(lambda: tracking_models.register(mlflow, self.client, chosen["registered_model"], chosen["alias"],
+        self.call(lambda: models.register(mlflow, self.client, chosen["registered_model"], chosen["alias"],
                                                    model_id, candidate))
 
     def headline(self, report: Path, chosen: dict | None) -> None:
@@ -241,19 +242,19 @@ class Restorer:
     def touch_parent(self) -> None:
         """The parent ends when its last run does: its duration spans them."""
         if self._parent is not None:
-            tracking_worker.touch_group(self.client, self._parent, self.p)
+            worker.touch_group(self.client, self._parent, self.p)
 
 
 def reconcile(root: Path, workdir: Path, uri: str, stages: dict[str, dict], digests: dict[str, str],
               chosen: dict | None) -> str:
     """Make the store hold every stage's recorded state and the chosen model's alias; returns
     what it did, in a line."""
-    p = tracking.load_tracking_params()
-    tracking_worker.bound_http(p)
+    p = store.load_tracking_params()
+    connect.bound_http(p)
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    with tracking_worker.creating(uri, ".sync.lock"):  # parallel experiments: one run per state
+    with connect.creating(uri, ".sync.lock"):  # parallel experiments: one run per state
         r = Restorer(mlflow, root, workdir, p)
         have = r.tagged()
         adopted, restored, left = [], [], {}  # left: stage -> why its outputs are not dvc.lock's

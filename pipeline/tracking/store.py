@@ -6,7 +6,7 @@ The MLflow store defaults to SQLite in the repository root; runs made by `dvc ex
 or a queue execute in a copy under `.dvc/tmp/exps/`, so the root is resolved past that copy,
 or every such run would land in a store that DVC deletes.
 
-MLflow calls run in a worker process (`python -m pipeline.tracking_worker`) fed JSON lines on its
+MLflow calls run in a worker process (`python -m pipeline.tracking.worker`) fed JSON lines on its
 stdin: importing MLflow and opening its store take ~4 s, which the worker spends on the other
 core while the stage imports torch and works. The entry point (`python -m pipeline <stage>`)
 starts the worker before the stage's heavy imports, and the stage waits for it at the end, so
@@ -33,7 +33,7 @@ from pipeline import config
 from pipeline.errors import TrackingError
 
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # on the worker's PYTHONPATH
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # on the worker's PYTHONPATH
 ATTEMPT_TAG = "pipeline.attempt"  # one process's try at a stage: a resumed run names the one it continues
 DRIVER_TAG = "pipeline.driver"  # the `dvc repro` / `dvc exp run` process a run belongs to (workspace.Driver)
 DEFAULT_EXPERIMENT = "cnn-pipeline"
@@ -43,7 +43,7 @@ STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 OFFLINE_STORE = "mlflow-offline.db"  # tracking.offline_fallback's store, in the repository root
 SCRATCH_PREFIX = "pipeline-mlflow-"
-# the calls a stage sends its MLflow worker (JSON lines {"op": ..., ...}); tracking_worker has
+# the calls a stage sends its MLflow worker (JSON lines {"op": ..., ...}); tracking.worker has
 # one handler for each, and checks at start-up that the two lists are the same
 OPS = frozenset({"start", "log_input", "log_model", "register", "log_group_metrics", "start_child", "end_child",
                  "end", "log_metrics", "set_tags", "link_resumed", "log_artifact", "log_artifacts"})
@@ -183,7 +183,7 @@ class MlflowWorker:
             [
                 sys.executable,
                 "-m",
-                "pipeline.tracking_worker",
+                "pipeline.tracking.worker",
                 self.uri,
                 experiment_name(),
                 str(root),

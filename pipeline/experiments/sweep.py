@@ -1,4 +1,4 @@
-"""`python -m pipeline.sweep --trials N --jobs J`: an Optuna study whose trials are DVC experiments.
+"""`python -m pipeline.experiments.sweep --trials N --jobs J`: an Optuna study whose trials are DVC experiments.
 
 Each trial's sampled params become `dvc exp run --queue -n <study>-<number> -S key=value ...`;
 `dvc queue start -j J` runs them J at a time, and the objective is read back from DVC's own
@@ -7,7 +7,7 @@ YAML file (`search_space`, default sweep.yaml). The study lives in Optuna's RDB 
 (SQLite in the repository by default; any SQLAlchemy URL): several sweep processes on
 different hosts that share one database and one study name are Optuna's distributed mode,
 each running its own --trials. Trials report each epoch's validation figure to the study
-from inside the stage (`pipeline.trial`) and a pruned one stops there. In MLflow every
+from inside the stage (`pipeline.experiments.trial`) and a pruned one stops there. In MLflow every
 trial's pipeline run nests under one parent run, `sweep <study>`. At the end the best trial
 is applied to the workspace with `dvc exp apply`.
 
@@ -25,11 +25,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline import config, dvc_queue, search_space, tracking, trial
+from pipeline import config
 from pipeline.errors import PipelineError
-from pipeline.search_space import SearchSpace
+from pipeline.experiments import dvc_queue, search_space, trial
+from pipeline.experiments.search_space import SearchSpace
+from pipeline.tracking import store
 
-SWEEP_TAG = "pipeline.sweep"
+SWEEP_TAG = "pipeline.experiments.sweep"
 
 
 def experiment_metrics() -> dict[str, dict]:
@@ -112,12 +114,12 @@ def parent_run(study_name: str, args: argparse.Namespace, storage: str) -> tuple
     """The MLflow parent run of this sweep in the pipeline's store; its client and id."""
     import mlflow
 
-    from pipeline import tracking_worker
+    from pipeline.tracking import connect
 
-    root = tracking.repo_root()
-    uri = tracking.tracking_uri(root)
-    experiment_id = tracking_worker.open_store(mlflow, uri, tracking.experiment_name(), root,
-                                               tracking.load_tracking_params())
+    root = store.repo_root()
+    uri = store.tracking_uri(root)
+    experiment_id = connect.open_store(mlflow, uri, store.experiment_name(), root,
+                                               store.load_tracking_params())
     client = mlflow.MlflowClient(uri)
     run = client.create_run(experiment_id, run_name=f"sweep {study_name}", tags={
         SWEEP_TAG: study_name, "mlflow.note.content": "An Optuna sweep: each trial's pipeline run is nested here."})
@@ -135,7 +137,7 @@ def sweep(args: argparse.Namespace) -> int:
     study = open_study(space, args.study, storage, args.seed)
     client, parent = parent_run(args.study, args, storage)
     # the queue's workers (and so every stage they run) inherit these: pruning and nesting
-    env = {**os.environ, trial.STORAGE_ENV: storage, trial.STUDY_ENV: args.study, tracking.PARENT_RUN_ENV: parent}
+    env = {**os.environ, trial.STORAGE_ENV: storage, trial.STUDY_ENV: args.study, store.PARENT_RUN_ENV: parent}
     status, remaining = "FAILED", args.trials
     try:
         while remaining > 0:
@@ -176,7 +178,7 @@ def finish(study: Any, client: Any, parent: str, apply: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pipeline.experiments.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, required=True, help="trials this process runs")
     parser.add_argument("--jobs", type=int, default=1, help="experiments at once (dvc queue start -j)")

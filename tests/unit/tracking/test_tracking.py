@@ -8,7 +8,8 @@ from pathlib import Path
 import mlflow
 from support import REPO
 
-from pipeline import tracking
+from pipeline.tracking import store
+from pipeline.tracking.run import stage_run
 
 STAGE_RUNS = "tags.stage LIKE '%'"  # not the parent runs that group one execution's stages
 
@@ -17,22 +18,22 @@ def test_repo_root_resolves_past_a_temporary_experiment_copy(tmp_path):
     repo = tmp_path / "project"
     temp = repo / ".dvc" / "tmp" / "exps" / "tmpab12cd"
     temp.mkdir(parents=True)
-    assert tracking.repo_root(temp) == repo.resolve()
-    assert tracking.repo_root(repo / ".dvc" / "tmp" / "exps" / "run" / "abc" ) == repo.resolve()
-    assert tracking.repo_root(repo) == repo.resolve()
+    assert store.repo_root(temp) == repo.resolve()
+    assert store.repo_root(repo / ".dvc" / "tmp" / "exps" / "run" / "abc" ) == repo.resolve()
+    assert store.repo_root(repo) == repo.resolve()
 
 
 def test_default_store_is_sqlite_in_the_repository_root(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert store.tracking_uri(tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
-    assert tracking.tracking_uri(tmp_path) == "http://mlflow.internal:5000"
+    assert store.tracking_uri(tmp_path) == "http://mlflow.internal:5000"
 
 
 def test_flatten_turns_sections_into_dotted_params():
     from pipeline.evaluate import EvaluateParams
 
-    assert tracking.flatten({"evaluate": EvaluateParams(batch_size=8), "model": "scratch"}) == {
+    assert store.flatten({"evaluate": EvaluateParams(batch_size=8), "model": "scratch"}) == {
         "evaluate.batch_size": 8, "evaluate.calibrate": True, "evaluate.explain_images": 8,
         "evaluate.error_images": 12, "evaluate.seed": 0, "model": "scratch",
     }
@@ -40,7 +41,7 @@ def test_flatten_turns_sections_into_dotted_params():
 
 def test_a_stage_run_reaches_dvc_files_and_mlflow(workdir, mlflow_store, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "lucky-lark")
-    with tracking.stage_run("train", {"train": {"lr": 0.1}}, live_dir=Path("live")) as run:
+    with stage_run("train", {"train": {"lr": 0.1}}, live_dir=Path("live")) as run:
         run.log_epoch(0, {"train/loss": 1.0, "val/acc": 0.5})
         run.log_epoch(1, {"train/loss": 0.5, "val/acc": 0.75})
         run.log_summary({"val/acc": 0.75})
@@ -51,7 +52,7 @@ def test_a_stage_run_reaches_dvc_files_and_mlflow(workdir, mlflow_store, monkeyp
     assert (workdir / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text() == "step\tloss\n0\t1.0\n1\t0.5\n"
 
     client = mlflow.MlflowClient(mlflow_store)
-    (experiment,) = [e for e in client.search_experiments() if e.name == tracking.DEFAULT_EXPERIMENT]
+    (experiment,) = [e for e in client.search_experiments() if e.name == store.DEFAULT_EXPERIMENT]
     (run_info,) = client.search_runs([experiment.experiment_id], STAGE_RUNS)
     assert run_info.info.run_name == "train"
     assert run_info.data.params["train.lr"] == "0.1"
@@ -68,12 +69,12 @@ def test_a_stage_run_reaches_dvc_files_and_mlflow(workdir, mlflow_store, monkeyp
 
 def test_a_failing_stage_marks_its_mlflow_run_failed(workdir, mlflow_store):
     try:
-        with tracking.stage_run("prepare", {}):
+        with stage_run("prepare", {}):
             raise RuntimeError("boom")
     except RuntimeError:
         pass
     client = mlflow.MlflowClient(mlflow_store)
-    (experiment,) = [e for e in client.search_experiments() if e.name == tracking.DEFAULT_EXPERIMENT]
+    (experiment,) = [e for e in client.search_experiments() if e.name == store.DEFAULT_EXPERIMENT]
     (run_info,) = client.search_runs([experiment.experiment_id], STAGE_RUNS)
     assert run_info.info.status == "FAILED"
 
@@ -85,7 +86,7 @@ def test_an_unreachable_mlflow_store_fails_the_stage(workdir, monkeypatch):
     from pipeline.errors import TrackingError
 
     with pytest.raises(TrackingError, match="MLflow logging failed: its worker stopped .*nosuchscheme://store"):
-        with tracking.stage_run("ingest", {}) as run:
+        with stage_run("ingest", {}) as run:
             run.log_summary({"images": 1})
 
 
@@ -98,13 +99,13 @@ def test_artifacts_and_figures_reach_mlflow(workdir, mlflow_store):
     (workdir / "model.bin").write_bytes(b"weights")
     (workdir / "export").mkdir()
     (workdir / "export" / "model.onnx").write_bytes(b"onnx")
-    with tracking.stage_run("export@scratch", {}) as run:
+    with stage_run("export@scratch", {}) as run:
         run.log_artifact(workdir / "model.bin", "model")
         run.log_artifact(workdir / "export")
         run.log_dict({"a": 1}, "report.json")
         run.log_figure(plt.figure(), "figure.png")
     client = mlflow.MlflowClient(mlflow_store)
-    (experiment,) = [e for e in client.search_experiments() if e.name == tracking.DEFAULT_EXPERIMENT]
+    (experiment,) = [e for e in client.search_experiments() if e.name == store.DEFAULT_EXPERIMENT]
     (run_info,) = client.search_runs([experiment.experiment_id], STAGE_RUNS)
     paths = {a.path for a in client.list_artifacts(run_info.info.run_id)}
     assert paths == {"model", "export", "report.json", "figure.png"}
@@ -126,19 +127,19 @@ def test_what_dvc_repro_rewrites_does_not_make_a_checkout_dirty(tmp_path):
     git("init", "-q")
     git("add", "-A")
     git("commit", "-qm", "x")
-    assert tracking.git_tags(tmp_path)["git_dirty"] == "false"
+    assert store.git_tags(tmp_path)["git_dirty"] == "false"
     (tmp_path / "dvclive/a/metrics.json").unlink()
     (tmp_path / "dvc.lock").write_text("2")
     (tmp_path / "reports/r.md").write_text("2")
     (tmp_path / "exports/m/model.json").write_text("2")
-    assert tracking.git_tags(tmp_path)["git_dirty"] == "false"
+    assert store.git_tags(tmp_path)["git_dirty"] == "false"
     (tmp_path / "params.yaml").write_text("2")
-    assert tracking.git_tags(tmp_path)["git_dirty"] == "true"
+    assert store.git_tags(tmp_path)["git_dirty"] == "true"
 
 
 def test_a_parent_is_named_after_the_experiment_else_the_commit():
     def name(exp: str, commit: str, dirty: str) -> str:
-        return tracking.group_name({"dvc_exp_name": exp, "git_commit": commit, "git_dirty": dirty})
+        return store.group_name({"dvc_exp_name": exp, "git_commit": commit, "git_dirty": dirty})
 
     assert name("keen-kiwi", "20b81ab6e7", "true") == "keen-kiwi"
     assert name("", "20b81ab6e7", "false") == "repro 20b81ab"
@@ -149,19 +150,19 @@ def test_a_parent_is_named_after_the_experiment_else_the_commit():
 def test_the_stage_runs_of_one_execution_nest_under_one_parent_with_its_dataset(workdir, mlflow_store, monkeypatch):
     """One parent run per `dvc repro` / `dvc exp run` (named after the experiment), made by the
     first stage that runs; another execution gets its own; the dataset is each run's input."""
-    from pipeline import workspace
+    from pipeline.runtime import workspace
 
     monkeypatch.setenv("DVC_EXP_NAME", "keen-kiwi")
     prepared = workdir / "prepared"
     prepared.mkdir()
     (prepared / "dataset.json").write_text(json.dumps({"source": "digits", "sha256": "ab" * 32}))
-    with tracking.stage_run("train", {}) as run:
+    with stage_run("train", {}) as run:
         run.log_dataset(prepared, "training")
-    with tracking.stage_run("report", {}) as run:
+    with stage_run("report", {}) as run:
         run.log_group_metrics({"scratch/test_acc": 0.9})
     monkeypatch.setattr(workspace, "_driver", dataclasses.replace(workspace.driver(), pid=1, started=1.0))
     monkeypatch.setenv("DVC_EXP_NAME", "")
-    with tracking.stage_run("train", {}):
+    with stage_run("train", {}):
         pass
     client = mlflow.MlflowClient(mlflow_store)
     runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id])
@@ -178,19 +179,20 @@ def test_the_stage_runs_of_one_execution_nest_under_one_parent_with_its_dataset(
 
 
 def test_the_stage_and_its_worker_share_one_list_of_calls():
-    """Every call the facade sends is one tracking_client.OPS names, and the worker has a handler
+    """Every call the facade sends is one store.OPS names, and the worker has a handler
     for each (it checks at start-up; an unknown call is refused on the stage's side)."""
     import re
 
-    from pipeline import tracking_client
+    from pipeline.tracking import store
 
-    sent = set(re.findall(r'_worker\.call\(\s*"(\w+)"', (REPO / "pipeline" / "tracking.py").read_text()))
-    sent |= set(re.findall(r'self\.call\(\s*"(\w+)"', (REPO / "pipeline" / "tracking_client.py").read_text()))
-    assert sent <= tracking_client.OPS and sent, sent
-    handled = set(re.findall(r'^        "(\w+)": ', (REPO / "pipeline" / "tracking_worker.py").read_text(), re.M))
-    assert handled == tracking_client.OPS
+    tracking = REPO / "pipeline" / "tracking"
+    sent = set(re.findall(r'_worker\.call\(\s*"(\w+)"', (tracking / "run.py").read_text()))
+    sent |= set(re.findall(r'self\.call\(\s*"(\w+)"', (tracking / "store.py").read_text()))
+    assert sent <= store.OPS and sent, sent
+    handled = set(re.findall(r'^        "(\w+)": ', (tracking / "worker.py").read_text(), re.M))
+    assert handled == store.OPS
     try:
-        tracking_client.MlflowWorker.call(None, "no_such_call")
+        store.MlflowWorker.call(None, "no_such_call")
     except ValueError as exc:
         assert "no_such_call" in str(exc)
     else:

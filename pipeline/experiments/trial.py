@@ -1,4 +1,4 @@
-"""A stage's side of an Optuna sweep (`python -m pipeline.sweep`): report each epoch's
+"""A stage's side of an Optuna sweep (`python -m pipeline.experiments.sweep`): report each epoch's
 validation figure to the trial this DVC experiment is, and stop when the study prunes it.
 
 The sweep queues each trial as a DVC experiment named after it and starts the queue's
@@ -14,8 +14,8 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pipeline import launch
 from pipeline.errors import PipelineError
+from pipeline.runtime import launch
 
 STORAGE_ENV, STUDY_ENV = "PIPELINE_SWEEP_STORAGE", "PIPELINE_SWEEP_STUDY"
 EXP_ATTR, PRUNE_ATTR, PRUNED_ATTR = "dvc_exp", "prune", "pruned_at_epoch"

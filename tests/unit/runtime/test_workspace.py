@@ -10,8 +10,8 @@ import subprocess
 import psutil
 import pytest
 
-from pipeline import workspace
-from pipeline.workspace import WorkspaceBusy
+from pipeline.runtime import workspace
+from pipeline.runtime.workspace import WorkspaceBusy
 
 
 @pytest.fixture

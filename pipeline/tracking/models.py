@@ -1,7 +1,7 @@
 """The MLflow worker's model calls: an export logged as an MLflow model, and the Model
-Registry's versions and alias. Only `tracking_worker` imports this (it imports MLflow).
+Registry's versions and alias. Only `tracking.worker` imports this (it imports MLflow).
 
-- `log_model`: the export folder as a pyfunc model from code (`pipeline/serving.py`, the
+- `log_model`: the export folder as a pyfunc model from code (`pipeline/serving/pyfunc.py`, the
   `pipeline` package copied beside it; ONNX file and model.json as artifacts), with its
   signature (uint8 images of any size in; class, probability, probabilities out), an input
   example (a test image), exact pip requirements, and the given metrics linked to it.
@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # pipeline/
 ONNX_TAG, DATASET_TAG = "pipeline.onnx_sha256", "dataset_sha256"
 SELECT_TAG, SCORE_TAG = "pipeline.select_by", "pipeline.score"
-REQUIREMENTS = ("mlflow", "onnxruntime", "numpy", "pandas", "pillow", "pyyaml")  # what pipeline/serving.py imports
+REQUIREMENTS = ("mlflow", "onnxruntime", "numpy", "pandas", "pillow", "pyyaml")  # what serving/pyfunc.py imports
 
 
 def say(message: str) -> None:
@@ -65,7 +65,7 @@ def log_model(mlflow: Any, export_dir: Path, example: np.ndarray, scratch: Path,
         warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             name=tags.get("model", "model"),
-            python_model=str(PACKAGE / "serving.py"),
+            python_model=str(PACKAGE / "serving" / "pyfunc.py"),
             artifacts={"onnx": str(export_dir / "model.onnx"), "card": str(export_dir / "model.json")},
             code_paths=[str(code_copy(scratch))],
             signature=signature(),

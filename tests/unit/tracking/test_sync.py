@@ -11,7 +11,8 @@ import mlflow
 import yaml
 from support import REPO, lock_entry, write_lock
 
-from pipeline import lockfile, sync, tracking_client, tracking_restore
+from pipeline import sync
+from pipeline.tracking import lockfile, restore, store
 
 
 def stage_runs(uri: str) -> list:
@@ -41,12 +42,12 @@ def test_the_digest_names_the_recorded_state():
 
 
 def test_leaves_and_curves_read_dvclive_files(tmp_path):
-    assert tracking_restore.leaves({"test": {"acc": 0.5, "n": 3}, "ok": True, "name": "x"}) == {
+    assert restore.leaves({"test": {"acc": 0.5, "n": 3}, "ok": True, "name": "x"}) == {
         "test/acc": 0.5, "test/n": 3.0}
     curves = tmp_path / "plots" / "metrics" / "val"
     curves.mkdir(parents=True)
     (curves / "acc.tsv").write_text("step\tacc\n0\t0.25\n1\t0.5\n")
-    assert tracking_restore.curves(tmp_path) == {"val/acc": [(0, 0.25), (1, 0.5)]}
+    assert restore.curves(tmp_path) == {"val/acc": [(0, 0.25), (1, 0.5)]}
 
 
 def test_a_skipped_stage_gets_a_restored_run_once_and_a_changed_output_none(workdir, mlflow_store, capsys):
@@ -55,7 +56,7 @@ def test_a_skipped_stage_gets_a_restored_run_once_and_a_changed_output_none(work
         "dvclive/ingest/details.json": json.dumps({"excluded": {"unreadable": 1}}),
     }, {"data": {"source": "digits", "folder": "data/sources"}})
     write_lock(workdir, {"ingest": entry, "sync": {"cmd": "python -m pipeline sync"}})
-    db = Path(tracking_client.sqlite_file(mlflow_store))
+    db = Path(store.sqlite_file(mlflow_store))
     digest = lockfile.digest(entry)
     assert sync.mirrored(db, "cnn-pipeline", {digest}, None) is False
 
@@ -63,7 +64,7 @@ def test_a_skipped_stage_gets_a_restored_run_once_and_a_changed_output_none(work
     (run,) = stage_runs(mlflow_store)
     assert run.info.status == "FINISHED" and run.info.run_name == "ingest (restored)"
     assert run.data.tags["stage"] == "ingest" and run.data.tags[lockfile.LOCK_TAG] == digest
-    assert tracking_restore.RESTORED_TAG in run.data.tags
+    assert restore.RESTORED_TAG in run.data.tags
     assert run.data.metrics == {"images": 12.0, "classes/count": 2.0, "excluded/unreadable": 1.0}
     assert run.data.params == {"data.source": "digits", "data.folder": "data/sources"}
     assert not any(k.startswith("time/") for k in run.data.metrics)  # nothing was timed
@@ -85,7 +86,7 @@ def test_a_skipped_stage_gets_a_restored_run_once_and_a_changed_output_none(work
 
 
 def test_the_alias_counts_only_with_a_version_of_the_chosen_file(workdir, mlflow_store):
-    db = Path(tracking_client.sqlite_file(mlflow_store))
+    db = Path(store.sqlite_file(mlflow_store))
     chosen = {"registered_model": "cnn-pipeline", "alias": "champion", "onnx_sha256": "ab" * 32}
     client = mlflow.MlflowClient(mlflow_store)
     client.create_registered_model("cnn-pipeline")
@@ -121,9 +122,9 @@ def test_two_syncs_at_once_make_one_run_per_state(workdir, mlflow_store, tmp_pat
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
         "import time\n"
-        "from pipeline import tracking_restore\n"
-        "found = tracking_restore.Restorer.tagged\n"
-        "tracking_restore.Restorer.tagged = lambda self: (found(self), time.sleep(3))[0]\n")
+        "from pipeline.tracking import restore\n"
+        "found = restore.Restorer.tagged\n"
+        "restore.Restorer.tagged = lambda self: (found(self), time.sleep(3))[0]\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])}
     procs = [subprocess.Popen([sys.executable, "-m", "pipeline", "sync"], cwd=workdir, env=env,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -132,13 +133,13 @@ def test_two_syncs_at_once_make_one_run_per_state(workdir, mlflow_store, tmp_pat
 
 
 def test_a_second_execution_of_one_commit_is_told_apart(mlflow_store):
-    from pipeline import tracking, tracking_worker
+    from pipeline.tracking import worker
 
     client = mlflow.MlflowClient(mlflow_store)
     experiment_id = client.create_experiment("cnn-pipeline")
-    p = tracking.TrackingParams()
-    first = tracking_worker.group_run(client, experiment_id, "host:1:1.00", "repro 20b81ab", p)
-    again = tracking_worker.group_run(client, experiment_id, "host:1:1.00", "repro 20b81ab", p)  # the same driver
-    second = tracking_worker.group_run(client, experiment_id, "host:2:2.00", "repro 20b81ab", p)
+    p = store.TrackingParams()
+    first = worker.group_run(client, experiment_id, "host:1:1.00", "repro 20b81ab", p)
+    again = worker.group_run(client, experiment_id, "host:1:1.00", "repro 20b81ab", p)  # the same driver
+    second = worker.group_run(client, experiment_id, "host:2:2.00", "repro 20b81ab", p)
     assert first == again
     assert [client.get_run(r).info.run_name for r in (first, second)] == ["repro 20b81ab", "repro 20b81ab #2"]

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 
-from pipeline import launch, queue_workers
+from pipeline.experiments import queue_workers
+from pipeline.runtime import launch
 
 
 def available_cores() -> int:

@@ -2,10 +2,10 @@
 
 DVC-tracked files get only deterministic figures (losses, accuracies, counts): `dvc repro -f`
 must reproduce them byte for byte. Wall-clock timings, host facts and artifacts go to MLflow
-only, through `tracking_client` (where runs go, the worker process), which shapes no output.
+only, through `tracking.store` (where runs go, the worker process), which shapes no output.
 
 A run ends FINISHED when the stage succeeds, FAILED when it raises, KILLED when it is
-interrupted (Ctrl-C) or vanishes (see `tracking_worker` for the faults the worker bounds).
+interrupted (Ctrl-C) or vanishes (see `tracking.worker` for the faults the worker bounds).
 """
 
 from __future__ import annotations
@@ -21,38 +21,20 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import files, launch, workspace
-from pipeline.tracking_client import (  # the names stages and tests use, through this facade
-    ARTIFACT_DIR,
+from pipeline import files
+from pipeline.runtime import launch, workspace
+from pipeline.tracking.store import (
     ATTEMPT_TAG,
-    DEFAULT_EXPERIMENT,
     DRIVER_TAG,
-    EXPERIMENT_ENV,
-    OFFLINE_STORE,
-    PARENT_RUN_ENV,
     SCRATCH_PREFIX,
-    STORE_FILE,
     MlflowWorker,
     SilentWorker,
-    TrackingParams,
     _take_worker,
-    experiment_name,
     flatten,
     git_tags,
     group_name,
-    load_tracking_params,
-    pid_alive,
     remove_orphan_scratch,
-    repo_root,
-    start_worker,
-    tracking_uri,
 )
-
-__all__ = ["ARTIFACT_DIR", "ATTEMPT_TAG", "DEFAULT_EXPERIMENT", "DRIVER_TAG", "EXPERIMENT_ENV", "OFFLINE_STORE",
-           "PARENT_RUN_ENV", "SCRATCH_PREFIX", "STORE_FILE", "MlflowWorker", "SilentWorker", "StageRun",
-           "TrackingParams", "experiment_name", "flatten", "git_tags", "group_name", "load_tracking_params",
-           "nest_into", "pid_alive", "remove_orphan_scratch", "repo_root", "stage_run", "start_worker",
-           "tracking_uri"]
 
 
 def nest_into(target: dict, metrics: Mapping[str, Any]) -> dict:
@@ -124,7 +106,7 @@ class StageRun:
                           digest=tags["dataset_sha256"][:36], context=context)  # MLflow keeps 36 chars
 
     def log_model(self, export_dir: Path, example: Any, tags: Mapping[str, str], linked: Mapping[str, float]) -> None:
-        """An export folder as this run's MLflow model (`pipeline.serving`: uint8 images of any
+        """An export folder as this run's MLflow model (`pipeline.serving.pyfunc`: uint8 images of any
         size in, probabilities out), `example` (uint8 (1, H, W, C)) its input example, `linked`
         the metrics shown with it under "Logged models"."""
         self._worker.call("log_model", export_dir=str(Path(export_dir).resolve()), example=self._example(example),
@@ -143,7 +125,7 @@ class StageRun:
                        tags: Mapping[str, str]) -> None:
         """Register the chosen export's MLflow model (found by its ONNX file's hash; logged in
         this run when the store has none) as a version of `name`, and move `alias` to it when
-        it beats the current holder (`tracking_models.register`)."""
+        it beats the current holder (`tracking.models.register`)."""
         self._worker.call("register", name=name, alias=alias, candidate=dict(candidate),
                           export_dir=str(Path(export_dir).resolve()), example=self._example(example),
                           scratch=str(self._scratch),

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 
 from pipeline.errors import PipelineError
-from pipeline.queue_workers import cmdline, worker_node
+from pipeline.experiments.queue_workers import cmdline, worker_node
 
 DONE = ("Success", "Failed")
 

@@ -9,14 +9,14 @@ Across machines, start the stage on each one yourself; torchrun's own rendezvous
     torchrun --nnodes 2 --node-rank 0 --nproc-per-node 4 --rdzv-backend c10d \\
         --rdzv-endpoint host0:29500 -m pipeline train --data data/prepared ...
 
-torchrun's agent runs inside the stage's process (`frameworks.torch.torchrun`), imported only
-when a stage asks for more than one process.
+torchrun's agent runs inside the stage's process (`frameworks.torch.torchrun`), which only the
+two training stages import: this module decides, from params.yaml and the environment, and
+holds nothing of torch's.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 from pipeline import config
 
@@ -47,13 +47,8 @@ def requested(stage: str) -> int:
     return value
 
 
-def relaunch(argv: list[str]) -> None:
-    """Run this stage as `nproc` torchrun processes and exit with their outcome, when its
-    params ask for more than one and this process is not already one of them."""
-    nproc = requested(argv[0])
-    if nproc == 1 or "RANK" in os.environ:
-        return
-    from pipeline.frameworks.torch import torchrun
-
-    sys.exit(torchrun.run_ranks(nproc, argv))
-
+def relaunches(stage: str) -> int:
+    """How many torchrun processes this process should hand `stage` to: its `nproc` when the
+    params ask for more than one and this process is not already one of them, else 0."""
+    nproc = requested(stage)
+    return 0 if nproc == 1 or "RANK" in os.environ else nproc
