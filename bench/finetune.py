@@ -7,8 +7,9 @@ at their stored 180 px, the backbone at its pretrained 224; random pixels where
 ../shared/datasets/pets is missing: the costs do not depend on the content). Side by side in
 one process, alternated `--repeats` times so that machine noise hits both alike, medians:
 
-- head phase: the linear probe on features computed once (`transfer.fit_head`) against the
-  same head trained through the frozen backbone every epoch, at head_epochs and at 5;
+- head phase: the linear probe solved on features computed once, its L2 strength chosen by
+  cross-validation (`transfer.fit_head`), against 5 epochs of the same head trained by SGD
+  through the frozen backbone every epoch (at 1e-2);
 - phase 2 training steps (the top unfreeze_fraction of the backbone) in channels_last
   against the default contiguous layout;
 - evaluation in torch.inference_mode against torch.no_grad;
@@ -135,16 +136,14 @@ def main() -> None:
     model = torch_model.PretrainedCNN(**margs, net=net).to(device)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def head_cached(epochs: int) -> None:
+    def head_probe() -> None:
         model.load_state_dict(initial)
-        q = dataclasses.replace(p, head_epochs=epochs, early_stopping_patience=0)
-        transfer.fit_head(model, train, val, q, q.head_epochs, q.head_lr, device, torch.Generator().manual_seed(0),
-                          None)
+        transfer.fit_head(model, train, val, p, None, device, None)
 
     def head_every_epoch(epochs: int) -> None:
         model.load_state_dict(initial)
         model.set_trainable(0.0)
-        q = dataclasses.replace(p, epochs=epochs, lr=p.head_lr, early_stopping_patience=0)
+        q = dataclasses.replace(p, epochs=epochs, lr=1e-2, early_stopping_patience=0)
         recipe.fit(model, train, val, q, device, torch.Generator().manual_seed(0), None, desc="head every epoch")
 
     def steps(channels_last: bool, n: int = 3) -> Callable[[], None]:
@@ -170,9 +169,8 @@ def main() -> None:
         return run
 
     pairs = {
-        f"head phase, {p.head_epochs} epoch(s): features once / every epoch": (
-            lambda: head_cached(p.head_epochs), lambda: head_every_epoch(p.head_epochs)),
-        "head phase, 5 epochs: features once / every epoch": (lambda: head_cached(5), lambda: head_every_epoch(5)),
+        "head phase: the probe on features once, l2 by cross-validation / 5 SGD epochs through the backbone": (
+            head_probe, lambda: head_every_epoch(5)),
         f"phase 2, 3 steps of {p.batch_size}: channels_last / contiguous": (steps(True), steps(False)),
         f"evaluation of {len(val)} images: inference_mode / no_grad": (
             predict(torch.inference_mode), predict(torch.no_grad)),

@@ -1,8 +1,10 @@
 """Fine-tune a pretrained ImageNet backbone with a new head, in two phases.
 
-Phase 1 trains only the new head at `head_lr`, on the frozen backbone's features computed once;
-phase 2 unfreezes the top `unfreeze_fraction` of the backbone and trains it with the head at the
-lower `lr`, each unit further from the head at `layer_decay` times the rate of the one above.
+Phase 1 fits the new head as a linear probe on the frozen backbone's features, computed once
+and solved to convergence (`head_l2` auto: its L2 strength chosen on held-out data); phase 2
+unfreezes the top `unfreeze_fraction` of the backbone and trains it with the head at `lr`, each
+unit further from the head at `layer_decay` times the rate of the one above, and is kept only
+when it beats the probe on val by more than noise.
 BatchNorm statistics update in the unfrozen layers (`batch_norm: frozen` keeps ImageNet's in
 all). Reads the prepared train/val splits and the backbone weights; writes the model folder
 (`models/finetune/`), its metrics and curves (`dvclive/finetune/`). PyTorch only: the backbones
@@ -21,7 +23,7 @@ from pipeline.data import formats
 from pipeline.experiments import trial
 from pipeline.frameworks import card, shapes
 from pipeline.frameworks.interface import RuntimeParams
-from pipeline.frameworks.recipe import PHOTO_SIZE, FitParams, FitResult, augmentation
+from pipeline.frameworks.recipe import PHOTO_SIZE, FitParams, augmentation
 from pipeline.frameworks.torch import model as torch_model
 from pipeline.frameworks.torch import torchrun, transfer
 from pipeline.frameworks.torch import weights as pretrained  # `weights` is a FinetuneParams field
@@ -43,8 +45,8 @@ class FinetuneParams(FitParams):
     # most 4x the stored side (frameworks.shapes.pretrained_input_size)
     input_size: int | Literal["auto"] = "auto"
     dropout: float = 0.2
-    head_epochs: int = 1
-    head_lr: float = 1.0e-2
+    # phase 1's L2 strength; auto: the value of a grid with the lowest held-out log loss
+    head_l2: float | Literal["auto"] = "auto"
     # share of backbone parameter tensors trained in phase 2, from the top; auto: all of them for
     # small images (digits look nothing like ImageNet photos), the top 30% for photos
     unfreeze_fraction: float | Literal["auto"] = "auto"
@@ -56,8 +58,9 @@ class FinetuneParams(FitParams):
         size = self.input_size
         check(size == "auto" or 16 <= size <= 1024, "input_size", f"must be 'auto' or in 16..1024, got {size}")
         check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
-        check(self.head_epochs >= 0, "head_epochs", f"must be >= 0, got {self.head_epochs}")
-        check(0 < self.head_lr <= 10, "head_lr", f"must be in (0, 10], got {self.head_lr}")
+        l2 = self.head_l2
+        check(l2 == "auto" or (isinstance(l2, int | float) and 0 < l2 <= 100), "head_l2",
+              f"must be 'auto' or a number in (0, 100], got {l2!r}")
         share = self.unfreeze_fraction
         check(share == "auto" or 0 <= share <= 1, "unfreeze_fraction", f"must be 'auto' or in [0, 1], got {share}")
         check(0 < self.layer_decay <= 1, "layer_decay", f"must be in (0, 1], got {self.layer_decay}")
@@ -83,14 +86,14 @@ def model_args(p: FinetuneParams, train: formats.Split, pretrained_size: int = 2
 
 def phases(p: FinetuneParams, image_size: int) -> transfer.Phases:
     """The two phases' settings, `auto` resolved."""
-    return transfer.Phases(p.head_epochs, p.head_lr, unfreeze_share(p, image_size), p.layer_decay,
-                           p.batch_norm == "frozen")
+    return transfer.Phases(None if p.head_l2 == "auto" else float(p.head_l2), unfreeze_share(p, image_size),
+                           p.layer_decay, p.batch_norm == "frozen")
 
 
 def finetune(
     model: torch_model.PretrainedCNN, train: formats.Split, val: formats.Split, p: FinetuneParams,
     device, generator, run: StageRun | None, saved: checkpoints.Checkpoints | None = None,
-) -> list[FitResult]:
+) -> transfer.Outcome:
     """Both phases (`transfer.fit`) with this stage's params."""
     return transfer.fit(model, train, val, p, phases(p, train.image_size), device, generator, run, saved)
 
@@ -129,8 +132,10 @@ def main(argv: list[str] | None = None) -> None:
         saved = checkpoints.for_stage(store.repo_root(), "finetune", {"finetune": p, "runtime": rt}, [args.data],
                                       ran_on)
         started = time.perf_counter()
-        results = finetune(model, train_set, val_set, p, backend.device, backend.generator, run, saved)
+        outcome = finetune(model, train_set, val_set, p, backend.device, backend.generator, run, saved)
         seconds = time.perf_counter() - started
+        run.log_choices(outcome.choices)
+        results = outcome.results
         last = results[-1]
         run.log_summary({"best/val_loss": last.best_val_loss, "best/val_acc": last.best_val_acc,
                          "epochs_run": sum(r.epochs_run for r in results)})

@@ -24,14 +24,14 @@ prepare: {seed: 0, image_size: 16, val_fraction: 0.15, test_fraction: 0.15}
 train: {framework: torch, seed: 0, epochs: 2, batch_size: 64, lr: 3.0e-3}
 finetune:
   seed: 0
-  input_size: 16
-  head_epochs: 1
+  input_size: 32
   epochs: 1
   unfreeze_fraction: 0.1
   batch_size: 64
 evaluate: {batch_size: 256}
-# int8 agreement 0.8: the one-epoch 16 px fine-tune is near chance (test accuracy 0.55), where int8
-# flips near-ties (agreement 0.89); the scratch CNN's int8 file is held to the default 0.98 in test_stages
+# int8 agreement 0.8: the tiny fine-tune (the probe and one epoch at 32 px) reaches 0.91 test accuracy,
+# where int8 flips near-ties (agreement 0.96; at 16 px its probe is near chance, 0.38, and agreement 0.71);
+# the scratch CNN's int8 file is held to the default 0.98 in test_stages
 export: {opset: 18, batch_size: 256, latency_runs: 3, throughput_runs: 1, int8_min_top1_agreement: 0.8}
 register: {}
 crossval: {folds: 0}

@@ -116,12 +116,11 @@ class EpochLoop:
 
     def __init__(
         self, p: FitParams, snapshot: Callable[[], Any], restore: Callable[[Any], None],
-        run: StageRun | None = None, first_epoch: int = 0, desc: str = "train",
-        start: tuple[float, float] = (math.inf, 0.0), resume: Resume | None = None,
+        run: StageRun | None = None, first_epoch: int = 0, desc: str = "train", resume: Resume | None = None,
     ) -> None:
         self.p, self.snapshot, self.restore, self.run = p, snapshot, restore, run
         self.first_epoch, self.desc, self.resume = first_epoch, desc, resume
-        self.result = FitResult(best_epoch=-1, best_val_loss=start[0], best_val_acc=start[1], epochs_run=0)
+        self.result = FitResult(best_epoch=-1, best_val_loss=math.inf, best_val_acc=0.0, epochs_run=0)
         self.best: Any = None
         self.bar: tqdm | None = None
 
@@ -181,20 +180,16 @@ def fit_epochs(
     run: StageRun | None = None,
     first_epoch: int = 0,
     desc: str = "train",
-    start: tuple[float, float] = (math.inf, 0.0),
     resume: Resume | None = None,
 ) -> FitResult:
     """Up to p.epochs of `run_epoch(epoch)`, which trains one epoch and returns its metrics
     (train/loss, train/acc, val/loss, val/acc, lr); stops early after p.early_stopping_patience
     epochs without a lower val/loss, and `restore`s the weights `snapshot` took at the best one.
 
-    `start` is the (val loss, val acc) of the weights before the first epoch, when known (a
-    fine-tune's head phase): an epoch must beat it, or those weights come back (best_epoch -1).
-
     With `resume`, each epoch ends with a checkpoint, and a fit that finds one carries on after
     its epoch: the curves so far are logged again (DVC's plots come out whole) and the run is
     tagged with the epoch it resumed from and linked to the run that was interrupted."""
-    loop = EpochLoop(p, snapshot, restore, run, first_epoch, desc, start, resume)
+    loop = EpochLoop(p, snapshot, restore, run, first_epoch, desc, resume)
     try:
         for epoch in range(loop.begin(), p.epochs):
             if loop.end(epoch, run_epoch(epoch)):

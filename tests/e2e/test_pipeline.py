@@ -390,7 +390,7 @@ runtime: {threads: 2, device: cpu}
 data: {source: folder, folder: data/sources/photos, root: data/sources}
 prepare: {seed: 0}
 train: {framework: torch, seed: 0, epochs: 2, batch_size: 8}
-finetune: {seed: 0, head_epochs: 1, epochs: 1, batch_size: 8}
+finetune: {seed: 0, epochs: 1, batch_size: 8}
 evaluate: {batch_size: 64}
 export: {opset: 18, batch_size: 64, latency_runs: 1, throughput_runs: 0}
 crossval: {folds: 0}

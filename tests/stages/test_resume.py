@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 # six epochs without early stopping: room to be killed between epochs, mid-epoch, mid-save
 PARAMS = TINY_PARAMS.replace("epochs: 2, batch_size: 64", "epochs: 8, batch_size: 64, early_stopping_patience: 0")
-FINETUNE = ("head_epochs: 1\n  epochs: 1\n", "head_epochs: 3\n  epochs: 4\n")
+FINETUNE = ("  epochs: 1\n", "  epochs: 4\n")
 
 
 def stage_cmd(stage: str, prepared: Path) -> list[str]:

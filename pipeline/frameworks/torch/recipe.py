@@ -152,6 +152,10 @@ def evaluate(
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
+def labels_on(split: Split, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(split.labels, dtype=np.int64)).to(device)
+
+
 def fit(
     model: nn.Module,
     train: Split,
@@ -163,43 +167,13 @@ def fit(
     first_epoch: int = 0,
     desc: str = "train",
     param_groups: list[dict] | None = None,
-    keep_start: bool = False,
     checkpoint: Path | None = None,
 ) -> FitResult:
     """Train for up to p.epochs, early-stop on val loss and restore the best weights. With
-    `keep_start`, the weights it starts from count as epoch -1: an epoch must beat their val
-    loss, or they come back (a fine-tune's second phase never ends worse than its first).
-    With `checkpoint` (a file), each epoch is saved there and a fit that finds one resumes it."""
+    `checkpoint` (a file), each epoch is saved there and a fit that finds one resumes it."""
     model.to(device, memory_format=torch.channels_last if p.channels_last else torch.preserve_format)
     train_x, val_x = (inputs.Images(split.images, device, p.channels_last) for split in (train, val))
     train_y, val_y = labels_on(train, device), labels_on(val, device)
-    start = evaluate(model, val_x, val_y, device, p) if keep_start else (math.inf, 0.0)
-    return fit_inputs(model, train_x, train_y, val_x, val_y, p, device, generator, run, first_epoch, desc,
-                      param_groups, start, checkpoint)
-
-
-def labels_on(split: Split, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(split.labels, dtype=np.int64)).to(device)
-
-
-def fit_inputs(
-    model: nn.Module,
-    train_x: inputs.Images,
-    train_y: torch.Tensor,
-    val_x: inputs.Images,
-    val_y: torch.Tensor,
-    p: FitParams,
-    device: torch.device,
-    generator: torch.Generator,
-    run: StageRun | None = None,
-    first_epoch: int = 0,
-    desc: str = "train",
-    param_groups: list[dict] | None = None,
-    start: tuple[float, float] = (math.inf, 0.0),
-    checkpoint: Path | None = None,
-) -> FitResult:
-    """`fit` on inputs already held as `inputs.Images`: a split's images, or (N, F) features that a
-    frozen backbone computed once (the fine-tune's head phase)."""
     params = param_groups or [q for q in model.parameters() if q.requires_grad]
     optimizer = make_optimizer(params, p)
     scheduler = make_scheduler(optimizer, p, math.ceil(len(train_y) / p.batch_size))
@@ -219,4 +193,4 @@ def fit_inputs(
     def snapshot() -> dict[str, torch.Tensor]:
         return copy.deepcopy(model.state_dict())
 
-    return fit_epochs(p, run_epoch, snapshot, model.load_state_dict, run, first_epoch, desc, start, resume)
+    return fit_epochs(p, run_epoch, snapshot, model.load_state_dict, run, first_epoch, desc, resume)

@@ -47,18 +47,6 @@ def set_rng_states(generator: torch.Generator, states: dict[str, Any]) -> None:
     random.setstate(states["python"])
 
 
-def finished(path: Path | None, epochs: int) -> bool:
-    """Whether the checkpoint at `path` is of a fit that had ended (its last epoch, or early
-    stopping): resuming it runs no epoch, so its inputs need not be computed again."""
-    if path is None or not Path(path).is_file():
-        return False
-    try:
-        loop = torch.load(path, map_location="cpu", weights_only=True)["loop"]
-    except Exception:
-        return False
-    return bool(loop["stopped"]) or loop["epoch"] + 1 >= epochs
-
-
 class TorchResume:
     """`recipe.Resume` for one torch fit, in the file `path`."""
 

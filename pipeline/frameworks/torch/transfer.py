@@ -1,24 +1,26 @@
 """The fine-tune recipe's two phases on a PretrainedCNN (the finetune stage's torch side).
 
 Phase 1, a linear probe: the frozen backbone's pooled features of the (unaugmented) images
-are computed once, and the new head alone trains on them: one forward pass of the backbone
-instead of one an epoch. Phase 2: the top `share` of the backbone trains with the head under
-`recipe.fit`, each backbone unit below the head at `layer_decay` times the rate above it.
+are computed once, and the new head is the logistic regression on them (`probe`), solved to
+convergence. Phase 2: the top `share` of the backbone trains with the head under
+`recipe.fit`, each backbone unit below the head at `layer_decay` times the rate above it, and
+is kept only when it beats the probe by more than noise.
 The stage resolves its params (`auto` included) and passes plain values down.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from pipeline.data import formats
 from pipeline.frameworks.recipe import FitParams, FitResult
-from pipeline.frameworks.torch import inputs, recipe, resume
 from pipeline.frameworks.torch import model as torch_model
+from pipeline.frameworks.torch import probe, recipe
 
 if TYPE_CHECKING:
     from pipeline.runtime.checkpoints import Checkpoints
@@ -29,50 +31,74 @@ if TYPE_CHECKING:
 class Phases:
     """What the two phases need beyond the shared recipe (FitParams)."""
 
-    head_epochs: int
-    head_lr: float
+    head_l2: float | None  # the probe's L2 strength; None: chosen on held-out data (`probe.choose_l2`)
     share: float  # of the backbone's parameter tensors trained in phase 2, from the top
     layer_decay: float
     freeze_batch_norm: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """The phases' results and what the stage records of them."""
+
+    results: list[FitResult]
+    choices: dict[str, object]
+
+
 def fit(
     model: torch_model.PretrainedCNN, train: formats.Split, val: formats.Split, p: FitParams, phases: Phases,
     device: Any, generator: Any, run: StageRun | None, saved: Checkpoints | None = None,
-) -> list[FitResult]:
-    """Both phases; curves continue across them so one plot shows the whole run. With `saved`,
-    each phase checkpoints every epoch (slots 'head' and 'top') and resumes from there."""
+) -> Outcome:
+    """Both phases; curves continue across them (phase 1 is step 0) so one plot shows the whole
+    run. Phase 2 is kept only when its best val loss beats the probe's by more than that loss's
+    standard error over the val images: on a few dozen images a smaller gain is noise. With
+    `saved`, phase 2 checkpoints every epoch (slot 'top') and resumes from there; phase 1 is
+    recomputed, to the same weights."""
     model.freeze_batch_norm = phases.freeze_batch_norm
-    results = []
-    if phases.head_epochs:
-        results.append(fit_head(model, train, val, p, phases.head_epochs, phases.head_lr, device, generator, run,
-                                saved.slot("head") if saved else None))
+    head, fitted, margin = fit_head(model, train, val, p, phases.head_l2, device, run)
+    results = [head]
+    choices: dict[str, object] = {"head_l2": f"{fitted.l2:.3g}", "head_l2_by": fitted.chosen_by}
     if p.epochs and phases.share > 0:
+        probed = copy.deepcopy(model.state_dict())
         model.set_trainable(phases.share)
-        first = results[0].epochs_run if results else 0
         groups = model.param_groups(p.lr, phases.layer_decay)
-        results.append(recipe.fit(model, train, val, p, device, generator, run, first_epoch=first,
-                                  desc="finetune top", param_groups=groups, keep_start=True,
-                                  checkpoint=saved.slot("top") if saved else None))
-    return results
+        # its own early stopping: measured against the probe from its first epoch, a one-cycle
+        # schedule would be cut before it anneals
+        top = recipe.fit(model, train, val, p, device, generator, run, first_epoch=1, desc="finetune top",
+                         param_groups=groups, checkpoint=saved.slot("top") if saved else None)
+        if top.best_val_loss < head.best_val_loss - margin:
+            choices["phase2"] = "kept"
+        else:
+            model.load_state_dict(probed)
+            top = dataclasses.replace(top, best_epoch=-1, best_val_loss=head.best_val_loss,
+                                      best_val_acc=head.best_val_acc)
+            choices["phase2"] = "discarded (no gain over the probe beyond noise)"
+        results.append(top)
+    return Outcome(results, choices)
 
 
 def fit_head(
-    model: torch_model.PretrainedCNN, train: formats.Split, val: formats.Split, p: FitParams, epochs: int,
-    lr: float, device: Any, generator: Any, run: StageRun | None, checkpoint: Path | None = None,
-) -> FitResult:
-    """Phase 1: the head alone, `epochs` epochs at `lr`, on features computed once."""
+    model: torch_model.PretrainedCNN, train: formats.Split, val: formats.Split, p: FitParams, l2: float | None,
+    device: Any, run: StageRun | None,
+) -> tuple[FitResult, probe.Probe, float]:
+    """Phase 1: the probe on features computed once (unaugmented, the backbone frozen and in
+    eval mode), loaded into the model's head; its result as epoch 0, the probe, and the
+    standard error of its val loss."""
     model.set_trainable(0.0)
     model.to(device, memory_format=torch.channels_last if p.channels_last else torch.preserve_format)
     size = max(p.batch_size, 256)
     with model.head_removed() as head:
-        if resume.finished(checkpoint, epochs):  # a resumed run past this phase: no epoch reads them
-            features = [torch.empty(len(s.labels), 1) for s in (train, val)]
-        else:
-            features = [recipe.predict_logits(model, s.images, device, size, p.channels_last) for s in (train, val)]
-    # (N, F) features: no image augmentation, no channels_last (a 4-D layout)
-    q = dataclasses.replace(p, epochs=epochs, lr=lr, augment="none", channels_last=False)
-    train_x, val_x = (inputs.Images(f.to(device), device, channels_last=False) for f in features)
-    labels = recipe.labels_on(train, device), recipe.labels_on(val, device)
-    return recipe.fit_inputs(head, train_x, labels[0], val_x, labels[1], q, device, generator, run,
-                             desc="finetune head", checkpoint=checkpoint)
+        features = [recipe.predict_logits(model, s.images, device, size, p.channels_last) for s in (train, val)]
+    labels = [torch.from_numpy(np.asarray(s.labels, dtype=np.int64)) for s in (train, val)]
+    fitted = probe.fit(features[0], labels[0], features[1], labels[1], train.num_classes, l2)
+    probe.load_into(head[-1], fitted)
+    losses = [probe.log_losses(f @ fitted.weight.T + fitted.bias, y) for f, y in zip(features, labels, strict=True)]
+    accs = [float(((f @ fitted.weight.T + fitted.bias).argmax(1) == y).double().mean())
+            for f, y in zip(features, labels, strict=True)]
+    metrics = {"train/loss": float(losses[0].mean()), "train/acc": accs[0],
+               "val/loss": float(losses[1].mean()), "val/acc": accs[1]}
+    if run is not None:
+        run.log_epoch(0, metrics)
+    result = FitResult(best_epoch=0, best_val_loss=metrics["val/loss"], best_val_acc=accs[1], epochs_run=1,
+                       history=[metrics])
+    return result, fitted, probe.standard_error(losses[1])

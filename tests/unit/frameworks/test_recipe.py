@@ -233,19 +233,6 @@ def test_augment_auto_crops_and_flips_photos_and_shifts_small_images():
     assert augmentation(FitParams(augment="shift"), 180) == "shift"
 
 
-def test_a_fit_that_keeps_its_start_ends_no_worse_than_it_began(monkeypatch):
-    scripted = iter([0.1, 0.5, 0.6, 0.7])  # the starting weights' val loss, then three worse epochs
-    monkeypatch.setattr(recipe, "evaluate", lambda *args: (next(scripted), 0.9))
-    runtime.configure(RuntimeParams(threads=2, device="cpu"))
-    model = torch_model.ScratchCNN(num_classes=3, in_channels=1, image_size=8)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    train, val = tiny_splits()
-    p = FitParams(epochs=3, batch_size=16, early_stopping_patience=0)
-    result = recipe.fit(model, train, val, p, torch.device("cpu"), runtime.seed_everything(0), keep_start=True)
-    assert (result.best_epoch, result.epochs_run, result.best_val_loss) == (-1, 3, 0.1)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-
-
 def test_unfreeze_auto_adapts_the_whole_backbone_for_small_images_and_the_top_for_photos():
     from pipeline.finetune import FinetuneParams, unfreeze_share
 

@@ -1,0 +1,133 @@
+"""The fine-tune's phase 1: a linear probe on the frozen backbone's pooled features, solved to
+convergence, its L2 strength chosen on data the probe did not fit.
+
+The probe is multinomial logistic regression (mean cross-entropy + l2/2 * |W|^2) on features
+centred and scaled by the training split's mean and overall spread, minimised in float64 by full-batch
+L-BFGS: a convex problem, so its optimum depends on the data and `l2` alone, not on a learning
+rate or an epoch count. `l2` auto is the grid value with the lowest held-out log loss: on the
+validation split when it holds `VAL_MIN_IMAGES` or more, else (a few dozen images are too
+noisy to choose by) by `FOLDS`-fold cross-validation on the training split, which is then
+small too. The path runs from the strongest `l2` down, each solve warm-started from the last.
+The solution is folded back into one nn.Linear on the raw features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+L2_GRID = tuple(10.0 ** (k / 2) for k in range(1, -11, -1))  # 3.2 .. 1e-5, half-decade steps
+FOLDS = 5
+VAL_MIN_IMAGES = 200  # a smaller val split leaves the choice to cross-validation on train
+MAX_ITERATIONS = 200  # L-BFGS steps a solve; the gradient's tolerance ends most sooner
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    weight: torch.Tensor  # (classes, features), on the raw features
+    bias: torch.Tensor  # (classes,)
+    l2: float
+    chosen_by: str  # "given", "cross-validation" or "val"
+
+
+def standardiser(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features' mean, and one scale for all of them (their root-mean-square spread): one
+    scale, not one a feature, as a feature that barely varies on this data (a channel the images
+    never light) would otherwise get a weight that phase 2's first batches blow up."""
+    mean = x.mean(0)
+    return mean, (x - mean).square().mean().sqrt().clamp_min(1e-12).expand(x.shape[1])
+
+
+def solve(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float,
+          start: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) minimising mean cross-entropy + l2/2 |W|^2 on centred, scaled float64 `x`."""
+    w = torch.zeros(x.shape[1], classes, dtype=torch.float64) if start is None else start[0].clone()
+    b = torch.zeros(classes, dtype=torch.float64) if start is None else start[1].clone()
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=MAX_ITERATIONS, history_size=20, tolerance_grad=1e-6,
+                                  tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ w + b, y) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return w.detach(), b.detach()
+
+
+def path_losses(x: torch.Tensor, y: torch.Tensor, held_x: torch.Tensor, held_y: torch.Tensor,
+                classes: int, grid: tuple[float, ...]) -> list[float]:
+    """Held-out log loss of the probe fitted on (x, y) at each l2 of `grid`, strongest first."""
+    losses, start = [], None
+    for l2 in grid:
+        start = solve(x, y, classes, l2, start)
+        losses.append(F.cross_entropy(held_x @ start[0] + start[1], held_y).item())
+    return losses
+
+
+def folds(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Each image's fold, stratified: within a class, images (in split order, which follows
+    content hashes) are dealt round-robin, so every fold holds every class."""
+    fold = torch.empty_like(labels)
+    for c in labels.unique():
+        where = (labels == c).nonzero().flatten()
+        fold[where] = torch.arange(len(where)) % k
+    return fold
+
+
+def choose_l2(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+              classes: int) -> tuple[float, str]:
+    """The grid's l2 of lowest held-out log loss (the stronger on a tie), and how it was held out."""
+    grid = tuple(sorted(L2_GRID, reverse=True))
+    k = min(FOLDS, int(torch.bincount(y).min()))
+    if len(val_y) < VAL_MIN_IMAGES and k >= 2:
+        fold = folds(y, k)
+        totals = [0.0] * len(grid)
+        for i in range(k):
+            fit, held = fold != i, fold == i
+            mean, std = standardiser(x[fit])
+            losses = path_losses((x[fit] - mean) / std, y[fit], (x[held] - mean) / std, y[held], classes, grid)
+            totals = [t + loss * int(held.sum()) for t, loss in zip(totals, losses, strict=True)]
+        scores, how = totals, "cross-validation"
+    else:
+        mean, std = standardiser(x)
+        scores, how = path_losses((x - mean) / std, y, (val_x - mean) / std, val_y, classes, grid), "val"
+    best = min(range(len(grid)), key=lambda i: (scores[i], -grid[i]))
+    return grid[best], how
+
+
+def fit(features: torch.Tensor, labels: torch.Tensor, val_features: torch.Tensor, val_labels: torch.Tensor,
+        classes: int, l2: float | None = None) -> Probe:
+    """The probe on (features, labels); `l2` None chooses it (`choose_l2`)."""
+    x, y = features.double().cpu(), labels.cpu()
+    how = "given"
+    if l2 is None:
+        l2, how = choose_l2(x, y, val_features.double().cpu(), val_labels.cpu(), classes)
+    mean, std = standardiser(x)
+    w, b = solve((x - mean) / std, y, classes, l2)
+    weight = (w / std[:, None]).T  # x_std @ w = x @ (w / std) - (mean / std) @ w
+    return Probe(weight.float().contiguous(), (b - (mean / std) @ w).float(), l2, how)
+
+
+def load_into(linear: nn.Linear, probe: Probe) -> None:
+    with torch.no_grad():
+        linear.weight.copy_(probe.weight)
+        linear.bias.copy_(probe.bias)
+
+
+def log_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each image's cross-entropy."""
+    return F.cross_entropy(logits.double(), labels.cpu(), reduction="none")
+
+
+def standard_error(losses: torch.Tensor) -> float:
+    """The standard error of a mean loss: how far it could move on another draw of the split."""
+    n = len(losses)
+    return float(losses.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.inf
