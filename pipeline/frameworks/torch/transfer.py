@@ -14,7 +14,6 @@ import copy
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from pipeline.data import formats
@@ -89,12 +88,12 @@ def fit_head(
     size = max(p.batch_size, 256)
     with model.head_removed() as head:
         features = [recipe.predict_logits(model, s.images, device, size, p.channels_last) for s in (train, val)]
-    labels = [torch.from_numpy(np.asarray(s.labels, dtype=np.int64)) for s in (train, val)]
+    labels = [recipe.labels_on(s, torch.device("cpu")) for s in (train, val)]
     fitted = probe.fit(features[0], labels[0], features[1], labels[1], train.num_classes, l2)
     probe.load_into(head[-1], fitted)
-    losses = [probe.log_losses(f @ fitted.weight.T + fitted.bias, y) for f, y in zip(features, labels, strict=True)]
-    accs = [float(((f @ fitted.weight.T + fitted.bias).argmax(1) == y).double().mean())
-            for f, y in zip(features, labels, strict=True)]
+    logits = [f @ fitted.weight.T + fitted.bias for f in features]
+    losses = [probe.log_losses(z, y) for z, y in zip(logits, labels, strict=True)]
+    accs = [float((z.argmax(1) == y).double().mean()) for z, y in zip(logits, labels, strict=True)]
     metrics = {"train/loss": float(losses[0].mean()), "train/acc": accs[0],
                "val/loss": float(losses[1].mean()), "val/acc": accs[1]}
     if run is not None:
