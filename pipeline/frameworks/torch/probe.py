@@ -62,14 +62,19 @@ def solve(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float,
     return w.detach(), b.detach()
 
 
+Solution = tuple[torch.Tensor, torch.Tensor]  # (W, b) on the centred, scaled features
+
+
 def path_losses(x: torch.Tensor, y: torch.Tensor, held_x: torch.Tensor, held_y: torch.Tensor,
-                classes: int, grid: tuple[float, ...]) -> list[float]:
-    """Held-out log loss of the probe fitted on (x, y) at each l2 of `grid`, strongest first."""
-    losses, start = [], None
+                classes: int, grid: tuple[float, ...]) -> tuple[list[float], list[Solution]]:
+    """Held-out log loss of the probe fitted on (x, y) at each l2 of `grid`, strongest first,
+    and each solution."""
+    losses, solutions, start = [], [], None
     for l2 in grid:
         start = solve(x, y, classes, l2, start)
         losses.append(F.cross_entropy(held_x @ start[0] + start[1], held_y).item())
-    return losses
+        solutions.append(start)
+    return losses, solutions
 
 
 def folds(labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -83,35 +88,39 @@ def folds(labels: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def choose_l2(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
-              classes: int) -> tuple[float, str]:
-    """The grid's l2 of lowest held-out log loss (the stronger on a tie), and how it was held out."""
+              classes: int) -> tuple[float, str, Solution | None]:
+    """The grid's l2 of lowest held-out log loss (the stronger on a tie), how it was held out,
+    and, when the path was fitted on all of (x, y) (held out on val), its solution there: the
+    probe itself, so no second solve."""
     grid = tuple(sorted(L2_GRID, reverse=True))
     k = min(FOLDS, int(torch.bincount(y).min()))
+    solutions: list[Solution] | None = None
     if len(val_y) < VAL_MIN_IMAGES and k >= 2:
         fold = folds(y, k)
         totals = [0.0] * len(grid)
         for i in range(k):
             fit, held = fold != i, fold == i
             mean, std = standardiser(x[fit])
-            losses = path_losses((x[fit] - mean) / std, y[fit], (x[held] - mean) / std, y[held], classes, grid)
+            losses, _ = path_losses((x[fit] - mean) / std, y[fit], (x[held] - mean) / std, y[held], classes, grid)
             totals = [t + loss * int(held.sum()) for t, loss in zip(totals, losses, strict=True)]
         scores, how = totals, "cross-validation"
     else:
         mean, std = standardiser(x)
-        scores, how = path_losses((x - mean) / std, y, (val_x - mean) / std, val_y, classes, grid), "val"
+        scores, solutions = path_losses((x - mean) / std, y, (val_x - mean) / std, val_y, classes, grid)
+        how = "val"
     best = min(range(len(grid)), key=lambda i: (scores[i], -grid[i]))
-    return grid[best], how
+    return grid[best], how, solutions[best] if solutions else None
 
 
 def fit(features: torch.Tensor, labels: torch.Tensor, val_features: torch.Tensor, val_labels: torch.Tensor,
         classes: int, l2: float | None = None) -> Probe:
     """The probe on (features, labels); `l2` None chooses it (`choose_l2`)."""
     x, y = features.double().cpu(), labels.cpu()
-    how = "given"
+    how, solved = "given", None
     if l2 is None:
-        l2, how = choose_l2(x, y, val_features.double().cpu(), val_labels.cpu(), classes)
+        l2, how, solved = choose_l2(x, y, val_features.double().cpu(), val_labels.cpu(), classes)
     mean, std = standardiser(x)
-    w, b = solve((x - mean) / std, y, classes, l2)
+    w, b = solved or solve((x - mean) / std, y, classes, l2)
     weight = (w / std[:, None]).T  # x_std @ w = x @ (w / std) - (mean / std) @ w
     return Probe(weight.float().contiguous(), (b - (mean / std) @ w).float(), l2, how)
 

@@ -50,8 +50,9 @@ def test_the_probe_is_converged_not_a_few_steps_of_descent():
 def test_noise_gets_a_strong_l2_and_clean_classes_a_weaker_one():
     g = torch.Generator().manual_seed(2)
     noise, labels = torch.randn(120, 40, generator=g), torch.arange(120) % 2
-    chosen, how = probe.choose_l2(noise.double(), labels, noise.double(), labels, 2)
+    chosen, how, solved = probe.choose_l2(noise.double(), labels, noise.double(), labels, 2)
     assert chosen >= 1.0 and how == "cross-validation"  # the grid's two strongest: the weights stay near 0
+    assert solved is None  # cross-validation fitted no path on the whole split
     x, y = blobs(120, 40, 2, 0.5, seed=3)
     assert probe.choose_l2(x.double(), y, x.double(), y, 2)[0] <= 0.1
 
@@ -61,6 +62,18 @@ def test_a_large_validation_split_chooses_by_itself(monkeypatch):
     x, y = blobs(100, 8, 2, 1.0, seed=4)
     assert probe.choose_l2(x.double(), y, x.double(), y, 2)[1] == "val"
     assert probe.choose_l2(x.double(), y, x[:40].double(), y[:40], 2)[1] == "cross-validation"
+
+
+def test_the_val_path_hands_back_the_probe_a_fresh_solve_finds(monkeypatch):
+    monkeypatch.setattr(probe, "VAL_MIN_IMAGES", 50)
+    x, y = blobs(100, 8, 3, 1.0, seed=5)
+    val_x, val_y = blobs(60, 8, 3, 1.0, seed=6)
+    l2, how, (w, b) = probe.choose_l2(x.double(), y, val_x.double(), val_y, 3)
+    mean, std = probe.standardiser(x.double())
+    fresh_w, fresh_b = probe.solve((x.double() - mean) / std, y, 3, l2)
+    assert how == "val" and torch.allclose(w, fresh_w, atol=1e-4) and torch.allclose(b, fresh_b, atol=1e-4)
+    fitted = probe.fit(x, y, val_x, val_y, 3)  # the probe is that solution, folded onto the raw features
+    assert torch.allclose(x @ fitted.weight.T + fitted.bias, (((x.double() - mean) / std) @ w + b).float(), atol=1e-4)
 
 
 def test_folds_are_stratified_and_the_fit_repeats_bit_for_bit():
