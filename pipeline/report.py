@@ -6,8 +6,11 @@ its PNG figures), export's `dvclive/export/<model>/metrics.json` and `exports/<m
 (`dvclive/<train|finetune>/plots/metrics/`). Writes:
 - `dvclive/report/metrics.json`: the few numbers that matter, side by side per model (test
   accuracy, macro F1, ECE before and after temperature scaling, log loss, parameter count,
-  model and ONNX file sizes), so `dvc exp show` compares experiments on them;
-- `reports/report.md` with its PNGs beside it in `reports/images/`: the table, training
+  model and ONNX file sizes, the accuracy of always answering the most common test class and
+  the binomial p-value of reaching the model's by such guessing), so `dvc exp show` compares
+  experiments on them;
+- `reports/report.md` with its PNGs beside it in `reports/images/`: the table (and, under it,
+  which models are not clearly above chance: p >= 0.05, as on a few dozen test images), training
   curves, confusion matrices, reliability diagrams, Grad-CAM and error galleries, and how to
   read each. Plain Markdown and PNGs: it reads offline, unlike `dvc plots show`'s page.
 The same folder is logged to MLflow under `report/`.
@@ -15,6 +18,7 @@ The same folder is logged to MLflow under `report/`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -92,6 +96,39 @@ def headline(evaluation: dict, export: dict, onnx_bytes: int | None) -> dict:
     return {k: v for k, v in row.items() if v is not None}
 
 
+CHANCE_P = 0.05  # a model whose test accuracy a majority-class guesser reaches this often is not above chance
+
+
+def binomial_tail(successes: int, n: int, p: float) -> float:
+    """P(X >= successes) for X ~ Binomial(n, p), summed in log space (n of thousands)."""
+    if successes <= 0 or p >= 1:
+        return 1.0
+    if p <= 0 or successes > n:
+        return 0.0
+    logs = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p)
+            + (n - k) * math.log1p(-p) for k in range(successes, n + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * math.fsum(math.exp(v - top) for v in logs))
+
+
+def versus_chance(accuracy: float, supports: list[int]) -> dict[str, float]:
+    """How the test accuracy compares with always answering the test split's most common class:
+    that rate, and the one-sided binomial p-value of scoring this well by such guessing."""
+    n = sum(supports)
+    majority = max(supports) / n
+    return {"chance_acc": majority, "chance_p": binomial_tail(round(accuracy * n), n, majority)}
+
+
+def chance_warning(name: str, accuracy: float, n: int, chance: dict[str, float]) -> list[str]:
+    """A paragraph for a model not clearly above chance; none for one that is."""
+    if chance["chance_p"] < CHANCE_P:
+        return []
+    return [f"**{name} is not clearly above chance**: {round(accuracy * n)} of {n} test images right "
+            f"({accuracy:.3f}), where always answering the most common class scores {chance['chance_acc']:.3f} "
+            f"(one-sided binomial p = {chance['chance_p']:.2f}). On data this small it has learned nothing it can "
+            "show; prefer a model above chance (the fine-tune), or gather more images.", ""]
+
+
 def curves(stage_live: Path) -> pd.DataFrame:
     """train/val loss and accuracy per epoch from a training stage's DVCLive files."""
     frames = []
@@ -135,7 +172,13 @@ def markdown(rows: dict[str, dict], evaluations: dict[str, dict], dataset: dict,
         lines.append(f"| {column} | " + " | ".join(cells) + " |")
     lines.append("| ONNX file (MB) | " + " | ".join(
         f"{rows[n]['onnx_bytes'] / 1e6:.2f}" if "onnx_bytes" in rows[n] else "-" for n in names) + " |")
+    lines.append("| chance (most common class) | " + " | ".join(
+        f"{rows[n]['chance_acc']:.4f}" if "chance_acc" in rows[n] else "-" for n in names) + " |")
     lines.append("")
+    for name in names:
+        if "chance_p" in rows[name]:
+            lines += chance_warning(name, rows[name]["test_acc"], int(lookup(evaluations[name], "test/images")),
+                                    rows[name])
     for name in names:
         lines += [f"## {name}", ""]
         for file, caption in images[name]:
@@ -160,6 +203,11 @@ def main(argv: list[str] | None = None) -> None:
                 export = formats.read_json(export_metrics, f"{m}'s export metrics") if export_metrics.exists() else {}
                 onnx = args.exports / m / "model.onnx"
                 rows[m] = headline(evaluations[m], export, onnx.stat().st_size if onnx.exists() else None)
+                per_class = args.evaluations / m / "per_class.json"
+                if "test_acc" in rows[m] and per_class.is_file():
+                    supports = [int(c["support"]) for c in formats.read_json(per_class, f"{m}'s per-class figures")
+                                .values() if isinstance(c, dict) and "support" in c]
+                    rows[m].update(versus_chance(rows[m]["test_acc"], supports) if supports else {})
                 images[m] = []
                 table = curves(args.curves / cli.PRODUCERS.get(m, m))
                 if not table.empty:
