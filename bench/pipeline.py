@@ -5,10 +5,15 @@
     python -m bench.pipeline --against 8232335 --no-throughput  # this tree's repro beside a commit's
 
 1. `dvc repro -f` of the real dvc.yaml and params.yaml in a temporary copy of the repository,
-   timed end to end, with each stage's in-process time from MLflow beside it (the difference
-   is process start-up: imports of torch, MLflow, DVCLive). With `--against REV`, the same
-   run of that git revision's pipeline in a second copy, alternated with this tree's
-   `--repeats-repro` times, so that "no slower than REV" is a ratio measured side by side.
+   timed end to end, its output streamed and timestamped line by line. A table gives each stage
+   process's wall time (from DVC's `Running stage` line to the next stage's, the last to DVC's
+   exit), its in-process time (the MLflow run's `time/stage_seconds`; sync has none) and the
+   difference, its fixed cost: DVC's per-stage work, interpreter start, imports, the MLflow worker
+   wait and the exit (target: under 1.5 s per stage process). With `--against REV`, the same run
+   of that git revision's pipeline in a second copy, alternated with this tree's
+   `--repeats-repro` times (medians per stage), its columns beside this tree's, so that "no
+   slower than REV" is a ratio measured side by side, for the whole run and for the summed fixed
+   cost. Then the sync stage's own costs.
 2. Training throughput (images per second) of `recipe.train_one_epoch` with the train
    stage's params against a bare PyTorch loop (forward, loss, backward, optimizer step) over the
    same in-memory tensors and the same model, measured side by side, alternating, in one run.
@@ -21,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import REPO, report
@@ -68,22 +75,86 @@ def bench_env(repo: Path) -> dict[str, str]:
     return env
 
 
-def repro(repo: Path) -> tuple[float, list]:
-    """Seconds of `dvc repro -f` in `repo`, and its MLflow runs (stage times)."""
+STAGE_LINE = re.compile(r"^(?P<event>Running stage|Stage) '(?P<name>[^']+)'")  # DVC's start or skip of a stage
+
+
+@dataclass(frozen=True)
+class StageTime:
+    wall: float  # from DVC's `Running stage` line to the next stage's line, or to DVC's exit
+    inproc: float | None  # the MLflow run's time/stage_seconds; None: no run (sync)
+    fixed: float  # wall - in-process: DVC's per-stage work, interpreter start, imports, worker wait, exit
+
+
+@dataclass(frozen=True)
+class Repro:
+    total: float  # the whole `dvc repro -f`
+    before: float  # DVC alone, before its first stage line
+    stages: dict[str, StageTime]  # in the order DVC ran them
+
+
+def stage_walls(lines: list[tuple[float, str]], started: float, ended: float) -> tuple[float, dict[str, float]]:
+    """Seconds before the first stage line, and each run stage's wall seconds, from `dvc repro`'s
+    timestamped output. A skipped stage's line also ends the stage before it, but gets no row."""
+    marks = [(at, m["event"], m["name"]) for at, line in lines if (m := STAGE_LINE.match(line))]
+    ends = [at for at, _, _ in marks[1:]] + [ended]
+    walls = {name: end - at for (at, event, name), end in zip(marks, ends, strict=True) if event == "Running stage"}
+    return (marks[0][0] if marks else ended) - started, walls
+
+
+def stage_seconds(repo: Path, names: set[str], since: float) -> dict[str, float]:
+    """Each stage's in-process seconds from its latest MLflow run that started at `since` (epoch s)
+    or later: this repro's runs only, whatever the store held before."""
+    import mlflow
+
+    client = mlflow.MlflowClient(bench_env(repo)["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("cnn-pipeline")
+    if experiment is None:
+        return {}
+    runs = client.search_runs([experiment.experiment_id], f"attributes.start_time >= {int(since * 1000)}",
+                              order_by=["start_time DESC"])
+    found: dict[str, float] = {}
+    for r in runs:  # newest first; a child run (a fold, a trial) has its own name, so it never matches
+        if r.info.run_name in names and "time/stage_seconds" in r.data.metrics:
+            found.setdefault(r.info.run_name, r.data.metrics["time/stage_seconds"])
+    return found
+
+
+def repro(repo: Path) -> Repro:
+    """`dvc repro -f` in `repo`, its output streamed and timestamped line by line, with each stage's
+    in-process seconds from MLflow."""
     import mlflow
 
     env = bench_env(repo)
     # Create the MLflow schema first: a one-off cost, not the pipeline's.
     mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()
-    started = time.perf_counter()
-    done = subprocess.run(["dvc", "repro", "-f"], cwd=repo, env=env, capture_output=True, text=True)
-    total = time.perf_counter() - started
-    if done.returncode:
-        sys.exit(f"dvc repro failed in {repo}:\n{done.stdout}\n{done.stderr}")
-    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id], "tags.stage LIKE '%'",
-                              order_by=["start_time DESC"], max_results=len(stage_names(repo)) - 1)  # no run: sync
-    return total, runs[::-1]
+    since, started = time.time(), time.perf_counter()
+    lines: list[tuple[float, str]] = []
+    with subprocess.Popen(["dvc", "repro", "-f"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # DVC flushes each log line, so it arrives when it is printed
+            lines.append((time.perf_counter(), line))
+    ended = time.perf_counter()
+    if proc.returncode:
+        sys.exit(f"dvc repro failed in {repo}:\n{''.join(line for _, line in lines)}")
+    before, walls = stage_walls(lines, started, ended)
+    inproc = stage_seconds(repo, set(walls), since)
+    stages = {name: StageTime(wall, inproc.get(name), wall - inproc.get(name, 0.0)) for name, wall in walls.items()}
+    return Repro(ended - started, before, stages)
+
+
+def median_repro(repros: list[Repro]) -> Repro:
+    """Each figure's median across repeats, stage by stage (so a stage's fixed cost is the median
+    of its fixed costs, not median wall - median in-process)."""
+    names = list(dict.fromkeys(name for r in repros for name in r.stages))
+    stages = {}
+    for name in names:
+        times = [r.stages[name] for r in repros if name in r.stages]
+        inprocs = [t.inproc for t in times if t.inproc is not None]
+        stages[name] = StageTime(statistics.median(t.wall for t in times),
+                                 statistics.median(inprocs) if inprocs else None,
+                                 statistics.median(t.fixed for t in times))
+    return Repro(statistics.median(r.total for r in repros), statistics.median(r.before for r in repros), stages)
 
 
 def sync_costs(repo: Path) -> list[str]:
@@ -104,10 +175,33 @@ def sync_costs(repo: Path) -> list[str]:
             f"`dvc repro` around it: {noop:.2f} s; every stage's run rebuilt into an empty store: {rebuild:.1f} s", ""]
 
 
-def stage_names(repo: Path) -> list[str]:
-    done = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=repo, env=bench_env(repo),
-                          capture_output=True, text=True, check=True)
-    return done.stdout.split()
+def seconds(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def stage_table(sides: dict[str, Repro]) -> list[str]:
+    """One row per stage, each side's wall, in-process and fixed seconds beside each other."""
+    names = list(dict.fromkeys(name for r in sides.values() for name in r.stages))
+    head = ["stage", *(col for label in sides for col in (f"{label} wall s", "in-process s", "fixed s"))]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        cells = [name]
+        for r in sides.values():
+            t = r.stages.get(name)
+            cells += ["-"] * 3 if t is None else [seconds(t.wall), seconds(t.inproc), seconds(t.fixed, 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def fixed_summary(label: str, r: Repro) -> str:
+    if not r.stages:
+        return f"- {label}: wall {r.total:.0f} s in all, and DVC printed no stage line"
+    fixed = {name: t.fixed for name, t in r.stages.items()}
+    worst = max(fixed, key=fixed.__getitem__)
+    staged = sum(t.inproc or 0.0 for t in r.stages.values())
+    return (f"- {label}: wall {r.total:.0f} s in all (DVC alone before the first stage {r.before:.1f} s), "
+            f"in-process {staged:.0f} s; fixed cost **{sum(fixed.values()):.1f} s** over {len(fixed)} stage "
+            f"processes, mean **{statistics.mean(fixed.values()):.2f} s**, max {fixed[worst]:.2f} s ({worst})")
 
 
 def bench_repro(against: str | None = None, repeats: int = 1) -> list[str]:
@@ -119,27 +213,33 @@ def bench_repro(against: str | None = None, repeats: int = 1) -> list[str]:
         if against:
             theirs.mkdir()
             copy_repo(theirs, against)
-        times: dict[str, list[float]] = {"tree": [], "rev": []}
-        for _ in range(repeats):
-            total, runs = repro(ours)
-            times["tree"].append(total)
+        tree_label, rev_label = "this tree", f"`{against}`"
+        runs: dict[str, list[Repro]] = {tree_label: [], rev_label: []}
+        for _ in range(repeats):  # alternate so that machine noise hits both alike
+            runs[tree_label].append(repro(ours))
             if against:
-                times["rev"].append(repro(theirs)[0])
-        total = statistics.median(times["tree"])
-        lines += [f"- whole `dvc repro -f`: **{total:.0f} s** (median of {repeats}; target: under 180 s, aim 90 s)"]
+                runs[rev_label].append(repro(theirs))
+        sides = {label: median_repro(rs) for label, rs in runs.items() if rs}
+        tree = sides[tree_label]
+        lines += [f"- whole `dvc repro -f`: **{tree.total:.0f} s** (median of {repeats}; target: under 180 s, "
+                  "aim 90 s)"]
         if against:
-            rev = statistics.median(times["rev"])
-            lines += [f"- the same on `{against}`, alternated with it: {rev:.0f} s; this tree / `{against}`: "
-                      f"**{total / rev:.2f}** (runs: {', '.join(f'{t:.0f}' for t in times['tree'])} s against "
-                      f"{', '.join(f'{t:.0f}' for t in times['rev'])} s)"]
-        lines += ["", "| stage (this tree's last run) | in-process s |", "|---|---|"]
-        for r in runs:
-            lines.append(f"| {r.info.run_name} | {r.data.metrics.get('time/stage_seconds', float('nan')):.1f} |")
-        staged = sum(r.data.metrics.get("time/stage_seconds", 0.0) for r in runs)
-        lines += ["", f"- in-process total {staged:.0f} s; the other {runs and times['tree'][-1] - staged:.0f} s are "
-                  "DVC itself and process start-up (each stage is a new Python importing torch, MLflow and DVCLive)",
-                  ""]
-        lines += sync_costs(ours)
+            rev = sides[rev_label]
+            totals = {label: ", ".join(f"{r.total:.0f}" for r in rs) for label, rs in runs.items()}
+            lines += [f"- the same on {rev_label}, alternated with it: {rev.total:.0f} s; this tree / {rev_label}: "
+                      f"**{tree.total / rev.total:.2f}** (runs: {totals[tree_label]} s against "
+                      f"{totals[rev_label]} s)"]
+        lines += ["", "Per stage process, median of the repeats: wall from DVC's `Running stage` line to the next "
+                  "stage's (the last: to DVC's exit); in-process is the stage's MLflow `time/stage_seconds` (sync "
+                  "has no run); fixed = wall - in-process: DVC's own per-stage work (hashing, caching, dvc.lock), "
+                  "the interpreter start, imports, the MLflow worker wait and the exit.", "",
+                  *stage_table(sides), ""]
+        lines += [fixed_summary(label, r) for label, r in sides.items()]
+        lines += ["- target: fixed cost under 1.5 s per stage process"]
+        if against:
+            fixed = {label: sum(t.fixed for t in r.stages.values()) for label, r in sides.items()}
+            lines += [f"- summed fixed cost, this tree / {rev_label}: **{fixed[tree_label] / fixed[rev_label]:.2f}**"]
+        lines += ["", *sync_costs(ours)]
     return lines
 
 
