@@ -3,6 +3,7 @@ photos it never saw.
 
     python -m bench.transfer                       # 100 pets photos per class, seed 2026
     python -m bench.transfer --folder PATH --per-class 100 --seed 7
+    python -m bench.transfer --set train.epochs=100   # a param changed, as dvc exp run -S
 
 Draws `--per-class` photos of each class of `--folder` (seeded), runs the real `dvc repro` in a
 temporary copy of the repository with only `data.source: folder` and `data.folder` set, and
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=PETS)
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--set", action="append", default=[], help="section.key=value, as dvc exp run -S")
     args = parser.parse_args()
     if not args.folder.is_dir():
         sys.exit(f"{args.folder}: no such folder (the pets photos live in ../shared/datasets/pets)")
@@ -105,11 +107,12 @@ def main() -> None:
         rest = draw(args.folder, args.per_class, args.seed, subset)
         repo.mkdir()
         copy_repo(repo)
-        set_params(repo, {"data.source": "folder", "data.folder": str(subset)})
+        changed = dict(change.split("=", 1) for change in args.set)
+        set_params(repo, {"data.source": "folder", "data.folder": str(subset), **changed})
         done = subprocess.run(["dvc", "repro"], cwd=repo, env=bench_env(repo), capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"dvc repro failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
-        said = [line for line in done.stdout.splitlines() if line.startswith("finetune: head_l2")]
+        said = [line for line in done.stdout.splitlines() if line.startswith(("finetune: head_l2", "train: "))]
         own = {m: json.loads((repo / f"dvclive/evaluate/{m}/metrics.json").read_text())["test"]["acc"]
                for m in ("scratch", "finetune")}
         held = {m: held_out_accuracy(repo / "exports" / m, rest) for m in ("scratch", "finetune")}
@@ -117,8 +120,9 @@ def main() -> None:
     n_rest = sum(len(p) for p in rest.values())
     lines = [
         f"- data: {args.per_class} photos per class of `{args.folder}` (seed {args.seed}); scored on the "
-        f"{n_rest} photos left out; default params but `data.source` and `data.folder`",
-        f"- the fine-tune's choices: {said[0] if said else 'not printed'}",
+        f"{n_rest} photos left out; default params but `data.source` and `data.folder`"
+        + "".join(f", `{change}`" for change in args.set),
+        *(f"- the stages' choices: {line}" for line in said),
         "",
         "| model | its own test split | the held-out photos | held-out / probe's |",
         "|---|---|---|---|",

@@ -20,6 +20,7 @@ from pipeline.config import check
 from pipeline.data import formats
 from pipeline.frameworks import registry
 from pipeline.frameworks.interface import RuntimeParams
+from pipeline.frameworks.recipe import resolve_epochs
 from pipeline.frameworks.scratch import TrainParams, model_args
 from pipeline.tracking.run import stage_run
 
@@ -73,9 +74,11 @@ def main(argv: list[str] | None = None) -> None:
                 fold_val = formats.Split(images[held], labels[held], train.classes)
                 backend = registry.get(t.framework, rt, t.seed)  # seeds afresh: each fold as `train` would run
                 model = backend.build("scratch_cnn", model_args(t, fold_train))
-                sizes = {"fold": k, "train_images": len(rest), "val_images": len(held)}
+                fold_t = resolve_epochs(t, len(rest))  # auto: the steps `train` aims for, on this fold's images
+                sizes = {"fold": k, "train_images": len(rest), "val_images": len(held), "epochs": fold_t.epochs}
                 with run.child(f"crossval/fold{k}", sizes) as child:
-                    result = backend.fit(model, fold_train, fold_val, t, child, desc=f"crossval fold {k + 1}/{p.folds}")
+                    result = backend.fit(model, fold_train, fold_val, fold_t, child,
+                                         desc=f"crossval fold {k + 1}/{p.folds}")
                     figures = {"fold": k, "val_acc": result.best_val_acc, "val_loss": result.best_val_loss,
                                "best_epoch": result.best_epoch, "val_images": len(held)}
                     child.log_summary({k2: v for k2, v in figures.items() if k2 != "fold"})

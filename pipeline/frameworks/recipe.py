@@ -29,7 +29,8 @@ class FitParams:
     `train:` values (finetune overrides its own; tests/unit/test_config.py holds both to the file)."""
 
     seed: int = 0
-    epochs: int = 25
+    # auto: as many as AUTO_STEPS optimizer steps take on the training split (`resolve_epochs`)
+    epochs: int | Literal["auto"] = "auto"
     batch_size: int = 64
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 3.0e-3  # the peak rate under onecycle
@@ -44,12 +45,13 @@ class FitParams:
     augment: Literal["auto", "shift", "crop_flip", "none"] = "auto"
     augment_shift: int = 2  # shift: random translation of up to this many pixels
     crop_scale: float = 0.35  # crop_flip: the smallest share of the image's area a crop keeps
-    early_stopping_patience: int = 10  # epochs without a better val loss; 0 turns it off
+    # epochs without a better val loss; 0 turns it off; auto: PATIENCE_SHARE of the epochs
+    early_stopping_patience: int | Literal["auto"] = "auto"
     channels_last: bool = True
     nproc: int = 1  # torch: processes under torchrun with DistributedDataParallel (pipeline.runtime.launch)
 
     def __post_init__(self) -> None:
-        check(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
+        check(self.epochs == "auto" or self.epochs >= 1, "epochs", f"must be 'auto' or at least 1, got {self.epochs}")
         check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
         check(0 < self.lr <= 10, "lr", f"must be in (0, 10], got {self.lr}")
         check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
@@ -60,11 +62,44 @@ class FitParams:
         check(self.augment_shift >= 0, "augment_shift", f"must be >= 0 (0 = off), got {self.augment_shift}")
         check(0 < self.crop_scale <= 1, "crop_scale", f"must be in (0, 1], got {self.crop_scale}")
         patience = self.early_stopping_patience
-        check(patience >= 0, "early_stopping_patience", f"must be >= 0 (0 = off), got {patience}")
+        check(patience == "auto" or patience >= 0, "early_stopping_patience",
+              f"must be 'auto' or >= 0 (0 = off), got {patience}")
         check(self.nproc >= 1, "nproc", f"must be at least 1, got {self.nproc}")
 
 
 PHOTO_SIZE = 64  # augment auto: images stored at least this large are photos
+
+
+@dataclass(frozen=True)
+class AutoEpochs:
+    """What `epochs: auto` aims for: a number of optimizer steps, whatever the data's size, within
+    bounds. A fixed epoch count gives a few hundred photos a handful of steps (the one-cycle
+    schedule is over before the CNN has learned anything) and tens of thousands of images far
+    more steps than they need."""
+
+    steps: int
+    least: int
+    most: int
+
+
+# the scratch CNN: 550 steps are the 25 epochs measured on the digits and the pets photos (20 and
+# 22 batches of 64 an epoch); 200 photos get 150 short epochs, an MNIST-sized folder 15 long ones
+TRAIN_EPOCHS = AutoEpochs(steps=550, least=15, most=150)
+# patience auto: 10 of 25 epochs as measured (docs/benchmarks.md#recipe-choices), kept in proportion:
+# 10 epochs of 150 short ones stopped 200 photos mid-schedule, on a val split of 30 images
+PATIENCE_SHARE = 0.4
+
+
+def resolve_epochs(p: FitParams, images: int, auto: AutoEpochs = TRAIN_EPOCHS) -> FitParams:
+    """`p` with `epochs: auto` resolved for a training split of `images` images (the epochs of
+    `auto.steps` steps of `p.batch_size`, within `auto.least`..`auto.most`), then
+    `early_stopping_patience: auto` (PATIENCE_SHARE of those epochs)."""
+    if p.epochs == "auto":
+        per_epoch = max(1, math.ceil(images / p.batch_size))
+        p = dataclasses.replace(p, epochs=min(max(math.ceil(auto.steps / per_epoch), auto.least), auto.most))
+    if p.early_stopping_patience == "auto":
+        p = dataclasses.replace(p, early_stopping_patience=math.ceil(PATIENCE_SHARE * p.epochs))
+    return p
 
 
 def schedule(p: FitParams, total_steps: int) -> tuple[str, float]:

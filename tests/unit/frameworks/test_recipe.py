@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.config import ConfigError
 from pipeline.data import formats
 from pipeline.frameworks.interface import RuntimeParams
-from pipeline.frameworks.recipe import FitParams, FitResult
+from pipeline.frameworks.recipe import TRAIN_EPOCHS, AutoEpochs, FitParams, FitResult, resolve_epochs
 from pipeline.frameworks.torch import inputs, recipe, runtime
 from pipeline.frameworks.torch import model as torch_model
 from pipeline.train import channel_stats
@@ -282,3 +282,36 @@ def test_fp16_is_refused_on_the_cpu():
     with pytest.raises(ConfigError, match="runtime.precision fp16 needs a CUDA device"):
         runtime.configure(RuntimeParams(threads=2, device="cpu", precision="fp16"))
     runtime.configure(RuntimeParams(threads=2, device="cpu"))
+
+
+def test_auto_epochs_aim_for_a_number_of_steps_within_bounds():
+    p = FitParams(batch_size=64)
+    assert p.epochs == "auto"
+    assert resolve_epochs(p, 1257).epochs == 28  # the digits: 20 batches an epoch, 550 steps
+    assert resolve_epochs(p, 1398).epochs == 25  # the pets photos: 22 batches
+    assert resolve_epochs(p, 140).epochs == TRAIN_EPOCHS.most  # 200 photos: 3 batches; 184 epochs capped
+    assert resolve_epochs(p, 7000).epochs == TRAIN_EPOCHS.least  # an MNIST-sized folder: 110 batches
+    assert resolve_epochs(p, 0).epochs == TRAIN_EPOCHS.most  # an empty split still resolves to a number
+    assert resolve_epochs(FitParams(epochs=3), 140).epochs == 3  # a number is kept as given
+    assert resolve_epochs(p, 1000, AutoEpochs(steps=80, least=4, most=30)).epochs == 5
+
+
+def test_auto_patience_keeps_its_share_of_the_epochs():
+    p = FitParams(batch_size=64)
+    assert resolve_epochs(p, 1398).early_stopping_patience == 10  # the pets: 10 of 25, as measured
+    assert resolve_epochs(p, 140).early_stopping_patience == 60  # 150 short epochs are not cut at 10
+    assert resolve_epochs(FitParams(epochs=20), 140).early_stopping_patience == 8  # of the epochs given
+    assert resolve_epochs(FitParams(early_stopping_patience=0), 140).early_stopping_patience == 0  # off stays off
+
+
+def test_a_fit_given_auto_runs_the_resolved_epochs():
+    train = formats.Split(np.zeros((8, 4, 4, 1), np.uint8), np.arange(8) % 2, ("a", "b"))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    p = FitParams(batch_size=4, early_stopping_patience=0, augment="none")  # epochs auto
+    result = recipe.fit(model, train, train, p, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert result.epochs_run == resolve_epochs(p, 8).epochs == TRAIN_EPOCHS.most
+
+
+def test_epochs_must_be_auto_or_positive():
+    with pytest.raises(ConfigError, match="epochs: must be 'auto' or at least 1, got 0"):
+        FitParams(epochs=0)
