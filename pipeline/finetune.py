@@ -42,7 +42,7 @@ class FinetuneParams(FitParams):
     weights: str = pretrained.PACKAGE_WEIGHTS  # the package, 'hub', 'none' or a local file
     weights_sha256: str = pretrained.PACKAGE_SHA256  # '' skips the check (hub weights)
     # the backbone's input side, resized inside the model; auto: its pretrained resolution, at
-    # most 4x the stored side (frameworks.shapes.pretrained_input_size)
+    # most 4x the stored side; small single-channel images at 64 (frameworks.shapes.pretrained_input_size)
     input_size: int | Literal["auto"] = "auto"
     dropout: float = 0.2
     # phase 1's L2 strength; auto: the value of a grid with the lowest held-out log loss
@@ -71,7 +71,7 @@ class FinetuneParams(FitParams):
 
 def model_args(p: FinetuneParams, train: formats.Split, pretrained_size: int = 224) -> dict:
     """`pretrained_size`: the backbone's pretrained resolution (`torch_model.pretrained_resolution`)."""
-    auto = shapes.pretrained_input_size(train.image_size, pretrained_size)
+    auto = shapes.pretrained_input_size(train.image_size, pretrained_size, train.channels)
     return {
         "backbone": p.backbone,
         "num_classes": train.num_classes,

@@ -9,6 +9,7 @@ MAX_WIDTH = 256  # the scratch CNN's widest block
 SCRATCH_AUTO_RANGE = (16, 64)  # train.input_size auto: the stored side, kept within this range
 UPSAMPLE_LIMIT = 4  # finetune.input_size auto: a backbone sees a small image enlarged at most 4x...
 PRETRAINED_MIN = 64  # ...but never below 64 px, where an ImageNet backbone's stride-32 map is 2 x 2
+SMALL_SIDE = 64  # single-channel images stored under this (digits, letters) run at PRETRAINED_MIN
 
 
 def pooled_blocks(input_size: int) -> int:
@@ -39,9 +40,13 @@ def scratch_input_size(stored: int) -> int:
     return min(high, max(low, stored))
 
 
-def pretrained_input_size(stored: int, pretrained: int) -> int:
+def pretrained_input_size(stored: int, pretrained: int, channels: int = 3) -> int:
     """finetune.input_size auto: the backbone's pretrained resolution, but no more than
     UPSAMPLE_LIMIT times the stored side (rounded up to a multiple of 32; enlarging an 8 px
-    digit to 224 px adds compute, not detail) and no less than PRETRAINED_MIN. Pets stored at
-    180 px run at 224, MNIST and CIFAR-10 at 128, the 8 px digits at 64."""
+    digit to 224 px adds compute, not detail) and no less than PRETRAINED_MIN. Small
+    single-channel images (strokes, not textures: digits, letters) run at PRETRAINED_MIN, where
+    MNIST digits scored higher than at 128 px in under half the time (docs/benchmarks.md#recipe-choices).
+    Pets stored at 180 px run at 224, CIFAR-10 at 128, MNIST and the 8 px digits at 64."""
+    if channels == 1 and stored < SMALL_SIDE:
+        return min(pretrained, PRETRAINED_MIN)
     return min(pretrained, max(PRETRAINED_MIN, 32 * math.ceil(UPSAMPLE_LIMIT * stored / 32)))

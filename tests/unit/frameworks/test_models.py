@@ -209,6 +209,8 @@ def test_models_resize_inside_with_box_averaging_before_bilinear():
 def test_auto_input_sizes_follow_the_stored_images():
     assert [shapes.scratch_input_size(s) for s in (8, 28, 180)] == [16, 28, 64]
     assert [shapes.pretrained_input_size(s, 224) for s in (8, 28, 32, 180, 256)] == [64, 128, 128, 224, 224]
+    # single-channel: small glyphs at 64 (MNIST's 28 px included), a grey photo as a colour one
+    assert [shapes.pretrained_input_size(s, 224, channels=1) for s in (8, 28, 32, 180)] == [64, 64, 64, 224]
 
 
 def test_the_fine_tune_recipe_parts_features_depth_rates_and_frozen_statistics(lite0):
