@@ -16,9 +16,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Small enough that a stage runs in seconds; real data (the bundled digits) all the same.
+# Small enough that a stage runs in seconds; real data (the bundled digits) all the same. One
+# thread: the suite runs two pytest-xdist workers on two cores, and two 2-thread stages at once
+# oversubscribe them: OpenMP's spinning waits then made a 30 s fine-tune test take 706 s.
 TINY_PARAMS = """\
-runtime: {threads: 2, device: cpu}
+runtime: {threads: 1, device: cpu}
 data: {source: digits, folder: data/sources, root: data/sources}
 prepare: {seed: 0, image_size: 16, val_fraction: 0.15, test_fraction: 0.15}
 train: {framework: torch, seed: 0, epochs: 2, batch_size: 64, lr: 3.0e-3}

@@ -386,7 +386,7 @@ def photo_folder(root: Path, per_class: int = 12) -> None:
 
 MODELS = ("scratch", "finetune")
 PHOTO_PARAMS = """\
-runtime: {threads: 2, device: cpu}
+runtime: {threads: 1, device: cpu}  # two xdist workers on two cores: see support.TINY_PARAMS
 data: {source: folder, folder: data/sources/photos, root: data/sources}
 prepare: {seed: 0}
 train: {framework: torch, seed: 0, epochs: 2, batch_size: 8}
