@@ -43,7 +43,7 @@ lint: setup
 # second worker overlaps; --dist loadgroup keeps each xdist_group (tests sharing a repository) on one.
 PYTEST := $(VENV)/bin/python -m pytest -n 2 --dist loadgroup
 
-# The suite without the end-to-end DVC runs (about 11 min on 2 cores); CI runs `make e2e` after it.
+# The suite without the end-to-end DVC runs (about 10 min on 2 cores); CI runs `make e2e` after it.
 test: lint
 	$(PYTEST) -m "not e2e"
 
@@ -51,7 +51,7 @@ test-fast: setup
 	$(PYTEST) -m "not slow"
 
 # The real dvc.yaml end to end in temporary repositories: repro twice, experiments, the queue, a
-# sweep, photos, and the DVC fault tests (about 12 min on 2 cores).
+# sweep, photos, and the DVC fault tests (about 10 min on 2 cores).
 e2e: setup
 	$(PYTEST) -m e2e
 
