@@ -251,6 +251,7 @@ def bench_throughput(repeats: int) -> list[str]:
     from pipeline import config, prepare, train
     from pipeline.data import formats
     from pipeline.frameworks.interface import RuntimeParams
+    from pipeline.frameworks.recipe import resolve_epochs
     from pipeline.frameworks.torch import model as torch_model
     from pipeline.frameworks.torch import recipe, runtime
 
@@ -261,7 +262,7 @@ def bench_throughput(repeats: int) -> list[str]:
     # The train split's shape and size without running the earlier stages: digits-sized noise
     # (image_size auto stores the digits at their native 8 px).
     n, side = 1257, 8 if prep.image_size == "auto" else prep.image_size
-    p = recipe.resolve_epochs(p, n)  # the schedule's length, as the stage resolves it
+    p = resolve_epochs(p, n)  # the schedule's length, as the stage resolves it
     rng = np.random.default_rng(0)
     split = formats.Split(rng.integers(0, 256, (n, side, side, 1), dtype=np.uint8),
                        rng.integers(0, 10, n), tuple(str(i) for i in range(10)))
