@@ -13,6 +13,25 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+def set_params(repo: Path, changes: dict[str, str]) -> None:
+    """Change `section.key` values of `repo`'s params.yaml, as `dvc exp run -S` does (comments kept)."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()  # round-trip: the comments stay
+    path = repo / "params.yaml"
+    params = yaml.load(path.read_text())
+    for key, value in changes.items():
+        section, name = key.split(".", 1)
+        params[section][name] = YAML(typ="safe", pure=True).load(value)
+    with path.open("w") as f:
+        yaml.dump(params, f)
+
+
+def parse_sets(sets: list[str]) -> dict[str, str]:
+    """`--set section.key=value` arguments as a dict."""
+    return dict(s.split("=", 1) for s in sets)
+
+
 def report(title: str, lines: list[str], name: str) -> None:
     """Print a benchmark's results and write them to bench/results/<name>.md (gitignored)."""
     text = "\n".join([f"# {title}", "", f"- machine: {machine()}", "", *lines])

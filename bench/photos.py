@@ -21,23 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ruamel.yaml import YAML
-
-from bench import REPO, report
+from bench import REPO, parse_sets, report, set_params
 from bench.pipeline import bench_env, copy_repo
 
 PETS = REPO.parent / "shared" / "datasets" / "pets"
-
-
-def set_params(repo: Path, changes: dict[str, str]) -> None:
-    yaml = YAML()  # round-trip: the comments stay
-    path = repo / "params.yaml"
-    params = yaml.load(path.read_text())
-    for key, value in changes.items():
-        section, name = key.split(".", 1)
-        params[section][name] = YAML(typ="safe", pure=True).load(value)
-    with path.open("w") as f:
-        yaml.dump(params, f)
 
 
 def main() -> None:
@@ -50,7 +37,7 @@ def main() -> None:
     import mlflow
 
     changes = {"data.source": "folder", "data.folder": str(args.folder.resolve())}
-    changes.update(dict(item.split("=", 1) for item in args.set))
+    changes.update(parse_sets(args.set))
     with tempfile.TemporaryDirectory(prefix="bench-photos-") as tmp:
         repo = Path(tmp)
         copy_repo(repo)

@@ -3,6 +3,7 @@
     python -m bench.pipeline             # both (make bench)
     python -m bench.pipeline --no-repro  # throughput only
     python -m bench.pipeline --against 8232335 --no-throughput  # this tree's repro beside a commit's
+    python -m bench.pipeline --no-throughput --against 8232335 --set data.source=folder --set data.folder=PATH
 
 1. `dvc repro -f` of the real dvc.yaml and params.yaml in a temporary copy of the repository,
    timed end to end, its output streamed and timestamped line by line. A table gives each stage
@@ -36,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import REPO, report
+from bench import REPO, parse_sets, report, set_params
 
 
 def pipeline_file(rel: str) -> bool:
@@ -204,8 +205,10 @@ def fixed_summary(label: str, r: Repro) -> str:
             f"processes, mean **{statistics.mean(fixed.values()):.2f} s**, max {fixed[worst]:.2f} s ({worst})")
 
 
-def bench_repro(against: str | None = None, repeats: int = 1) -> list[str]:
-    lines = ["## `dvc repro -f` on the default params", ""]
+def bench_repro(against: str | None = None, repeats: int = 1, changes: dict[str, str] | None = None) -> list[str]:
+    """With `changes` (`section.key` -> value), both copies' params.yaml get them (another dataset)."""
+    given = ", ".join(f"`{k}={v}`" for k, v in (changes or {}).items())
+    lines = [f"## `dvc repro -f` on the default params{', but ' + given if given else ''}", ""]
     with tempfile.TemporaryDirectory(prefix="bench-repro-") as tmp:
         ours, theirs = Path(tmp) / "tree", Path(tmp) / "rev"
         ours.mkdir()
@@ -213,6 +216,9 @@ def bench_repro(against: str | None = None, repeats: int = 1) -> list[str]:
         if against:
             theirs.mkdir()
             copy_repo(theirs, against)
+        for copy in (ours, theirs) if against else (ours,):
+            if changes:
+                set_params(copy, changes)
         tree_label, rev_label = "this tree", f"`{against}`"
         runs: dict[str, list[Repro]] = {tree_label: [], rev_label: []}
         for _ in range(repeats):  # alternate so that machine noise hits both alike
@@ -251,7 +257,7 @@ def bench_throughput(repeats: int) -> list[str]:
     from pipeline import config, prepare, train
     from pipeline.data import formats
     from pipeline.frameworks.interface import RuntimeParams
-    from pipeline.frameworks.recipe import resolve_epochs
+    from pipeline.frameworks.recipe import resolve_auto
     from pipeline.frameworks.torch import model as torch_model
     from pipeline.frameworks.torch import recipe, runtime
 
@@ -262,7 +268,7 @@ def bench_throughput(repeats: int) -> list[str]:
     # The train split's shape and size without running the earlier stages: digits-sized noise
     # (image_size auto stores the digits at their native 8 px).
     n, side = 1257, 8 if prep.image_size == "auto" else prep.image_size
-    p = resolve_epochs(p, n)  # the schedule's length, as the stage resolves it
+    p = resolve_auto(p, n)  # the schedule's length, as the stage resolves it
     rng = np.random.default_rng(0)
     split = formats.Split(rng.integers(0, 256, (n, side, side, 1), dtype=np.uint8),
                        rng.integers(0, 10, n), tuple(str(i) for i in range(10)))
@@ -344,10 +350,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--against", metavar="REV", help="also time this git revision's dvc repro -f, alternated")
     parser.add_argument("--repeats-repro", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], help="section.key=value for the repro, as dvc exp run -S")
     args = parser.parse_args(argv)
     lines = [] if args.no_throughput else bench_throughput(args.repeats)
     if not args.no_repro:
-        lines += bench_repro(args.against, args.repeats_repro)
+        lines += bench_repro(args.against, args.repeats_repro, parse_sets(args.set))
     report("Benchmark results", lines, "latest")
 
 

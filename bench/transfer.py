@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import report
-from bench.photos import PETS, set_params
+from bench import parse_sets, report, set_params
+from bench.photos import PETS
 from bench.pipeline import bench_env, copy_repo
 
 
@@ -107,7 +107,7 @@ def main() -> None:
         rest = draw(args.folder, args.per_class, args.seed, subset)
         repo.mkdir()
         copy_repo(repo)
-        changed = dict(change.split("=", 1) for change in args.set)
+        changed = parse_sets(args.set)
         set_params(repo, {"data.source": "folder", "data.folder": str(subset), **changed})
         done = subprocess.run(["dvc", "repro"], cwd=repo, env=bench_env(repo), capture_output=True, text=True)
         if done.returncode:

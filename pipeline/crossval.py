@@ -20,7 +20,7 @@ from pipeline.config import check
 from pipeline.data import formats
 from pipeline.frameworks import registry
 from pipeline.frameworks.interface import RuntimeParams
-from pipeline.frameworks.recipe import resolve_epochs
+from pipeline.frameworks.recipe import resolve_auto
 from pipeline.frameworks.scratch import TrainParams, model_args
 from pipeline.tracking.run import stage_run
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
                 fold_val = formats.Split(images[held], labels[held], train.classes)
                 backend = registry.get(t.framework, rt, t.seed)  # seeds afresh: each fold as `train` would run
                 model = backend.build("scratch_cnn", model_args(t, fold_train))
-                fold_t = resolve_epochs(t, len(rest))  # auto: the steps `train` aims for, on this fold's images
+                fold_t = resolve_auto(t, len(rest))  # auto: the steps `train` aims for, on this fold's images
                 sizes = {"fold": k, "train_images": len(rest), "val_images": len(held), "epochs": fold_t.epochs}
                 with run.child(f"crossval/fold{k}", sizes) as child:
                     result = backend.fit(model, fold_train, fold_val, fold_t, child,

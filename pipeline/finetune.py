@@ -23,7 +23,7 @@ from pipeline.data import formats
 from pipeline.experiments import trial
 from pipeline.frameworks import card, shapes
 from pipeline.frameworks.interface import RuntimeParams
-from pipeline.frameworks.recipe import PHOTO_SIZE, FitParams, augmentation
+from pipeline.frameworks.recipe import PHOTO_SIZE, FitParams, augmentation, resolve_auto
 from pipeline.frameworks.torch import model as torch_model
 from pipeline.frameworks.torch import torchrun, transfer
 from pipeline.frameworks.torch import weights as pretrained  # `weights` is a FinetuneParams field
@@ -35,7 +35,11 @@ from pipeline.tracking.run import StageRun, stage_run
 
 @dataclass(frozen=True)
 class FinetuneParams(FitParams):
-    epochs: int = 4  # phase 2, at most
+    # phase 2, at most; a number: 2 epochs instead of 4 cost an MNIST-sized folder 1.5 points
+    # (docs/benchmarks.md#recipe-choices), so no auto shortens them
+    epochs: int | Literal["auto"] = 4
+    # not auto: on 200 photos batches of 16 let phase 2 win on 60 val images and lose on the rest
+    batch_size: int | Literal["auto"] = 64
     weight_decay: float = 1.0e-4
     early_stopping_patience: int = 3
     backbone: str = pretrained.PACKAGE_BACKBONE  # 'timm:<name>' or 'torchvision:<name>'
@@ -55,6 +59,7 @@ class FinetuneParams(FitParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check(self.epochs != "auto", "epochs", "must be a number for finetune (phase 2's epochs, at most)")
         size = self.input_size
         check(size == "auto" or 16 <= size <= 1024, "input_size", f"must be 'auto' or in 16..1024, got {size}")
         check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
@@ -94,8 +99,9 @@ def finetune(
     model: torch_model.PretrainedCNN, train: formats.Split, val: formats.Split, p: FinetuneParams,
     device, generator, run: StageRun | None, saved: checkpoints.Checkpoints | None = None,
 ) -> transfer.Outcome:
-    """Both phases (`transfer.fit`) with this stage's params."""
-    return transfer.fit(model, train, val, p, phases(p, train.image_size), device, generator, run, saved)
+    """Both phases (`transfer.fit`) with this stage's params, `auto` resolved for `train`'s size."""
+    fit_p = resolve_auto(p, len(train))
+    return transfer.fit(model, train, val, fit_p, phases(p, train.image_size), device, generator, run, saved)
 
 
 PHOTO_UNFREEZE = 0.3  # unfreeze_fraction auto for photos
@@ -125,8 +131,10 @@ def main(argv: list[str] | None = None) -> None:
         if (prune := trial.epoch_hook("finetune")) is not None:  # a trial of `python -m pipeline.experiments.sweep`
             run.epoch_hooks.append(prune)
         run.log_dataset(args.data, "training")
+        fit_p = resolve_auto(p, len(train_set))
         run.log_choices({"input_size": margs["input_size"], "augment": augmentation(p, train_set.image_size),
-                         "unfreeze_fraction": unfreeze_share(p, train_set.image_size)})
+                         "unfreeze_fraction": unfreeze_share(p, train_set.image_size),
+                         "batch_size": fit_p.batch_size, "epochs": fit_p.epochs})
         # per-epoch checkpoints outside DVC's outputs: a killed run resumes
         ran_on = {**backend.describe(), "weights_sha256": weights_sha256}
         saved = checkpoints.for_stage(store.repo_root(), "finetune", {"finetune": p, "runtime": rt}, [args.data],

@@ -16,7 +16,7 @@ from pipeline.data import formats
 from pipeline.experiments import trial
 from pipeline.frameworks import card, registry
 from pipeline.frameworks.interface import RuntimeParams
-from pipeline.frameworks.recipe import augmentation, resolve_epochs
+from pipeline.frameworks.recipe import augmentation, resolve_auto
 from pipeline.frameworks.scratch import TrainParams, channel_stats, model_args
 from pipeline.frameworks.torch import torchrun
 from pipeline.runtime import checkpoints, launch
@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> None:
         if (prune := trial.epoch_hook("train")) is not None:  # a trial of `python -m pipeline.experiments.sweep`
             run.epoch_hooks.append(prune)
         run.log_dataset(args.data, "training")
-        fit_p = resolve_epochs(p, len(train_set))
+        fit_p = resolve_auto(p, len(train_set))
         run.log_choices({"input_size": margs["input_size"], "augment": augmentation(p, train_set.image_size),
-                         "epochs": fit_p.epochs, "early_stopping_patience": fit_p.early_stopping_patience})
+                         "batch_size": fit_p.batch_size, "epochs": fit_p.epochs,
+                         "early_stopping_patience": fit_p.early_stopping_patience})
         # per-epoch checkpoints outside DVC's outputs: a killed run resumes
         saved = checkpoints.for_stage(store.repo_root(), "train", {"train": p, "runtime": rt}, [args.data],
                                       backend.describe())

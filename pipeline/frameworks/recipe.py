@@ -29,9 +29,10 @@ class FitParams:
     `train:` values (finetune overrides its own; tests/unit/test_config.py holds both to the file)."""
 
     seed: int = 0
-    # auto: as many as AUTO_STEPS optimizer steps take on the training split (`resolve_epochs`)
+    # auto: as many as TRAIN_EPOCHS.steps optimizer steps take on the training split (`resolve_auto`)
     epochs: int | Literal["auto"] = "auto"
-    batch_size: int = 64
+    # auto: 64, smaller (down to 16) where that leaves a split under BATCHES_PER_EPOCH batches
+    batch_size: int | Literal["auto"] = "auto"
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 3.0e-3  # the peak rate under onecycle
     momentum: float = 0.9  # sgd only
@@ -52,7 +53,8 @@ class FitParams:
 
     def __post_init__(self) -> None:
         check(self.epochs == "auto" or self.epochs >= 1, "epochs", f"must be 'auto' or at least 1, got {self.epochs}")
-        check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+        check(self.batch_size == "auto" or self.batch_size >= 1, "batch_size",
+              f"must be 'auto' or at least 1, got {self.batch_size}")
         check(0 < self.lr <= 10, "lr", f"must be in (0, 10], got {self.lr}")
         check(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
         check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
@@ -83,17 +85,32 @@ class AutoEpochs:
 
 
 # the scratch CNN: 550 steps are the 25 epochs measured on the digits and the pets photos (20 and
-# 22 batches of 64 an epoch); 200 photos get 150 short epochs, an MNIST-sized folder 15 long ones
+# 22 batches of 64 an epoch); 200 photos 62 epochs of 9 batches of 16, an MNIST-sized folder 15 long ones
 TRAIN_EPOCHS = AutoEpochs(steps=550, least=15, most=150)
+# batch_size auto: an epoch of at least this many batches (200 photos' 140-image training split
+# made 3 batches of 64: three updates, and three BatchNorm estimates, between val checks)
+BATCHES_PER_EPOCH = 8
+BATCH_RANGE = (16, 64)
 # patience auto: 10 of 25 epochs as measured (docs/benchmarks.md#recipe-choices), kept in proportion:
 # 10 epochs of 150 short ones stopped 200 photos mid-schedule, on a val split of 30 images
 PATIENCE_SHARE = 0.4
 
 
-def resolve_epochs(p: FitParams, images: int, auto: AutoEpochs = TRAIN_EPOCHS) -> FitParams:
-    """`p` with `epochs: auto` resolved for a training split of `images` images (the epochs of
-    `auto.steps` steps of `p.batch_size`, within `auto.least`..`auto.most`), then
-    `early_stopping_patience: auto` (PATIENCE_SHARE of those epochs)."""
+def auto_batch_size(images: int) -> int:
+    """The largest power of two in BATCH_RANGE that cuts `images` into BATCHES_PER_EPOCH batches or more."""
+    least, most = BATCH_RANGE
+    size = most
+    while size > least and images < BATCHES_PER_EPOCH * size:
+        size //= 2
+    return size
+
+
+def resolve_auto(p: FitParams, images: int, auto: AutoEpochs = TRAIN_EPOCHS) -> FitParams:
+    """`p` with its `auto`s resolved for a training split of `images` images, in order:
+    `batch_size` (`auto_batch_size`), `epochs` (the epochs of `auto.steps` steps of that batch
+    size, within `auto.least`..`auto.most`), `early_stopping_patience` (PATIENCE_SHARE of them)."""
+    if p.batch_size == "auto":
+        p = dataclasses.replace(p, batch_size=auto_batch_size(images))
     if p.epochs == "auto":
         per_epoch = max(1, math.ceil(images / p.batch_size))
         p = dataclasses.replace(p, epochs=min(max(math.ceil(auto.steps / per_epoch), auto.least), auto.most))

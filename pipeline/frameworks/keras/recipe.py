@@ -18,7 +18,7 @@ from pipeline.data.formats import Split
 from pipeline.frameworks.interface import float_batches
 from pipeline.frameworks.keras.batch_norm import fused_batch_norm
 from pipeline.frameworks.keras.resume import KerasResume
-from pipeline.frameworks.recipe import EpochLoop, FitParams, FitResult, augmentation, resolve_epochs, schedule
+from pipeline.frameworks.recipe import EpochLoop, FitParams, FitResult, augmentation, resolve_auto, schedule
 
 if TYPE_CHECKING:
     import keras
@@ -221,7 +221,7 @@ def fit(
     finds one resumes it (`frameworks.keras.resume`)."""
     import keras
 
-    p = resolve_epochs(p, len(train))  # the stage resolved and recorded it already; a direct call may not have
+    p = resolve_auto(p, len(train))  # the stage resolved and recorded it already; a direct call may not have
     steps = math.ceil(len(train) / p.batch_size)
     num_classes = train.num_classes
     optimizer = make_optimizer(p, p.epochs * steps)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.formats import Split
-from pipeline.frameworks.recipe import FitParams, FitResult, augmentation, fit_epochs, resolve_epochs, schedule
+from pipeline.frameworks.recipe import FitParams, FitResult, augmentation, fit_epochs, resolve_auto, schedule
 from pipeline.frameworks.torch import distributed, inputs, runtime
 from pipeline.frameworks.torch.resume import TorchResume
 
@@ -171,7 +171,7 @@ def fit(
 ) -> FitResult:
     """Train for up to p.epochs, early-stop on val loss and restore the best weights. With
     `checkpoint` (a file), each epoch is saved there and a fit that finds one resumes it."""
-    p = resolve_epochs(p, len(train))  # the stage resolved and recorded it already; a direct call may not have
+    p = resolve_auto(p, len(train))  # the stage resolved and recorded it already; a direct call may not have
     model.to(device, memory_format=torch.channels_last if p.channels_last else torch.preserve_format)
     train_x, val_x = (inputs.Images(split.images, device, p.channels_last) for split in (train, val))
     train_y, val_y = labels_on(train, device), labels_on(val, device)

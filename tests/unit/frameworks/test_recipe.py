@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.config import ConfigError
 from pipeline.data import formats
 from pipeline.frameworks.interface import RuntimeParams
-from pipeline.frameworks.recipe import TRAIN_EPOCHS, AutoEpochs, FitParams, FitResult, resolve_epochs
+from pipeline.frameworks.recipe import TRAIN_EPOCHS, AutoEpochs, FitParams, FitResult, auto_batch_size, resolve_auto
 from pipeline.frameworks.torch import inputs, recipe, runtime
 from pipeline.frameworks.torch import model as torch_model
 from pipeline.train import channel_stats
@@ -240,6 +240,16 @@ def test_unfreeze_auto_adapts_the_whole_backbone_for_small_images_and_the_top_fo
     assert unfreeze_share(FinetuneParams(unfreeze_fraction=0.5), 180) == 0.5
 
 
+def test_fine_tune_phase_two_keeps_its_epochs_and_batch_size_unless_told():
+    from pipeline.finetune import FinetuneParams
+
+    p = resolve_auto(FinetuneParams(), 140)  # 200 photos: a number stays as given
+    assert (p.epochs, p.batch_size, p.early_stopping_patience) == (4, 64, 3)
+    assert resolve_auto(FinetuneParams(batch_size="auto"), 140).batch_size == 16
+    with pytest.raises(ConfigError, match="epochs: must be a number for finetune"):
+        FinetuneParams(epochs="auto")
+
+
 def test_tiny_training_sets_get_a_one_cycle_schedule_torch_can_run():
     from pipeline.frameworks.recipe import schedule
 
@@ -287,21 +297,32 @@ def test_fp16_is_refused_on_the_cpu():
 def test_auto_epochs_aim_for_a_number_of_steps_within_bounds():
     p = FitParams(batch_size=64)
     assert p.epochs == "auto"
-    assert resolve_epochs(p, 1257).epochs == 28  # the digits: 20 batches an epoch, 550 steps
-    assert resolve_epochs(p, 1398).epochs == 25  # the pets photos: 22 batches
-    assert resolve_epochs(p, 140).epochs == TRAIN_EPOCHS.most  # 200 photos: 3 batches; 184 epochs capped
-    assert resolve_epochs(p, 7000).epochs == TRAIN_EPOCHS.least  # an MNIST-sized folder: 110 batches
-    assert resolve_epochs(p, 0).epochs == TRAIN_EPOCHS.most  # an empty split still resolves to a number
-    assert resolve_epochs(FitParams(epochs=3), 140).epochs == 3  # a number is kept as given
-    assert resolve_epochs(p, 1000, AutoEpochs(steps=80, least=4, most=30)).epochs == 5
+    assert resolve_auto(p, 1257).epochs == 28  # the digits: 20 batches an epoch, 550 steps
+    assert resolve_auto(p, 1398).epochs == 25  # the pets photos: 22 batches
+    assert resolve_auto(p, 140).epochs == TRAIN_EPOCHS.most  # 200 photos: 3 batches; 184 epochs capped
+    assert resolve_auto(p, 7000).epochs == TRAIN_EPOCHS.least  # an MNIST-sized folder: 110 batches
+    assert resolve_auto(p, 0).epochs == TRAIN_EPOCHS.most  # an empty split still resolves to a number
+    assert resolve_auto(FitParams(epochs=3), 140).epochs == 3  # a number is kept as given
+    assert resolve_auto(p, 1000, AutoEpochs(steps=80, least=4, most=30)).epochs == 5
+
+
+def test_auto_batch_size_keeps_eight_batches_an_epoch_down_to_16():
+    assert FitParams().batch_size == "auto"
+    assert auto_batch_size(1257) == auto_batch_size(7000) == 64  # the digits, MNIST: as before
+    assert auto_batch_size(512) == 64 and auto_batch_size(511) == 32
+    assert auto_batch_size(185) == 16  # 245 photos' training split: 12 batches, not 3
+    assert auto_batch_size(140) == auto_batch_size(3) == auto_batch_size(0) == 16
+    p = resolve_auto(FitParams(), 140)  # 200 photos: the steps are counted in batches of 16
+    assert (p.batch_size, p.epochs, p.early_stopping_patience) == (16, 62, 25)
+    assert resolve_auto(FitParams(batch_size=8), 140).batch_size == 8  # a number is kept as given
 
 
 def test_auto_patience_keeps_its_share_of_the_epochs():
     p = FitParams(batch_size=64)
-    assert resolve_epochs(p, 1398).early_stopping_patience == 10  # the pets: 10 of 25, as measured
-    assert resolve_epochs(p, 140).early_stopping_patience == 60  # 150 short epochs are not cut at 10
-    assert resolve_epochs(FitParams(epochs=20), 140).early_stopping_patience == 8  # of the epochs given
-    assert resolve_epochs(FitParams(early_stopping_patience=0), 140).early_stopping_patience == 0  # off stays off
+    assert resolve_auto(p, 1398).early_stopping_patience == 10  # the pets: 10 of 25, as measured
+    assert resolve_auto(p, 140).early_stopping_patience == 60  # 150 short epochs are not cut at 10
+    assert resolve_auto(FitParams(epochs=20), 140).early_stopping_patience == 8  # of the epochs given
+    assert resolve_auto(FitParams(early_stopping_patience=0), 140).early_stopping_patience == 0  # off stays off
 
 
 def test_a_fit_given_auto_runs_the_resolved_epochs():
@@ -309,7 +330,7 @@ def test_a_fit_given_auto_runs_the_resolved_epochs():
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
     p = FitParams(batch_size=4, early_stopping_patience=0, augment="none")  # epochs auto
     result = recipe.fit(model, train, train, p, torch.device("cpu"), torch.Generator().manual_seed(0))
-    assert result.epochs_run == resolve_epochs(p, 8).epochs == TRAIN_EPOCHS.most
+    assert result.epochs_run == resolve_auto(p, 8).epochs == TRAIN_EPOCHS.most
 
 
 def test_epochs_must_be_auto_or_positive():
