@@ -56,7 +56,9 @@ class ExportParams:
     int8_min_top1_agreement: float = 0.98
     calibration_images: int = 256  # training images that calibrate int8 quantisation
     latency_runs: int = 20  # batch-1 calls timed per format (median reported; MLflow only); 0 = no timing
-    throughput_runs: int = 2  # batch_size batches timed per format (best reported; MLflow only)
+    # batch_size batches timed per format (best reported; MLflow only); off by default: at 224 px
+    # they were most of the export's time (docs/benchmarks.md#cost-per-stage-process)
+    throughput_runs: int = 0
 
     def __post_init__(self) -> None:
         check(17 <= self.opset <= 23, "opset", f"must be in 17..23, got {self.opset}")
