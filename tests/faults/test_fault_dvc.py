@@ -197,6 +197,39 @@ def test_two_exp_runs_in_one_workspace_fail_loudly_and_save_nothing(repo):
     assert [(r.info.run_name, r.info.status) for r in runs] == [("train", "FAILED")]
 
 
+def test_two_exp_runs_started_together_cannot_train_on_each_others_params(repo):
+    """The race of two `dvc exp run` started in the same second, made certain: the first run's
+    stage is held at its workspace claim (this test holds the claim's lock) until the second
+    has written its -S value into params.yaml and been stopped by DVC's lock. The first must
+    then refuse before any work, in one line pointing at the queue, and save nothing."""
+    import fcntl
+
+    path, env = repo
+    lock = (path / "dvc.lock").read_bytes()
+    claim_lock = path / ".dvc/tmp/pipeline-workspace.lock"
+    claim_lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(claim_lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        first = subprocess.Popen(["dvc", "exp", "run", "-n", "c1", "-S", "train.lr=0.002", "train"], cwd=path,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stage_pid("train", first.pid)  # DVC holds its lock and runs the stage, which waits for the claim
+        second = dvc(path, env, "exp", "run", "-n", "c2", "-S", "train.lr=0.004", "train")
+        assert second.returncode != 0 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert "is busy" in second.stderr, second.stderr[-3000:]  # DVC's lock, after writing params.yaml:
+        assert "lr: 0.004" in (path / "params.yaml").read_text()
+    _, err = first.communicate(timeout=300)
+    assert first.returncode != 0
+    assert_expected_failure(subprocess.CompletedProcess([], 1, "", err.split("ERROR:")[0]),
+                            "params.yaml does not hold this run's -S values: train.lr is 0.004 in params.yaml, not "
+                            "0.002", "dvc exp run -n c1 -S train.lr=0.002", "dvc exp run --queue")
+    assert (path / "dvc.lock").read_bytes() == lock
+    assert dvc(path, env, "exp", "list", "--name-only").stdout.strip() == ""
+    client = mlflow.MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id])
+    assert [r.info.run_name for r in runs if r.data.tags.get("dvc_exp_name") in ("c1", "c2")] == []  # refused
+    # before its run opened: nothing recorded against either's params
+
+
 def test_a_stage_refuses_a_workspace_another_live_run_holds(repo):
     """The other half: a stage whose workspace another live dvc process has claimed (here a
     stand-in process) refuses before any work, pointing to the queue; a claim whose process has
