@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         params: dict[str, tuple[str, ...]] = {}
 
         def queue(name: str, overrides: tuple[str, ...]) -> str:
-            dvc_queue.dvc("exp", "run", "--queue", "-q", "-n", name,
+            dvc_queue.dvc("exp", "run", "--queue", "-n", name,
                           *[a for o in overrides for a in ("-S", o)], *args.targets)
             params[name] = overrides
             return name

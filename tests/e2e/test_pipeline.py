@@ -223,8 +223,9 @@ def test_experiments_two_at_a_time_all_land_once_each_in_one_store(tmp_repo, sto
     repo, env = tmp_repo
     run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
     env = {**env, "MLFLOW_TRACKING_URI": store}
-    seeds = {f"many-{i}": 10 + i for i in range(1, count + 1)}
-    done = subprocess.run([sys.executable, "-m", "pipeline.experiments.batch", "-j", "2", "--name", "many",
+    prefix = f"many-{count}"  # experiment names are unique in a repository
+    seeds = {f"{prefix}-{i}": 10 + i for i in range(1, count + 1)}
+    done = subprocess.run([sys.executable, "-m", "pipeline.experiments.batch", "-j", "2", "--name", prefix,
                            "-S", "train.seed=" + ",".join(map(str, seeds.values())), "-S", "runtime.threads=auto",
                            "-S", "+runtime.portable=false", "train"],  # the train stage alone: what the store needs
                           cwd=repo, env=env, capture_output=True, text=True, timeout=1200)
