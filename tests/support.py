@@ -177,3 +177,32 @@ def write_lock(work, stages: dict) -> None:
     import yaml
 
     (work / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}, sort_keys=False))
+
+
+def tiny_export(folder: Path) -> Path:
+    """An export folder whose ONNX model classifies 8x8 grey images by brightness: mean over
+    the pixels, then two logits (dark, light)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from pipeline import files
+
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 8, 8])
+    y = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["image"], ["mean"]),
+        helper.make_node("Flatten", ["mean"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "w", "b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    weights = [helper.make_tensor("w", TensorProto.FLOAT, [1, 2], [-8.0, 8.0]),
+               helper.make_tensor("b", TensorProto.FLOAT, [2], [4.0, -4.0])]
+    model = helper.make_model(helper.make_graph(nodes, "brightness", [x], [y], weights),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    folder.mkdir(parents=True)
+    onnx.save(model, folder / "model.onnx")
+    files.write_json(folder / "model.json", {
+        "classes": ["dark", "light"], "input": {"layout": "NCHW"}, "calibration": {"temperature": 2.0},
+        "preprocessing": {"image_size": 8, "channels": 1, "resize": "stretch"}})
+    files.write_checksums(folder)
+    return folder

@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -91,7 +92,7 @@ def experiments_running(root: Path) -> int:
 
 
 def wait_for(names: list[str], root: Path, env: dict | None = None, jobs: int = 1, quiet_seconds: float = 12.0,
-             timeout: float | None = None) -> dict[str, str]:
+             timeout: float | None = None, requeue: Callable[[str], str] | None = None) -> dict[str, str]:
     """Block until the queue of the repository at `root` has run `names`; each one's 'Success'
     or 'Failed'. Polls git refs and the process table (cheap); asks `dvc queue status` only
     once no experiment has run for `quiet_seconds` (workers take the next task within seconds).
@@ -101,20 +102,25 @@ def wait_for(names: list[str], root: Path, env: dict | None = None, jobs: int = 
     what was queued in that moment (a sweep's next batch) would wait with no worker, so when
     some of `names` are queued and the repository has no live worker, the queue is started
     again with `jobs` workers. One that DVC still calls running with no worker and no
-    experiment process alive, twice `quiet_seconds` apart, had its worker die under it: it
-    counts as 'Failed'."""
+    experiment process alive, twice `quiet_seconds` apart, had its worker die under it, or was
+    lost by DVC's workers starting together (dvc#10673, dvc#10562): `dvc queue kill` marks it
+    failed (DVC would call it running for ever) and, with `requeue`, it is queued once more
+    under the name `requeue(name)` returns, with its params; the result is then that one's.
+    One lost again counts as 'Failed'."""
     started = idle_since = time.monotonic()
     stalled = 0
+    names, again = list(names), {}  # again: a lost experiment's name -> its requeued one's
     while True:
         time.sleep(1.0)
-        if set(names) <= landed(root):
-            return dict.fromkeys(names, "Success")
+        live = [n for n in names if n not in again]  # a lost one never lands: its requeued one does
+        if set(live) <= (done := landed(root)):
+            return resolved(names, again, dict.fromkeys(done, "Success"))
         if experiments_running(root):
             idle_since, stalled = time.monotonic(), 0
         elif time.monotonic() - idle_since > quiet_seconds:
             now = status(env, root)
             if all(now.get(n) in DONE for n in names):
-                return {n: now[n] for n in names}
+                return resolved(names, again, now)
             waiting = [n for n in names if now.get(n) not in DONE]
             if not workers_of(root):
                 if any(now.get(n) == "Queued" for n in waiting):
@@ -123,12 +129,32 @@ def wait_for(names: list[str], root: Path, env: dict | None = None, jobs: int = 
                     stalled = 0
                 elif (stalled := stalled + 1) == 2:
                     shown = ", ".join(f"{n} ({now.get(n, 'gone')})" for n in waiting)
-                    warn(f"{shown} in `dvc queue status`, no worker or experiment of it alive: counted as failed")
-                    return {n: now[n] if now.get(n) in DONE else "Failed" for n in names}
+                    lost = [n for n in waiting if now.get(n) == "Running"]
+                    for name in lost:  # DVC's own status says Running for ever: make it Failed
+                        subprocess.run(["dvc", "queue", "kill", name], env=env, cwd=root, capture_output=True)
+                    retry = [n for n in lost if requeue is not None and n not in again.values()]
+                    if not retry:
+                        warn(f"{shown} in `dvc queue status`, no worker or experiment of it alive: counted as failed")
+                        return resolved(names, again, {**now, **dict.fromkeys(waiting, "Failed")})
+                    for name in retry:
+                        again[name] = requeue(name)
+                        names.append(again[name])
+                        warn(f"{name} was lost (Running in `dvc queue status`, no worker or experiment of it alive); "
+                             f"queued again with the same params as {again[name]}")
+                    start(jobs, env, root)
+                    stalled = 0
             idle_since = time.monotonic()
         if timeout is not None and time.monotonic() - started > timeout:
             raise PipelineError(f"the DVC queue in {root} has not run {names} after {timeout:g} s: "
                                 f"{status(env, root)}")
+
+
+def resolved(names: list[str], again: dict[str, str], now: dict[str, str]) -> dict[str, str]:
+    """Each name's result: a lost experiment's is its requeued one's (landed counts as Success)."""
+    def result(name: str) -> str:
+        return result(again[name]) if name in again else now.get(name, "Failed")
+
+    return {n: result(n) for n in names if n not in again.values()}
 
 
 def warn(message: str) -> None:

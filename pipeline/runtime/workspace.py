@@ -10,7 +10,10 @@ driver started with:
 - a claim by another live driver refuses the stage, pointing to DVC's queue (each queued
   experiment runs in its own copy, so queued runs never share a workspace);
 - a claim by this driver with another params digest means params.yaml changed during the run:
-  the stage stops (also checked at the end of each stage, before DVC records its outputs).
+  the stage stops (also checked at the end of each stage, before DVC records its outputs);
+- a `dvc exp run -S key=value` whose values params.yaml does not hold means another `dvc exp
+  run` wrote its own between this one's write and its first stage (DVC's lock stops the
+  second run only after that write): the stage stops before any work.
 
 A claim names its driver's host, pid and start time, so a killed run cannot leave it stale: a
 dead pid, or a pid reused by a newer process, frees the workspace. Run by hand (no dvc
@@ -45,6 +48,7 @@ class Driver:
     pid: int
     started: float  # the process's start time, epoch seconds: tells a reused pid apart
     command: str
+    overrides: tuple[tuple[str, str], ...] = ()  # its `-S key=value`s for params.yaml (`set_params`)
 
     @property
     def key(self) -> str:
@@ -64,6 +68,56 @@ def command(cmdline: list[str]) -> str:
     return " ".join(cmdline)
 
 
+def set_params(cmdline: list[str]) -> tuple[tuple[str, str], ...]:
+    """The (key, value) pairs a `dvc exp run` command line sets in params.yaml with `-S` /
+    `--set-param` (`key=value`, `params.yaml:key=value`, Hydra's `+key=value`); other files,
+    deletions (`~key`) and `--queue` (queued runs use their own copy) give none."""
+    if not is_dvc(cmdline) or "exp" not in cmdline or "run" not in cmdline or "--queue" in cmdline:
+        return ()
+    found, args = [], iter(cmdline)
+    for arg in args:
+        if arg in ("-S", "--set-param"):
+            given = next(args, "")
+        elif arg.startswith("--set-param="):
+            given = arg.split("=", 1)[1]
+        elif arg.startswith("-S") and len(arg) > 2:
+            given = arg[2:]
+        else:
+            continue
+        target, _, _ = given.partition("=")
+        if ":" in target:
+            file, given = given.split(":", 1)
+            if Path(file).name != config.PARAMS_FILE.name:
+                continue
+        key, sep, value = given.lstrip("+").partition("=")
+        if sep and key and not key.startswith("~"):
+            found.append((key, value))
+    return tuple(found)
+
+
+def unmet(params: dict, overrides: tuple[tuple[str, str], ...]) -> list[str]:
+    """'key: value in params.yaml, not the -S value' for each override `params` does not hold.
+    Compared as YAML values, as DVC writes them; a key or value this cannot read counts as met,
+    so that no run is refused on a doubt."""
+    from ruamel.yaml import YAML
+
+    missed = []
+    for key, raw in overrides:
+        node: object = params
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            try:
+                wanted = YAML(typ="safe", pure=True).load(raw)
+            except Exception:  # noqa: BLE001 (Hydra syntax YAML does not read, e.g. choice(...))
+                continue
+            if "," not in raw and wanted != node:
+                missed.append(f"{key} is {node!r} in params.yaml, not {wanted!r}")
+    return missed
+
+
 _driver: Driver | None = None
 
 
@@ -75,7 +129,8 @@ def driver() -> Driver:
 
         me = psutil.Process()
         found = next((p for p in me.parents() if is_dvc(_cmdline(p))), me)
-        _driver = Driver(socket.gethostname(), found.pid, found.create_time(), command(_cmdline(found)))
+        cmdline = _cmdline(found)
+        _driver = Driver(socket.gethostname(), found.pid, found.create_time(), command(cmdline), set_params(cmdline))
     return _driver
 
 
@@ -126,9 +181,15 @@ def claim(root: Path | None = None) -> None:
         return
     path = root / CLAIM_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    me, digest = driver(), params_digest(root)
+    me = driver()
     with open(path.with_suffix(".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # held for this read-check-write only, released on exit
+        digest = params_digest(root)
+        if me.overrides and (missed := unmet(_params(root), me.overrides)):
+            raise WorkspaceBusy(
+                f"params.yaml does not hold this run's -S values: {'; '.join(missed)}. Another `dvc exp run` "
+                f"wrote its own in between (this run: `{me.command}`); nothing was trained. Restore it "
+                f"(`git checkout -- params.yaml`) and {QUEUE_HINT}")
         held = _read(path)
         if held and held.get("driver") != me.key and alive(held):
             raise WorkspaceBusy(
@@ -156,6 +217,13 @@ def _check(expected: str | None, now: str, me: Driver) -> None:
             f"params.yaml changed while this run (`{me.command}`, pid {me.pid}) was using it, most likely "
             f"by another `dvc exp run` in this workspace: its results would not match the params DVC records. "
             f"Restore it (`git checkout -- params.yaml`) and rerun; {QUEUE_HINT}")
+
+
+def _params(root: Path) -> dict:
+    try:
+        return config.read_params(root / config.PARAMS_FILE)
+    except Exception:  # noqa: BLE001 (an unreadable file is the stage's own params check to report)
+        return {}
 
 
 def _read(path: Path) -> dict | None:

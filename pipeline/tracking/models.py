@@ -3,7 +3,7 @@ Registry's versions and alias. Only `tracking.worker` imports this (it imports M
 
 - `log_model`: the export folder as a pyfunc model from code (`pipeline/serving/pyfunc.py`, the
   `pipeline` package copied beside it; ONNX file and model.json as artifacts), with its
-  signature (uint8 images of any size in; class, probability, probabilities out), an input
+  signature (class, probability, probabilities out; the input is `serving.contract`'s), an input
   example (a test image), exact pip requirements, and the given metrics linked to it.
 - `register`: a version of a registered model for one logged model (the same ONNX file twice
   is one version), and the alias moved to it when it beats the version holding the alias on
@@ -34,10 +34,12 @@ def say(message: str) -> None:
 
 def signature() -> Any:
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
+    # No input schema: MLflow would cast JSON's numbers to its dtype before the model sees them
+    # (0.5 to 0) and answer a shape mismatch with the whole input; serving.contract checks instead
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),  # N images, any H, W, and C 1, 3 or 4
+        inputs=None,
         outputs=Schema([ColSpec("string", "class"), ColSpec("double", "probability"),
                         ColSpec(Array("double"), "probabilities")]),
         params=ParamSchema([ParamSpec("calibrated", "boolean", False)]),

@@ -12,13 +12,16 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import mlflow
 import pytest
 from helpers import REPO, assert_expected_failure, snapshot, stage
-from support import TINY_PARAMS, copy_project, run
+from support import TINY_PARAMS, copy_project, free_port, run, wait_until_up
+
+from pipeline.runtime import cpu_share
 
 # one worker builds and shares `project` (module fixtures are per worker)
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.xdist_group("faults-dvc")]
@@ -197,6 +200,39 @@ def test_two_exp_runs_in_one_workspace_fail_loudly_and_save_nothing(repo):
     assert [(r.info.run_name, r.info.status) for r in runs] == [("train", "FAILED")]
 
 
+def test_two_exp_runs_started_together_cannot_train_on_each_others_params(repo):
+    """The race of two `dvc exp run` started in the same second, made certain: the first run's
+    stage is held at its workspace claim (this test holds the claim's lock) until the second
+    has written its -S value into params.yaml and been stopped by DVC's lock. The first must
+    then refuse before any work, in one line pointing at the queue, and save nothing."""
+    import fcntl
+
+    path, env = repo
+    lock = (path / "dvc.lock").read_bytes()
+    claim_lock = path / ".dvc/tmp/pipeline-workspace.lock"
+    claim_lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(claim_lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        first = subprocess.Popen(["dvc", "exp", "run", "-n", "c1", "-S", "train.lr=0.002", "train"], cwd=path,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stage_pid("train", first.pid)  # DVC holds its lock and runs the stage, which waits for the claim
+        second = dvc(path, env, "exp", "run", "-n", "c2", "-S", "train.lr=0.004", "train")
+        assert second.returncode != 0 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert "is busy" in second.stderr, second.stderr[-3000:]  # DVC's lock, after writing params.yaml:
+        assert "lr: 0.004" in (path / "params.yaml").read_text()
+    _, err = first.communicate(timeout=300)
+    assert first.returncode != 0
+    assert_expected_failure(subprocess.CompletedProcess([], 1, "", err.split("ERROR:")[0]),
+                            "params.yaml does not hold this run's -S values: train.lr is 0.004 in params.yaml, not "
+                            "0.002", "dvc exp run -n c1 -S train.lr=0.002", "dvc exp run --queue")
+    assert (path / "dvc.lock").read_bytes() == lock
+    assert dvc(path, env, "exp", "list", "--name-only").stdout.strip() == ""
+    client = mlflow.MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cnn-pipeline").experiment_id])
+    assert [r.info.run_name for r in runs if r.data.tags.get("dvc_exp_name") in ("c1", "c2")] == []  # refused
+    # before its run opened: nothing recorded against either's params
+
+
 def test_a_stage_refuses_a_workspace_another_live_run_holds(repo):
     """The other half: a stage whose workspace another live dvc process has claimed (here a
     stand-in process) refuses before any work, pointing to the queue; a claim whose process has
@@ -222,3 +258,70 @@ def test_a_stage_refuses_a_workspace_another_live_run_holds(repo):
     done = stage(path, "train", env={**env, "PYTHONPATH": str(REPO)})  # the holder is gone: its claim is stale
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(claim_file.read_text())["pid"] != holder.pid
+
+
+@pytest.fixture
+def store(request, tmp_path):
+    """An MLflow store no worker found made: a fresh SQLite file, or a real `mlflow server` on a
+    free localhost port (its own SQLite backend and artifact folder)."""
+    if request.param == "sqlite":
+        (tmp_path / "fresh").mkdir()
+        yield f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+        return
+    port, home = free_port(), tmp_path / "server"
+    home.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+         "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", proc, 120)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize(("store", "count"), [("sqlite", 6), ("server", 4)], indirect=["store"])
+def test_experiments_two_at_a_time_all_land_once_each_in_one_store(repo, store, count):
+    """The README's way to run many experiments, `python -m pipeline.experiments.batch -j 2`,
+    into a store neither worker found made (a fresh SQLite file both create and migrate at once,
+    or a tracking server): every experiment lands, with a line saying so, and the store holds
+    exactly one FINISHED stage run for each, with its own params and metrics, under a parent run
+    of its own."""
+    repo, env = repo
+    run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
+    env = {**env, "MLFLOW_TRACKING_URI": store}
+    prefix = f"many-{count}"  # experiment names are unique in a repository
+    seeds = {f"{prefix}-{i}": 10 + i for i in range(1, count + 1)}
+    done = subprocess.run([sys.executable, "-m", "pipeline.experiments.batch", "-j", "2", "--name", prefix,
+                           "-S", "train.seed=" + ",".join(map(str, seeds.values())), "-S", "runtime.threads=auto",
+                           "-S", "+runtime.portable=false", "train"],  # the train stage alone: what the store needs
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == list(seeds) and all(line.endswith("Success") for line in lines)
+    ran = {name: name + "-again" if name + "-again" in done.stderr else name for name in seeds}  # lost: requeued once
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    listed = [exp.get("name") for base in shown for exp in base.get("experiments") or []]
+    run(["dvc", "exp", "remove", *ran.values()], repo, env)  # the other cases expect no experiment
+    run(["dvc", "queue", "remove", "--all"], repo, env)
+    assert sorted(n for n in listed if n in ran.values()) == sorted(ran.values())
+    client = mlflow.MlflowClient(store)
+    experiment = client.get_experiment_by_name("cnn-pipeline")
+    runs = client.search_runs([experiment.experiment_id], "tags.stage LIKE '%'", max_results=1000)
+    finished = sorted((r.data.tags["dvc_exp_name"], r.data.tags["stage"], r.info.status) for r in runs)
+    assert finished == sorted((n, "train", "FINISHED") for n in ran.values())  # none lost, none twice
+    parents = set()
+    for r in runs:
+        name = r.data.tags["dvc_exp_name"]
+        assert r.data.params["train.seed"] == str(seeds[name.removesuffix("-again")]), name  # its own params
+        assert "train/loss" in r.data.metrics and "best/val_acc" in r.data.metrics, name
+        parent = client.get_run(r.data.tags["mlflow.parentRunId"])
+        assert parent.data.tags.get("pipeline.group") == "true" and parent.info.run_name.startswith(name)
+        parents.add(parent.info.run_id)
+    assert len(parents) == count
+    # two ran at once: auto shared the cores between the two workers
+    assert {r.data.tags["threads"] for r in runs} >= {str(cpu_share.auto_threads(workers=2))}
+    assert {r.data.params["runtime.threads"] for r in runs} == {"auto"}  # with runtime.portable: false, added by -S +

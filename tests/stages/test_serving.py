@@ -14,43 +14,18 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import onnx
 import pytest
 import skimage.data
-from onnx import TensorProto, helper
+from mlflow.exceptions import MlflowException
 from PIL import Image
-from support import REPO, free_port, run, wait_until_up
+from support import REPO, free_port, run, tiny_export, wait_until_up
 
-from pipeline import config, files, register
+from pipeline import config, register
 from pipeline.config import ConfigError
 from pipeline.data import images
 from pipeline.errors import ArtifactError
-from pipeline.serving import predict
+from pipeline.serving import predict, pyfunc
 from pipeline.tracking import models
-
-
-def tiny_export(folder: Path) -> Path:
-    """An export folder whose ONNX model classifies 8x8 grey images by brightness: mean over
-    the pixels, then two logits (dark, light)."""
-    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 8, 8])
-    y = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])
-    nodes = [
-        helper.make_node("GlobalAveragePool", ["image"], ["mean"]),
-        helper.make_node("Flatten", ["mean"], ["flat"]),
-        helper.make_node("Gemm", ["flat", "w", "b"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-    ]
-    weights = [helper.make_tensor("w", TensorProto.FLOAT, [1, 2], [-8.0, 8.0]),
-               helper.make_tensor("b", TensorProto.FLOAT, [2], [4.0, -4.0])]
-    model = helper.make_model(helper.make_graph(nodes, "brightness", [x], [y], weights),
-                              opset_imports=[helper.make_opsetid("", 18)])
-    folder.mkdir(parents=True)
-    onnx.save(model, folder / "model.onnx")
-    files.write_json(folder / "model.json", {
-        "classes": ["dark", "light"], "input": {"layout": "NCHW"}, "calibration": {"temperature": 2.0},
-        "preprocessing": {"image_size": 8, "channels": 1, "resize": "stretch"}})
-    files.write_checksums(folder)
-    return folder
 
 
 def photo(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -89,7 +64,7 @@ def test_the_logged_model_takes_any_image_and_answers_as_the_export(tmp_path):
     assert logged.name == "tiny" and logged.tags["mlflow.source.name"] == "pipeline/export.py"  # not the worker
     model = mlflow.pyfunc.load_model(f"models:/{model_id}")
     sig = model.metadata.signature
-    assert sig.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, -1, -1, -1)}}]
+    assert sig.inputs is None  # serving.contract checks the input: MLflow's schema would cast it first
     assert [c["name"] for c in sig.outputs.to_dict()] == ["class", "probability", "probabilities"]
     assert model.metadata.saved_input_example_info["type"] == "ndarray"
 
@@ -103,8 +78,21 @@ def test_the_logged_model_takes_any_image_and_answers_as_the_export(tmp_path):
     assert answer["probability"][1] == pytest.approx(max(row["probabilities"]))
     calibrated = model.predict(light, params={"calibrated": True})["probability"][0]
     assert 0.5 < calibrated < answer["probability"][1]  # T = 2 softens it
-    with pytest.raises(Exception, match=r"uint8|shape"):
-        model.predict(np.zeros((1, 4, 4, 2), np.uint8))
+    # what it would misread is refused, in Python as over HTTP (tests/faults/test_fault_serving.py)
+    for bad, said in [(np.zeros((1, 4, 4, 2), np.uint8), "channels, got 2"),
+                      (light / 255.0, "multiply by 255 and round"), (np.zeros((4, 4)), "rank 2"),
+                      (np.zeros((1, 2897, 2897, 1), np.uint8), "over the limit of 8,388,608 a request")]:
+        with pytest.raises(MlflowException, match=f"input refused: .*{said}"):  # the model's own copy of Refused
+            model.predict(bad)
+    assert list(model.predict(light[0].astype(np.float32))["class"]) == ["light"]  # one image, whole numbers
+
+
+def test_a_refusal_keeps_its_one_line_when_mlflow_prefixes_the_input():
+    refused = pyfunc.Refused("input refused: rank 2")
+    refused.message = "Failed to predict data '[[0, 0, ...]]'. Error: input refused: rank 2"  # what the server does
+    assert refused.message == "input refused: rank 2"
+    assert json.loads(refused.serialize_as_json())["message"] == "input refused: rank 2"
+    assert refused.get_http_status_code() == 400
 
 
 def test_the_alias_moves_only_to_a_better_model_on_the_same_data(tmp_path):

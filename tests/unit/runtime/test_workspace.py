@@ -91,3 +91,44 @@ def test_a_claim_from_another_host_counts_as_live(repo):
     (repo / workspace.CLAIM_FILE).write_text(json.dumps(record))
     with pytest.raises(WorkspaceBusy, match="on elsewhere.*if no such run exists, delete"):
         workspace.claim(repo)
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "found"),
+    [
+        (["/venv/bin/dvc", "exp", "run", "-n", "c1", "-S", "train.lr=0.002"], (("train.lr", "0.002"),)),
+        (["python", "-m", "dvc", "exp", "run", "-Strain.lr=1e-3", "--set-param", "data.folder=a b"],
+         (("train.lr", "1e-3"), ("data.folder", "a b"))),
+        (["dvc", "exp", "run", "--set-param=params.yaml:train.seed=3", "-S", "other.yaml:x=1", "-S", "+y.z=2"],
+         (("train.seed", "3"), ("y.z", "2"))),
+        (["dvc", "exp", "run", "-S", "~train.lr"], ()),  # a deletion
+        (["dvc", "exp", "run", "--queue", "-S", "train.lr=0.002"], ()),  # runs in a copy of its own
+        (["dvc", "repro"], ()),
+        (["python", "-m", "pipeline", "train", "-S", "train.lr=1"], ()),  # not DVC
+    ],
+)
+def test_the_set_params_of_an_experiment_are_read_from_its_command_line(cmdline, found):
+    assert workspace.set_params(cmdline) == found
+
+
+def test_a_value_is_unmet_only_when_params_yaml_surely_holds_another():
+    params = {"train": {"lr": 0.004, "epochs": "auto", "calibrate": False}, "data": {"folder": "x"}}
+    assert workspace.unmet(params, (("train.lr", "0.002"),)) == ["train.lr is 0.004 in params.yaml, not 0.002"]
+    met = (("train.lr", "4e-3"), ("train.epochs", "auto"), ("train.calibrate", "false"), ("data.folder", "x"))
+    assert workspace.unmet(params, met) == []
+    doubtful = (("train.missing", "1"), ("nope.lr", "1"), ("train.lr", "0.1,0.2"), ("train.lr", "[unclosed"))
+    assert workspace.unmet(params, doubtful) == []
+
+
+def test_an_experiment_whose_values_another_overwrote_is_refused_before_any_work(repo, monkeypatch):
+    me = workspace.driver()
+    monkeypatch.setattr(workspace, "_driver", workspace.Driver(
+        me.host, me.pid, me.started, "dvc exp run -n c1 -S train.lr=0.002", (("train.lr", "0.002"),)))
+    said = (r"^params.yaml does not hold this run's -S values: train.lr is 0.1 in params.yaml, not 0.002\. "
+            r"Another `dvc exp run` wrote its own in between .*dvc exp run --queue")
+    with pytest.raises(WorkspaceBusy, match=said):
+        workspace.claim(repo)
+    assert not (repo / workspace.CLAIM_FILE).exists()  # refused before claiming
+    (repo / "params.yaml").write_text("train: {lr: 0.002}\n")
+    workspace.claim(repo)  # its own values: claimed
+    assert held(repo)["command"] == "dvc exp run -n c1 -S train.lr=0.002"
