@@ -102,7 +102,7 @@ def unmet(params: dict, overrides: tuple[tuple[str, str], ...]) -> list[str]:
     from ruamel.yaml import YAML
 
     missed = []
-    for key, raw in overrides:
+    for key, raw in dict(overrides).items():  # a key given twice: the last value wins, as in DVC
         node: object = params
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:

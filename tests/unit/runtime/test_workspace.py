@@ -116,6 +116,7 @@ def test_a_value_is_unmet_only_when_params_yaml_surely_holds_another():
     assert workspace.unmet(params, (("train.lr", "0.002"),)) == ["train.lr is 0.004 in params.yaml, not 0.002"]
     met = (("train.lr", "4e-3"), ("train.epochs", "auto"), ("train.calibrate", "false"), ("data.folder", "x"))
     assert workspace.unmet(params, met) == []
+    assert workspace.unmet(params, (("train.lr", "0.1"), ("train.lr", "0.004"))) == []  # the last one counts
     doubtful = (("train.missing", "1"), ("nope.lr", "1"), ("train.lr", "0.1,0.2"), ("train.lr", "[unclosed"))
     assert workspace.unmet(params, doubtful) == []
 
