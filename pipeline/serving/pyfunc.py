@@ -72,7 +72,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         try:
             return self.answer(pixels, params or {})
         except Exception as exc:  # a bug or a broken model: one line, no traceback for the client
-            said = f"the model failed: {type(exc).__name__}: {str(exc)[:300]}"
+            said = f"the model failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
             raise Refused(said, INTERNAL_ERROR) from exc
 
     def answer(self, pixels: np.ndarray, params: dict) -> pd.DataFrame:
