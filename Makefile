@@ -64,6 +64,7 @@ bench: setup
 	$(VENV)/bin/python -m bench.finetune
 	$(VENV)/bin/python -m bench.integrity
 	$(VENV)/bin/python -m bench.queue
+	$(VENV)/bin/python -m bench.batch
 	$(VENV)/bin/python -m bench.portable
 
 mlflow-ui: setup
