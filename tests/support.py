@@ -9,7 +9,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,44 @@ def wait_until_up(url: str, proc: subprocess.Popen, seconds: float = 180) -> Non
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
             assert time.monotonic() < deadline, f"{url} did not answer in {seconds:.0f} s"
             time.sleep(0.5)
+
+
+@contextmanager
+def mlflow_server(home: Path) -> Iterator[str]:
+    """`mlflow server` on a free localhost port, its SQLite backend and artifacts under `home`
+    (created): its URL while the block runs, then stopped."""
+    port = free_port()
+    home.mkdir(parents=True, exist_ok=True)
+    with _serving([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+                   "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+                   "--workers", "1"], "/health", port, seconds=120, cwd=home) as url:
+        yield url
+
+
+@contextmanager
+def served_model(model_uri: str, env: dict[str, str]) -> Iterator[str]:
+    """`mlflow models serve -m model_uri` (the venv's interpreter, its PATH first: the server starts
+    uvicorn from PATH) on a free localhost port: its URL while the block runs, then stopped."""
+    port = free_port()
+    env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    with _serving([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+                   "--host", "127.0.0.1", "--port", str(port)], "/ping", port, env=env) as url:
+        yield url
+
+
+@contextmanager
+def _serving(cmd: list[str], probe: str, port: int, seconds: float = 180, **popen) -> Iterator[str]:
+    """A server in its own session, until `probe` answers; SIGTERM to its group at the end."""
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url + probe, proc, seconds)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 def lock_entry(work, stage: str, files: dict[str, str], params: dict) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from helpers import REPO, assert_expected_failure, snapshot, stage
-from support import TINY_PARAMS, copy_project, free_port, run, wait_until_up
+from support import TINY_PARAMS, copy_project, mlflow_server, run
 
 from pipeline.runtime import cpu_share
 
@@ -268,18 +268,8 @@ def store(request, tmp_path):
         (tmp_path / "fresh").mkdir()
         yield f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
         return
-    port, home = free_port(), tmp_path / "server"
-    home.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-         "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/health", proc, 120)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+    with mlflow_server(tmp_path / "server") as uri:
+        yield uri
 
 
 @pytest.mark.parametrize(("store", "count"), [("sqlite", 6), ("server", 4)], indirect=["store"])

@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-from support import free_port, tiny_export, wait_until_up
+from support import served_model, tiny_export
 
 from pipeline.serving import loadtest
 from pipeline.tracking import models
@@ -37,20 +33,8 @@ def served(tmp_path_factory):
                                         {"model": "tiny"}, {})
     finally:
         mlflow.set_tracking_uri(None)
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{model_id}", "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/ping", server)
-        yield f"http://127.0.0.1:{port}", export
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    with served_model(f"models:/{model_id}", {**os.environ, "MLFLOW_TRACKING_URI": store}) as url:
+        yield url, export
 
 
 @pytest.mark.parametrize(("name", "said"), [

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 import skimage.data
 from mlflow.exceptions import MlflowException
 from PIL import Image
-from support import REPO, free_port, run, tiny_export, wait_until_up
+from support import REPO, run, served_model, tiny_export
 
 from pipeline import config, register
 from pipeline.config import ConfigError
@@ -161,24 +159,13 @@ def test_mlflow_serves_the_champion_as_the_export_answers(trained, tmp_path):
     selection = json.loads((tmp_path / "reg/selection.json").read_text())
     assert selection["model"] == "scratch" and selection["select_by"] == "val_acc"
 
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/cnn-pipeline@champion",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        env={**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/ping", server)
+    with served_model("models:/cnn-pipeline@champion", env) as url:
         astronaut = skimage.data.astronaut()[::2, ::3]  # 256 x 171 RGB, a grey 16 px model
         request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": astronaut[None].tolist()}).encode(),
+            f"{url}/invocations", data=json.dumps({"inputs": astronaut[None].tolist()}).encode(),
             headers={"Content-Type": "application/json"},
         )
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
     Image.fromarray(astronaut).save(tmp_path / "astronaut.png")
     onnx_bytes, meta = predict.read_export(out / "scratch")
     (row,) = predict.classify([tmp_path / "astronaut.png"], onnx_bytes, meta, batch_size=1, threads=1)

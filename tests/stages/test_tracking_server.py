@@ -4,13 +4,11 @@ on the server), as colleagues share one."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 
 import mlflow
 import pytest
-from support import REPO, TINY_PARAMS, free_port, run, wait_until_up
+from support import REPO, TINY_PARAMS, free_port, mlflow_server, run
 
 from pipeline.tracking import lockfile, store
 
@@ -20,21 +18,9 @@ pytestmark = pytest.mark.slow  # a server and a stage in subprocesses
 @pytest.fixture
 def server(tmp_path):
     """`mlflow server` on a free localhost port: SQLite backend, artifacts served from its own folder."""
-    port, home = free_port(), tmp_path / "server"
-    home.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-         "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(f"{uri}/health", proc, 120)
+    home = tmp_path / "server"
+    with mlflow_server(home) as uri:
         yield uri, home
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def test_a_stage_logs_to_a_shared_server_and_its_artifacts_go_to_the_server(server, tmp_path):
