@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-# a request's pixels, N x H x W: 32 images of 512x512 or one of 2896x2896, decoded in about a
-# second; 4000x4000 (16 M) is refused at once instead of running into the server's timeout
+# a request's pixels, N x H x W: 32 images of 512x512 or one of 2896x2896. It bounds the model's
+# work; MLflow parses a request's JSON before the model sees it (docs/mlflow.md#what-a-served-model-accepts)
 MAX_REQUEST_PIXELS = 8_388_608
 CHANNELS = (1, 3, 4)
 
@@ -29,13 +29,14 @@ class Refused(ValueError):
 
 def pixels(values: object) -> np.ndarray:
     """`values` as a uint8 batch (N, H, W, C) under this module's contract; raises Refused."""
+    ragged = Refused("images of one request must share one height, width and channel count "
+                     "(send images of other sizes in requests of their own)")
     try:
         array = np.asarray(values)
     except ValueError:  # nested lists of unequal lengths
-        array = np.empty(0, dtype=object)
+        raise ragged from None
     if array.dtype == object:
-        raise Refused("images of one request must share one height, width and channel count "
-                      "(send images of other sizes in requests of their own)")
+        raise ragged
     if array.dtype.kind not in "uif":
         raise Refused(f"pixels must be numbers 0..255, got {array.dtype} values")
     if array.ndim == 3:
