@@ -23,7 +23,7 @@ from pipeline.data import formats
 from pipeline.experiments import trial
 from pipeline.frameworks import card, shapes
 from pipeline.frameworks.interface import RuntimeParams
-from pipeline.frameworks.recipe import PHOTO_SIZE, FitParams, augmentation, resolve_auto
+from pipeline.frameworks.recipe import FitParams, augmentation, resolve_auto
 from pipeline.frameworks.torch import model as torch_model
 from pipeline.frameworks.torch import torchrun, transfer
 from pipeline.frameworks.torch import weights as pretrained  # `weights` is a FinetuneParams field
@@ -109,10 +109,10 @@ PHOTO_UNFREEZE = 0.3  # unfreeze_fraction auto for photos
 
 def unfreeze_share(p: FinetuneParams, image_size: int) -> float:
     """unfreeze_fraction, with auto resolved by the stored size as augment auto is: photos
-    (PHOTO_SIZE px or more) adapt the top PHOTO_UNFREEZE of the backbone, small images all of it."""
+    (shapes.PHOTO_SIZE px or more) adapt the top PHOTO_UNFREEZE of the backbone, small images all of it."""
     if p.unfreeze_fraction != "auto":
         return float(p.unfreeze_fraction)
-    return PHOTO_UNFREEZE if image_size >= PHOTO_SIZE else 1.0
+    return PHOTO_UNFREEZE if image_size >= shapes.PHOTO_SIZE else 1.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         saved = checkpoints.for_stage(store.repo_root(), "finetune", {"finetune": p, "runtime": rt}, [args.data],
                                       ran_on)
         started = time.perf_counter()
-        outcome = finetune(model, train_set, val_set, p, backend.device, backend.generator, run, saved)
+        outcome = finetune(model, train_set, val_set, fit_p, backend.device, backend.generator, run, saved)
         seconds = time.perf_counter() - started
         run.log_choices(outcome.choices)
         results = outcome.results

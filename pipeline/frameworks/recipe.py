@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from tqdm import tqdm
 
 from pipeline.config import check
+from pipeline.frameworks.shapes import PHOTO_SIZE
 from pipeline.runtime import launch
 
 if TYPE_CHECKING:
@@ -68,8 +69,6 @@ class FitParams:
               f"must be 'auto' or >= 0 (0 = off), got {patience}")
         check(self.nproc >= 1, "nproc", f"must be at least 1, got {self.nproc}")
 
-
-PHOTO_SIZE = 64  # augment auto: images stored at least this large are photos
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ MAX_WIDTH = 256  # the scratch CNN's widest block
 SCRATCH_AUTO_RANGE = (16, 64)  # train.input_size auto: the stored side, kept within this range
 UPSAMPLE_LIMIT = 4  # finetune.input_size auto: a backbone sees a small image enlarged at most 4x...
 PRETRAINED_MIN = 64  # ...but never below 64 px, where an ImageNet backbone's stride-32 map is 2 x 2
-SMALL_SIDE = 64  # single-channel images stored under this (digits, letters) run at PRETRAINED_MIN
+# images stored at least this large are photos; the auto params treat smaller ones (digits,
+# letters) apart: augmentation, the share of a backbone fine-tuned, its input size
+PHOTO_SIZE = 64
 
 
 def pooled_blocks(input_size: int) -> int:
@@ -47,6 +49,6 @@ def pretrained_input_size(stored: int, pretrained: int, channels: int = 3) -> in
     single-channel images (strokes, not textures: digits, letters) run at PRETRAINED_MIN, where
     MNIST digits scored higher than at 128 px in under half the time (docs/benchmarks.md#recipe-choices).
     Pets stored at 180 px run at 224, CIFAR-10 at 128, MNIST and the 8 px digits at 64."""
-    if channels == 1 and stored < SMALL_SIDE:
+    if channels == 1 and stored < PHOTO_SIZE:
         return min(pretrained, PRETRAINED_MIN)
     return min(pretrained, max(PRETRAINED_MIN, 32 * math.ceil(UPSAMPLE_LIMIT * stored / 32)))
