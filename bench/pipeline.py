@@ -158,31 +158,26 @@ def median_repro(repros: list[Repro]) -> Repro:
     return Repro(statistics.median(r.total for r in repros), statistics.median(r.before for r in repros), stages)
 
 
+def timed(cmd: list[str], repo: Path) -> float:
+    """Seconds `cmd` takes in `repo` (it must succeed)."""
+    started = time.perf_counter()
+    subprocess.run(cmd, cwd=repo, env=bench_env(repo), capture_output=True, check=True)
+    return time.perf_counter() - started
+
+
 def noop_seconds(repo: Path) -> float:
     """The best of three no-op `dvc repro` in `repo`, after its `dvc repro -f`."""
-    env = bench_env(repo)
-    timings = []
-    for _ in range(3):
-        started = time.perf_counter()
-        subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, check=True)
-        timings.append(time.perf_counter() - started)
-    return min(timings)
+    return min(timed(["dvc", "repro"], repo) for _ in range(3))
 
 
 def sync_costs(repo: Path) -> list[str]:
     """Seconds of the sync stage's work: with nothing missing (alone, and the whole no-op `dvc
     repro` around it), and rebuilding every stage's run into an empty store."""
-    env = bench_env(repo)
-
-    def timed(cmd: list[str]) -> float:
-        started = time.perf_counter()
-        subprocess.run(cmd, cwd=repo, env=env, capture_output=True, check=True)
-        return time.perf_counter() - started
-
-    nothing = min(timed([sys.executable, "-m", "pipeline", "sync"]) for _ in range(3))
+    sync = [sys.executable, "-m", "pipeline", "sync"]
+    nothing = min(timed(sync, repo) for _ in range(3))
     noop = noop_seconds(repo)
     (repo / "mlflow.db").unlink()
-    rebuild = timed([sys.executable, "-m", "pipeline", "sync"])
+    rebuild = timed(sync, repo)
     return [f"- `python -m pipeline sync` with nothing missing: **{nothing:.2f} s** (target: under 2 s); a no-op "
             f"`dvc repro` around it: {noop:.2f} s; every stage's run rebuilt into an empty store: {rebuild:.1f} s", ""]
 
