@@ -20,6 +20,22 @@ os.environ.setdefault("GIT_COMMITTER_NAME", "test")
 os.environ.setdefault("GIT_COMMITTER_EMAIL", "test@example.com")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _xdist_groups_hold(request: pytest.FixtureRequest) -> None:
+    """`--dist loadgroup` keeps each `xdist_group` on one worker by suffixing its tests' node ids
+    with `@<group>`; pytest 9.2.0 drops that suffix (pytest-xdist issue 1386) and the groups are
+    silently split, each worker building the group's fixture again. Fail every test instead (an
+    autouse session fixture comes before the group's own; an error raised at collection on a
+    worker reaches the terminal as an xdist INTERNALERROR without its message)."""
+    session = request.session
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not session.config.getoption("loadgroup", False):
+        return  # not a worker of --dist loadgroup
+    split = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if split:
+        pytest.fail(f"--dist loadgroup is not grouping ({split[0]} has no @group suffix): pytest "
+                    f"{pytest.__version__} with this pytest-xdist splits groups (pytest-xdist issue 1386); "
+                    "install the pinned versions: make setup", pytrace=False)
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
