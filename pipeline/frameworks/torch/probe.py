@@ -7,7 +7,9 @@ L-BFGS: a convex problem, so its optimum depends on the data and `l2` alone, not
 rate or an epoch count. `l2` auto is the grid value with the lowest held-out log loss: on the
 validation split when it holds `VAL_MIN_IMAGES` or more, else (a few dozen images are too
 noisy to choose by) by `FOLDS`-fold cross-validation on the training split, which is then
-small too. The path runs from the strongest `l2` down, each solve warm-started from the last.
+small too. The path runs from the strongest `l2` down, each solve warm-started from the last,
+and stops `PATIENCE` steps past the lowest held-out loss so far: that loss is U-shaped in `l2`,
+and the weak end, where solves take longest, is where it only climbs.
 The solution is folded back into one nn.Linear on the raw features.
 """
 
@@ -24,6 +26,7 @@ L2_GRID = tuple(10.0 ** (k / 2) for k in range(1, -11, -1))  # 3.2 .. 1e-5, half
 FOLDS = 5
 VAL_MIN_IMAGES = 200  # a smaller val split leaves the choice to cross-validation on train
 MAX_ITERATIONS = 200  # L-BFGS steps a solve; the gradient's tolerance ends most sooner
+PATIENCE = 2  # grid steps (a decade) the held-out loss may climb past its lowest before the path stops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,16 +68,29 @@ def solve(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float,
 Solution = tuple[torch.Tensor, torch.Tensor]  # (W, b) on the centred, scaled features
 
 
-def path_losses(x: torch.Tensor, y: torch.Tensor, held_x: torch.Tensor, held_y: torch.Tensor,
-                classes: int, grid: tuple[float, ...]) -> tuple[list[float], list[Solution]]:
-    """Held-out log loss of the probe fitted on (x, y) at each l2 of `grid`, strongest first,
-    and each solution."""
-    losses, solutions, start = [], [], None
+Fold = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # fit x, y; held-out x, y
+
+
+def path_losses(fits: list[Fold], classes: int, grid: tuple[float, ...]) -> tuple[list[float], list[list[Solution]]]:
+    """Held-out log loss summed over `fits` (each one's mean times its held-out count) at each l2
+    of `grid`, strongest first, and every fit's solution there; it ends `PATIENCE` steps past
+    the lowest, so it may be shorter than `grid`."""
+    totals: list[float] = []
+    path: list[list[Solution]] = []
+    starts: list[Solution | None] = [None] * len(fits)
     for l2 in grid:
-        start = solve(x, y, classes, l2, start)
-        losses.append(F.cross_entropy(held_x @ start[0] + start[1], held_y).item())
-        solutions.append(start)
-    return losses, solutions
+        starts = [solve(x, y, classes, l2, start) for (x, y, _, _), start in zip(fits, starts, strict=True)]
+        totals.append(sum(F.cross_entropy(hx @ w + b, hy).item() * len(hy)
+                          for (_, _, hx, hy), (w, b) in zip(fits, starts, strict=True)))
+        path.append(starts)
+        if len(totals) - 1 - best_index(totals) >= PATIENCE:
+            break
+    return totals, path
+
+
+def best_index(losses: list[float]) -> int:
+    """The lowest loss's index; the first (the stronger l2) on a tie."""
+    return min(range(len(losses)), key=lambda i: (losses[i], i))
 
 
 def folds(labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -94,22 +110,19 @@ def choose_l2(x: torch.Tensor, y: torch.Tensor, val_x: torch.Tensor, val_y: torc
     probe itself, so no second solve."""
     grid = tuple(sorted(L2_GRID, reverse=True))
     k = min(FOLDS, int(torch.bincount(y).min()))
-    solutions: list[Solution] | None = None
     if len(val_y) < VAL_MIN_IMAGES and k >= 2:
-        fold = folds(y, k)
-        totals = [0.0] * len(grid)
+        fold, fits = folds(y, k), []
         for i in range(k):
             fit, held = fold != i, fold == i
             mean, std = standardiser(x[fit])
-            losses, _ = path_losses((x[fit] - mean) / std, y[fit], (x[held] - mean) / std, y[held], classes, grid)
-            totals = [t + loss * int(held.sum()) for t, loss in zip(totals, losses, strict=True)]
-        scores, how = totals, "cross-validation"
-    else:
-        mean, std = standardiser(x)
-        scores, solutions = path_losses((x - mean) / std, y, (val_x - mean) / std, val_y, classes, grid)
-        how = "val"
-    best = min(range(len(grid)), key=lambda i: (scores[i], -grid[i]))
-    return grid[best], how, solutions[best] if solutions else None
+            fits.append(((x[fit] - mean) / std, y[fit], (x[held] - mean) / std, y[held]))
+        totals, _ = path_losses(fits, classes, grid)
+        best = best_index(totals)
+        return grid[best], "cross-validation", None
+    mean, std = standardiser(x)
+    totals, path = path_losses([((x - mean) / std, y, (val_x - mean) / std, val_y)], classes, grid)
+    best = best_index(totals)
+    return grid[best], "val", path[best][0]
 
 
 def fit(features: torch.Tensor, labels: torch.Tensor, val_features: torch.Tensor, val_labels: torch.Tensor,

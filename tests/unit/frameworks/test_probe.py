@@ -125,3 +125,17 @@ def test_phase_2_ships_only_when_it_beats_the_probe_by_more_than_noise(monkeypat
     same = all(torch.equal(v, probed[k]) for k, v in model.state_dict().items())
     assert same == (gain < 1) and outcome.choices["phase2"].startswith("kept" if gain > 1 else "discarded")
     assert outcome.results[-1].best_val_loss == (head_loss if gain < 1 else head_loss - gain * margin)
+
+
+def test_the_path_stops_patience_steps_past_its_lowest_loss_and_chooses_as_the_whole_grid_would(monkeypatch):
+    x, y = blobs(150, 30, 3, 2.0, seed=7)
+    vx, vy = blobs(90, 30, 3, 2.0, seed=8)
+    mean, std = probe.standardiser(x.double())
+    fit = [((x.double() - mean) / std, y, (vx.double() - mean) / std, vy)]
+    grid = tuple(sorted(probe.L2_GRID, reverse=True))
+    totals, path = probe.path_losses(fit, 3, grid)
+    best = probe.best_index(totals)
+    assert len(totals) == len(path) == best + 1 + probe.PATIENCE < len(grid)  # the weak end was never solved
+    monkeypatch.setattr(probe, "PATIENCE", len(grid))
+    whole, _ = probe.path_losses(fit, 3, grid)
+    assert len(whole) == len(grid) and whole[: len(totals)] == totals and probe.best_index(whole) == best
