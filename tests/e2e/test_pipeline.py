@@ -15,8 +15,9 @@ from support import copy_project, digit_folder, run
 
 from pipeline.experiments import dvc_queue
 
-# `make e2e` runs pytest -n 2 --dist loadgroup: the tests of the "repo" group share one worker
-# and so one tmp_repo (a module fixture is built once per worker that needs it)
+# `make e2e` runs pytest -n 2 --dist loadgroup: each xdist group runs on one worker, which builds
+# tmp_repo once for it. Two groups (a third of the suite's work each, with the DVC faults and the
+# photos the rest) keep both workers busy; one group for all would be most of the suite on one.
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
@@ -163,7 +164,7 @@ def test_a_clone_a_run_cache_pull_and_an_applied_experiment_all_leave_a_complete
     assert sorted(r.data.params["train.epochs"] for r in train) == ["1", "2"]
 
 
-@pytest.mark.xdist_group("repo")
+@pytest.mark.xdist_group("repo-experiments")
 def test_experiments_appear_in_dvc_exp_show_and_in_the_root_mlflow_store(tmp_repo):
     repo, env = tmp_repo
     run(["dvc", "exp", "run", "-n", "fast-lr", "-S", "train.lr=0.01"], repo, env)
@@ -204,7 +205,7 @@ def test_an_experiment_queued_as_the_last_worker_leaves_still_runs(tmp_repo, cap
     assert "orphan queued with no worker left" in capsys.readouterr().err
 
 
-@pytest.mark.xdist_group("repo")
+@pytest.mark.xdist_group("repo-experiments")
 def test_an_experiment_whose_worker_died_is_queued_again_once_instead_of_hanging(tmp_repo, capsys):
     """A worker killed mid-run leaves DVC calling its experiment 'Running' for ever, as DVC's
     workers starting together sometimes do (dvc#10673): the wait sees no worker and no
@@ -241,7 +242,7 @@ def test_an_experiment_whose_worker_died_is_queued_again_once_instead_of_hanging
     assert dvc_queue.status(env, repo)["killed"] == "Failed"  # not 'Running' for ever, as DVC alone leaves it
 
 
-@pytest.mark.xdist_group("repo")
+@pytest.mark.xdist_group("repo-experiments")
 def test_a_three_trial_sweep_queues_experiments_and_applies_the_best(tmp_repo):
     repo, env = tmp_repo
     run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
@@ -318,7 +319,7 @@ def test_a_dvc_tracked_image_folder_drives_ingest_and_prepare(tmp_repo, tmp_path
     assert (repo / "data" / "ingested" / "manifest.csv").read_text() != manifest
 
 
-@pytest.mark.xdist_group("repo")
+@pytest.mark.xdist_group("repo-experiments")
 def test_the_keras_framework_runs_as_an_experiment_and_reruns_byte_identically(tmp_repo):
     """It leaves the workspace on the keras experiment (the photos test has its own repository)."""
     repo, env = tmp_repo
