@@ -42,7 +42,7 @@ from bench import REPO, parse_sets, report, set_params
 
 def pipeline_file(rel: str) -> bool:
     """What a copy of the pipeline needs: its code, DVC's files and the bundled sources."""
-    return rel.startswith(("pipeline/", ".dvc/", "data/sources/")) or rel in {
+    return rel.startswith(("pipeline/", ".dvc/", "data/sources/", "data/review/")) or rel in {
         "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore",
     }
 

@@ -24,7 +24,8 @@ import time
 
 # The pipeline's own modules load inside main()'s try, so a Ctrl-C while they import still
 # ends in the one-line message; before it, Python dies by the signal with a traceback.
-STAGES = ("ingest", "prepare", "train", "crossval", "finetune", "evaluate", "export", "register", "report", "sync")
+STAGES = ("ingest", "prepare", "audit", "train", "crossval", "finetune", "evaluate", "export", "register", "report",
+          "sync")
 UNTRACKED = ("sync",)  # stages with no MLflow run of their own (sync makes the others'), never under torchrun
 
 # glibc mallopt parameters (malloc.h)

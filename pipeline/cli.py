@@ -23,14 +23,22 @@ def parse(argv: list[str] | None, doc: str | None, *options: Option) -> argparse
     return parser.parse_args(argv)
 
 
-def fit_paths(argv: list[str] | None, doc: str | None, stage: str, model: str) -> argparse.Namespace:
-    """A training stage's paths: the prepared data in, the model folder and DVCLive folder out."""
+APPLIED = path("--applied", None, "the audit's changes to train and val (data/audit/applied.csv; audit.apply)")
+
+
+def fit_paths(argv: list[str] | None, doc: str | None, stage: str, model: str,
+              features: bool = False) -> argparse.Namespace:
+    """A training stage's paths: the prepared data in, the model folder and DVCLive folder out;
+    with `features`, the folder of the audit's backbone features (data/audit), reused if they fit."""
+    more = [path("--features", None, "the audit's folder (data/audit): its features, where they fit")]
+    more = more if features else []
     return parse(argv, doc, path("--data", "data/prepared"), path("--out", f"models/{model}", "the model folder"),
-                 path("--live", f"dvclive/{stage}"))
+                 path("--live", f"dvclive/{stage}"), APPLIED, *more)
 
 
 def model_paths(
-    argv: list[str] | None, doc: str | None, stage: str, out: str | None = None, evaluation: bool = False
+    argv: list[str] | None, doc: str | None, stage: str, out: str | None = None, evaluation: bool = False,
+    audit: bool = False,
 ) -> argparse.Namespace:
     """A stage that reads one trained model (`--model` under `--models`): its paths, with
     `model_dir`, `live` (dvclive/<stage>/<model>), when `out` is given, `out` (<out>/<model>),
@@ -45,6 +53,8 @@ def model_paths(
         options.append(path("--out", None, f"default: {out}/<model>"))
     if evaluation:
         options.append(path("--evaluation", None, "default: dvclive/evaluate/<model>"))
+    if audit:
+        options.append(path("--audit", None, "the audit's issues.csv (data/audit/issues.csv)"))
     args = parse(argv, doc, *options)
     args.model_dir = args.models / args.model
     args.producer = PRODUCERS.get(args.model, args.model)

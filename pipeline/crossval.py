@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline import cli, config, files
 from pipeline.config import check
-from pipeline.data import formats
+from pipeline.data import formats, review
 from pipeline.frameworks import registry
 from pipeline.frameworks.interface import RuntimeParams
 from pipeline.frameworks.recipe import resolve_auto
@@ -57,7 +57,8 @@ def summarise(per_fold: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = cli.parse(argv, __doc__, cli.path("--data", "data/prepared"), cli.path("--live", "dvclive/crossval"))
+    args = cli.parse(argv, __doc__, cli.path("--data", "data/prepared"), cli.path("--live", "dvclive/crossval"),
+                     cli.APPLIED)
     p = config.load("crossval", CrossvalParams)
     t = config.load("train", TrainParams)
     rt = config.load("runtime", RuntimeParams)
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         per_fold: list[dict] = []
         run.log_dataset(args.data, "training")
         if p.folds:
-            train, val = formats.load_split(args.data, "train"), formats.load_split(args.data, "val")
+            train, val = review.load_training(args.data, args.applied)
             images = np.concatenate([np.asarray(train.images), np.asarray(val.images)])
             labels = np.concatenate([train.labels, val.labels])
             for k, (rest, held) in enumerate(fold_indices(labels, p.folds, p.seed)):

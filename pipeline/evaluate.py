@@ -14,6 +14,8 @@ splits; writes `dvclive/evaluate/<model>/`:
   (plots/custom/reliability.json), and PNG images: reliability diagram, Grad-CAM over a seeded
   sample of test images (half right, half wrong), the most confidently wrong test images, both
   confusion matrices.
+With `--audit` (the audit stage's issues.csv), metrics.json also holds the test accuracy on the
+test images the audit did not flag (`test/acc_unflagged`) and their count.
 dvc.yaml runs it for each model (`foreach`: scratch, finetune).
 """
 
@@ -25,7 +27,7 @@ import numpy as np
 
 from pipeline import cli, config, files
 from pipeline.config import check
-from pipeline.data import formats
+from pipeline.data import formats, review
 from pipeline.evaluation import calibration, figures, samples
 from pipeline.frameworks import registry
 from pipeline.frameworks.interface import RuntimeParams
@@ -118,8 +120,19 @@ def captions(indices: np.ndarray, labels: np.ndarray, proba: np.ndarray, classes
     return [f"true {classes[labels[i]]}\npred {classes[predicted[i]]} ({proba[i, predicted[i]]:.2f})" for i in indices]
 
 
+def unflagged_accuracy(labels: np.ndarray, proba: np.ndarray, flagged: set[int] | None) -> dict[str, float | int]:
+    """Test accuracy on the test images the audit did not flag, and their count: beside the
+    plain accuracy, how much of the error is on images whose label or quality is in doubt."""
+    if flagged is None:
+        return {}
+    keep = np.ones(len(labels), dtype=bool)
+    keep[sorted(flagged)] = False
+    acc = float((proba[keep].argmax(1) == labels[keep]).mean()) if keep.any() else float("nan")
+    return {"test/acc_unflagged": acc, "test/unflagged_images": int(keep.sum())}
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = cli.model_paths(argv, __doc__, "evaluate")
+    args = cli.model_paths(argv, __doc__, "evaluate", audit=True)
     p = config.load("evaluate", EvaluateParams)
     rt = config.load("runtime", RuntimeParams)
     files.verify_folder(args.data, "prepare")
@@ -130,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     with stage_run(f"evaluate@{name}", {"evaluate": p, "runtime": rt, "model": name}, args.live) as run:
         proba = backend.predict(model, test.images, p.batch_size)
         summary, per_class = classification_metrics(test.labels, proba, classes)
+        summary |= unflagged_accuracy(test.labels, proba, review.flagged(args.audit, "test"))
         temperature = 1.0
         if p.calibrate:  # fitted on val: a temperature fitted on test would flatter the test ECE
             temperature = calibration.fit_temperature(backend.predict(model, val.images, p.batch_size), val.labels)

@@ -19,7 +19,7 @@ from typing import Literal
 
 from pipeline import cli, config, files
 from pipeline.config import check
-from pipeline.data import formats
+from pipeline.data import formats, review
 from pipeline.experiments import trial
 from pipeline.frameworks import card, shapes
 from pipeline.frameworks.interface import RuntimeParams
@@ -98,10 +98,13 @@ def phases(p: FinetuneParams, image_size: int) -> transfer.Phases:
 def finetune(
     model: torch_model.PretrainedCNN, train: formats.Split, val: formats.Split, p: FinetuneParams,
     device, generator, run: StageRun | None, saved: checkpoints.Checkpoints | None = None,
+    features: list | None = None,
 ) -> transfer.Outcome:
-    """Both phases (`transfer.fit`) with this stage's params, `auto` resolved for `train`'s size."""
+    """Both phases (`transfer.fit`) with this stage's params, `auto` resolved for `train`'s size;
+    `features`: train's and val's pooled features, when the audit computed them already."""
     fit_p = resolve_auto(p, len(train))
-    return transfer.fit(model, train, val, fit_p, phases(p, train.image_size), device, generator, run, saved)
+    return transfer.fit(model, train, val, fit_p, phases(p, train.image_size), device, generator, run, saved,
+                        features)
 
 
 PHOTO_UNFREEZE = 0.3  # unfreeze_fraction auto for photos
@@ -117,12 +120,12 @@ def unfreeze_share(p: FinetuneParams, image_size: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     torchrun.relaunch("finetune", argv or [])  # nproc > 1: this process becomes torchrun's agent, exits with the ranks
-    args = cli.fit_paths(argv, __doc__, "finetune", "finetune")
+    args = cli.fit_paths(argv, __doc__, "finetune", "finetune", features=True)
     p = config.load("finetune", FinetuneParams)
     rt = config.load("runtime", RuntimeParams)
     files.verify_folder(args.data, "prepare")
     backend = TorchBackend(rt, p.seed)  # seeds, threads, deterministic kernels, device
-    train_set, val_set = formats.load_split(args.data, "train"), formats.load_split(args.data, "val")
+    train_set, val_set = review.load_training(args.data, args.applied)
     net, weights_sha256 = pretrained.load_pretrained(p.backbone, p.weights, p.weights_sha256)
     margs = model_args(p, train_set, torch_model.pretrained_resolution(net))
     model = torch_model.PretrainedCNN(**margs, net=net)
@@ -139,8 +142,14 @@ def main(argv: list[str] | None = None) -> None:
         ran_on = {**backend.describe(), "weights_sha256": weights_sha256}
         saved = checkpoints.for_stage(store.repo_root(), "finetune", {"finetune": p, "runtime": rt}, [args.data],
                                       ran_on)
+        batch = transfer.feature_batch(fit_p)
+        key = transfer.features_key(margs, weights_sha256, batch, fit_p.channels_last, args.data)
+        cached = transfer.cached_features(args.features, key, {"train": len(train_set), "val": len(val_set)}) \
+            if args.features else None
+        run.set_tags({"features": f"from {args.features} (the audit's)" if cached else "computed here"})
         started = time.perf_counter()
-        outcome = finetune(model, train_set, val_set, fit_p, backend.device, backend.generator, run, saved)
+        outcome = finetune(model, train_set, val_set, fit_p, backend.device, backend.generator, run, saved,
+                           [cached["train"], cached["val"]] if cached else None)
         seconds = time.perf_counter() - started
         run.log_choices(outcome.choices)
         results = outcome.results

@@ -4,6 +4,8 @@ Reads `data/ingested` (manifest, classes) and the source's images (`data.folder`
 under `data.root`); writes `data/prepared` (format in `pipeline.data.formats`): per split, uint8
 arrays at `prepare.image_size` that training memory-maps, the class-to-index mapping, and
 `manifest.csv` with each image's split and row, so split membership is an output.
+The reviewed changes in `data/review/exclude.csv` (`pipeline.data.review`) drop or relabel
+images once their splits are drawn; their counts go to the metrics.
 `near_duplicates.csv` lists val/test images with a near-twin in an earlier split (a pHash
 candidate confirmed by pixel correlation, `pipeline.data.duplicates`); split sizes per class
 and the near-duplicate counts go to `dvclive/prepare/metrics.json`.
@@ -29,7 +31,7 @@ import pandas as pd
 
 from pipeline import cli, config, files
 from pipeline.config import check
-from pipeline.data import duplicates, formats, images, parallel, sources, writer
+from pipeline.data import duplicates, formats, images, parallel, review, sources, writer
 from pipeline.data.sources import DataParams
 from pipeline.tracking.run import stage_run
 
@@ -162,10 +164,13 @@ def preprocessing(storage: Storage, params: PrepareParams) -> dict:
     }
 
 
-def prepare_manifest(manifest: pd.DataFrame, params: PrepareParams) -> pd.DataFrame:
-    """The ingest manifest plus `split` and `index` (the image's row in its split's arrays)."""
+def prepare_manifest(manifest: pd.DataFrame, params: PrepareParams,
+                     changes: list[review.Change] | None = None) -> pd.DataFrame:
+    """The ingest manifest plus `split` and `index` (the image's row in its split's arrays), the
+    reviewed `changes` applied after the splits are drawn: every other image keeps its split."""
     prepared = manifest.sort_values("path", kind="stable", ignore_index=True)
     prepared["split"] = assign_splits(prepared, params)
+    prepared = review.apply_to_manifest(prepared, changes or [])
     prepared["index"] = prepared.groupby("split", sort=False).cumcount()
     return prepared
 
@@ -199,7 +204,8 @@ def is_detail(key: str) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     args = cli.parse(argv, __doc__, cli.path("--ingested", "data/ingested"), cli.path("--out", "data/prepared"),
-                     cli.path("--live", "dvclive/prepare"))
+                     cli.path("--live", "dvclive/prepare"),
+                     cli.path("--exclude", "data/review/exclude.csv", "reviewed drops and relabels (data.review)"))
     data_params = config.load("data", DataParams)
     params = config.load("prepare", PrepareParams)
     files.verify_folder(args.ingested, "ingest")
@@ -214,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"data.source is {data_params.source!r}; rerun ingest (dvc repro)"
             )
         source = sources.open_source(data_params)  # no fetch: ingest read these files
-        prepared = prepare_manifest(manifest, params)
+        changes = review.read_changes(args.exclude, manifest["path"].tolist(), classes)
+        prepared = prepare_manifest(manifest, params, changes)
         storage = decide_storage(prepared, params)
         with files.atomic_dir(args.out) as tmp:
             writer.write_splits(tmp, prepared, classes, source, storage.size, storage.channels, params.resize,
@@ -231,6 +238,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"prepare: images stored at {storage.size} x {storage.size} px (prepare.image_size: {params.image_size})")
         run.set_tags({"dataset_sha256": dataset["sha256"], "data_source": dataset["source"]})
         stats = statistics(prepared, classes, near, candidates, storage)
+        stats["review/dropped"] = sum(c.action == "drop" for c in changes)
+        stats["review/relabelled"] = sum(c.action == "relabel" for c in changes)
+        if changes:
+            print(f"prepare: {args.exclude} drops {stats['review/dropped']} images and relabels "
+                  f"{stats['review/relabelled']}")
         detail = {k: v for k, v in stats.items() if is_detail(k)}
         run.log_summary({k: v for k, v in stats.items() if k not in detail})
         run.log_details(detail)

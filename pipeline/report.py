@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
                    for m in args.models}
     with stage_run("report", {"models": list(args.models)}, args.live) as run:
         rows, images = {}, {}
-        with files.atomic_dir(args.out, checksums=False) as out:  # read by people, not by a stage
+        # read by people, not by a stage; reports/ also holds the audit's report, which is not ours
+        with files.atomic_dir(args.out / "images", checksums=False) as out_images:
             for m in args.models:
                 export_metrics = args.export_metrics / m / "metrics.json"
                 export = formats.read_json(export_metrics, f"{m}'s export metrics") if export_metrics.exists() else {}
@@ -212,18 +213,19 @@ def main(argv: list[str] | None = None) -> None:
                 images[m] = []
                 table = curves(args.curves / cli.PRODUCERS.get(m, m))
                 if not table.empty:
-                    figures.save_png(curves_figure(m, table), out / "images" / f"{m}_curves.png")
+                    figures.save_png(curves_figure(m, table), out_images / f"{m}_curves.png")
                     images[m].append((f"{m}_curves.png", "Training curves (train and validation, per epoch)"))
                 for file, caption in FIGURES:
                     source = args.evaluations / m / "plots" / "images" / file
                     if source.is_file():
-                        files.write_bytes(out / "images" / f"{m}_{file}", source.read_bytes())
+                        files.write_bytes(out_images / f"{m}_{file}", source.read_bytes())
                         images[m].append((f"{m}_{file}", caption))
-            files.write_text(out / "report.md", markdown(rows, evaluations, dataset, images))
+        files.write_text(args.out / "report.md", markdown(rows, evaluations, dataset, images))
         side_by_side = {f"{m}/{k}": v for m, row in rows.items() for k, v in row.items()}
         run.log_summary(side_by_side)
         run.log_group_metrics(side_by_side)  # onto the execution's parent run: experiments compare there
-        run.log_artifact(args.out, "report")
+        run.log_artifact(args.out / "report.md", "report")
+        run.log_artifact(args.out / "images", "report/images")
 
 
 if __name__ == "__main__":

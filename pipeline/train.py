@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from pipeline import cli, config, files
-from pipeline.data import formats
+from pipeline.data import review
 from pipeline.experiments import trial
 from pipeline.frameworks import card, registry
 from pipeline.frameworks.interface import RuntimeParams
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     rt = config.load("runtime", RuntimeParams)
     files.verify_folder(args.data, "prepare")
     backend = registry.get(p.framework, rt, p.seed)  # seeds, threads, deterministic kernels, device
-    train_set, val_set = formats.load_split(args.data, "train"), formats.load_split(args.data, "val")
+    train_set, val_set = review.load_training(args.data, args.applied)
     margs = model_args(p, train_set)
     model = backend.build("scratch_cnn", margs)
     with stage_run("train", {"train": p, "runtime": rt}, live_dir=args.live) as run:

@@ -24,6 +24,7 @@ TINY_PARAMS = """\
 runtime: {threads: 1, device: cpu}
 data: {source: digits, folder: data/sources, root: data/sources}
 prepare: {seed: 0, image_size: 16, val_fraction: 0.15, test_fraction: 0.15}
+audit: {input_size: 32, folds: 3}
 train: {framework: torch, seed: 0, epochs: 2, batch_size: 64, lr: 3.0e-3}
 finetune:
   seed: 0
@@ -116,7 +117,7 @@ def save_splits(out: Path, splits: dict) -> None:
     files.write_checksums(out)
 
 
-PROJECT_FILES = ("pipeline/", ".dvc/", "data/sources/")  # with dvc.yaml, .dvcignore, .gitignore
+PROJECT_FILES = ("pipeline/", ".dvc/", "data/sources/", "data/review/")  # with dvc.yaml, .dvcignore, .gitignore
 
 
 def copy_project(dest: Path, store: Path, params: str = TINY_PARAMS) -> dict[str, str]:

@@ -5,7 +5,8 @@ Ingested data (ingest's output) is a manifest CSV with one row per usable image
 Prepared data (prepare's output) is one folder holding, per split, `<split>_images.npy`
 (uint8, N x H x W x C) and `<split>_labels.npy` (int64, N), plus `classes.json` (the
 class-to-index mapping: index i is classes[i]), `dataset.json` and `manifest.csv` (the
-ingest manifest plus each image's split and row). Plain .npy files memory-map, so a split
+ingest manifest plus each image's split and row, and `given_label`, its label as ingested, which
+a review may have changed: `pipeline.data.review`). Plain .npy files memory-map, so a split
 larger than memory still trains, and they carry no timestamps (unlike .npz's zip entries).
 """
 
@@ -32,7 +33,7 @@ SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = (
     "path", "label", "source_split", "sha256", "width", "height", "mode", "file_mode", "phash", "colourfulness",
 )
-_TEXT_COLUMNS = ("path", "label", "source_split", "sha256", "mode", "file_mode", "phash", "split")
+_TEXT_COLUMNS = ("path", "label", "given_label", "source_split", "sha256", "mode", "file_mode", "phash", "split")
 
 
 class DataError(PipelineError, ValueError):

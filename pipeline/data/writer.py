@@ -73,7 +73,7 @@ def write_splits(
     resize: images.Resize, workers: int,
 ) -> None:
     """`<split>_images.npy` (uint8 (N, size, size, channels)) and `<split>_labels.npy` for every
-    split of `prepared` (its split, label, path, source_split, sha256 and row index columns),
+    split of `prepared` (its split, label, given_label, path, source_split, sha256 and row index columns),
     filled by `workers` processes."""
     class_index = {name: i for i, name in enumerate(classes)}
     tasks: list[Task] = []
@@ -82,7 +82,8 @@ def write_splits(
         shape = (len(rows), size, size, channels)
         np.lib.format.open_memmap(out / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=shape).flush()
         np.save(out / f"{split}_labels.npy", rows["label"].map(class_index).to_numpy(np.int64))
-        tasks += [(source.item(r.path, r.label, r.source_split), r.sha256, split, r.index) for r in rows.itertuples()]
+        tasks += [(source.item(r.path, r.given_label, r.source_split), r.sha256, split, r.index)
+                  for r in rows.itertuples()]
     target = Target(source, out, size, channels, resize)
     errors = [e for e in parallel.map_batches(_fill_batch, tasks, _crashed, workers, 1024, _use_target, (target,)) if e]
     if errors:

@@ -27,8 +27,12 @@ from pipeline.runtime import workspace
 from pipeline.tracking import connect, lockfile, models, store, worker
 
 RESTORED_TAG = "pipeline.restored_from"  # the commit whose dvc.lock recorded the state
-ARTIFACT_FOLDERS = {"ingest": "ingested", "train": "model", "finetune": "model", "export": "export", "report": "report"}
-PREPARED_FILES = ("manifest.csv", "near_duplicates.csv")  # what prepare logs of its folder (not the arrays)
+ARTIFACT_FOLDERS = {"ingest": "ingested", "train": "model", "finetune": "model", "export": "export"}
+# reports for people: the markdown under the stage's name, its images folder beneath it (as the stages log them)
+REPORT_IMAGES = {"reports/images": "report/images", "reports/audit": "audit/audit"}
+# what prepare and audit log of their folders (not the arrays, not the features), and where
+LOGGED_FILES = {"prepare": ("prepared", ("manifest.csv", "near_duplicates.csv")),
+                "audit": ("audit", ("issues.csv", "proposal.csv"))}
 DATASET_CONTEXT = {"train": "training", "finetune": "training", "crossval": "training",
                    "evaluate": "evaluation", "export": "evaluation"}
 PREPARED = Path("data/prepared")
@@ -181,10 +185,14 @@ class Restorer:
             path = self.workdir / out["path"]
             if out["path"].startswith("dvclive/"):
                 continue
-            if family == "prepare":
-                for name in PREPARED_FILES:
-                    if (path / name).is_file():
-                        self.call(lambda f=path / name: self.mlflow.log_artifact(str(f), "prepared"))
+            if path.suffix == ".md" and path.is_file():  # report's and audit's markdown
+                self.call(lambda f=path: self.mlflow.log_artifact(str(f), family))
+            elif out["path"] in REPORT_IMAGES and path.is_dir():
+                self.call(lambda d=path, o=out["path"]: self.mlflow.log_artifacts(str(d), REPORT_IMAGES[o]))
+            elif family in LOGGED_FILES:
+                folder, names = LOGGED_FILES[family]
+                for f in (path / name for name in names if (path / name).is_file()):
+                    self.call(lambda f=f, to=folder: self.mlflow.log_artifact(str(f), to))
             elif family in ARTIFACT_FOLDERS and path.is_dir():
                 self.call(lambda d=path: self.mlflow.log_artifacts(str(d), ARTIFACT_FOLDERS[family]))
 

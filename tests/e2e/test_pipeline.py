@@ -59,6 +59,10 @@ def test_dvc_repro_twice_gives_identical_lock_and_then_has_nothing_to_do(tmp_rep
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
     (workspace,) = [rev["data"] for rev in metrics.values()]  # one revision: the workspace
     assert "test" in workspace["dvclive/evaluate/scratch/metrics.json"]["data"]
+    # the audit's counts, and the test accuracy without the images it flagged beside the plain one
+    assert "estimated_noise_rate" in workspace["dvclive/audit/metrics.json"]["data"]
+    assert "acc_unflagged" in workspace["dvclive/evaluate/finetune/metrics.json"]["data"]["test"]
+    assert (repo / "reports/audit.md").is_file() and (repo / "data/audit/proposal.csv").is_file()
     side_by_side = workspace["dvclive/report/metrics.json"]["data"]
     assert set(side_by_side) == {"scratch", "finetune"} and side_by_side["scratch"]["test_acc"] > 0
     plots = run(["dvc", "plots", "show", "--json"], repo, env).stdout
@@ -68,7 +72,7 @@ def test_dvc_repro_twice_gives_identical_lock_and_then_has_nothing_to_do(tmp_rep
     # every stage reported to the store in the repository root, each run tagged with its stage
     stages = {r.data.tags["stage"] for r in mlflow_runs(repo)}
     assert stages == {
-        "ingest", "prepare", "train", "crossval", "finetune",
+        "ingest", "prepare", "audit", "train", "crossval", "finetune",
         "evaluate@scratch", "evaluate@finetune", "export@scratch", "export@finetune", "register", "report",
     }
     # the model register chose holds the alias in the store's registry; the rerun added no version
@@ -377,6 +381,7 @@ PHOTO_PARAMS = """\
 runtime: {threads: 1, device: cpu}  # two xdist workers on two cores: see support.TINY_PARAMS
 data: {source: folder, folder: data/sources/photos, root: data/sources}
 prepare: {seed: 0}
+audit: {}
 train: {framework: torch, seed: 0, epochs: 2, batch_size: 8}
 finetune: {seed: 0, epochs: 1, batch_size: 8}
 evaluate: {batch_size: 64}

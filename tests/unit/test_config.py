@@ -84,20 +84,21 @@ def test_invalid_yaml_names_the_file(tmp_path):
 
 
 def test_the_repository_params_file_loads_into_every_stage(repo_root):
-    from pipeline import crossval, evaluate, export, finetune, prepare, register, train
+    from pipeline import audit, crossval, evaluate, export, finetune, prepare, register, train
     from pipeline.data import sources
     from pipeline.frameworks.interface import RuntimeParams
 
     path = repo_root / "params.yaml"
     for section, cls in [
         ("runtime", RuntimeParams), ("data", sources.DataParams), ("prepare", prepare.PrepareParams),
-        ("train", train.TrainParams), ("finetune", finetune.FinetuneParams),
+        ("audit", audit.AuditParams), ("train", train.TrainParams), ("finetune", finetune.FinetuneParams),
         ("evaluate", evaluate.EvaluateParams), ("export", export.ExportParams), ("tracking", TrackingParams),
         ("crossval", crossval.CrossvalParams), ("register", register.RegisterParams),
     ]:
         config.load(section, cls, path)
     assert set(config.read_params(path)) == {
-        "runtime", "tracking", "data", "prepare", "train", "crossval", "finetune", "evaluate", "export", "register"}
+        "runtime", "tracking", "data", "prepare", "audit", "train", "crossval", "finetune", "evaluate", "export",
+        "register"}
 
 
 def test_every_params_dataclass_default_is_the_committed_params_yaml():
@@ -105,6 +106,7 @@ def test_every_params_dataclass_default_is_the_committed_params_yaml():
     params.yaml names every field (so a default cannot drift from the value the pipeline runs)."""
     import dataclasses
 
+    from pipeline.audit import AuditParams
     from pipeline.crossval import CrossvalParams
     from pipeline.data.sources import DataParams
     from pipeline.evaluate import EvaluateParams
@@ -117,7 +119,7 @@ def test_every_params_dataclass_default_is_the_committed_params_yaml():
     from pipeline.tracking.store import TrackingParams
 
     sections = {"runtime": RuntimeParams, "tracking": TrackingParams, "data": DataParams, "prepare": PrepareParams,
-                "train": TrainParams, "crossval": CrossvalParams, "finetune": FinetuneParams,
+                "audit": AuditParams, "train": TrainParams, "crossval": CrossvalParams, "finetune": FinetuneParams,
                 "evaluate": EvaluateParams, "export": ExportParams, "register": RegisterParams}
     raw = config.read_params(REPO / "params.yaml")
     assert set(sections) <= set(raw)

@@ -21,7 +21,8 @@ from ruamel.yaml import YAML
 from support import REPO
 
 PACKAGE = REPO / "pipeline"
-STAGES = ("ingest", "prepare", "train", "crossval", "finetune", "evaluate", "export", "register", "report", "sync")
+STAGES = ("ingest", "prepare", "audit", "train", "crossval", "finetune", "evaluate", "export", "register", "report",
+          "sync")
 SHARED = ("config", "files", "errors", "cli")  # the only modules beside the stages at the top
 MAX_LINES = 300  # a module read in one sitting
 FRAMEWORK_LIBRARIES = (

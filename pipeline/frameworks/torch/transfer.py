@@ -47,14 +47,16 @@ class Outcome:
 def fit(
     model: torch_model.PretrainedCNN, train: formats.Split, val: formats.Split, p: FitParams, phases: Phases,
     device: Any, generator: Any, run: StageRun | None, saved: Checkpoints | None = None,
+    features: list[torch.Tensor] | None = None,
 ) -> Outcome:
     """Both phases; curves continue across them (phase 1 is step 0) so one plot shows the whole
     run. Phase 2 is kept only when its best val loss beats the probe's by more than that loss's
     standard error over the val images: on a few dozen images a smaller gain is noise. With
     `saved`, phase 2 checkpoints every epoch (slot 'top') and resumes from there; phase 1 is
-    recomputed, to the same weights."""
+    recomputed, to the same weights. `features`: train's and val's pooled features, computed
+    already (`cached_features`)."""
     model.freeze_batch_norm = phases.freeze_batch_norm
-    head, fitted, margin = fit_head(model, train, val, p, phases.head_l2, device, run)
+    head, fitted, margin = fit_head(model, train, val, p, phases.head_l2, device, run, features)
     results = [head]
     choices: dict[str, object] = {"head_l2": f"{fitted.l2:.3g}", "head_l2_by": fitted.chosen_by}
     if p.epochs and phases.share > 0:
@@ -76,18 +78,68 @@ def fit(
     return Outcome(results, choices)
 
 
+def pooled_features(model: torch_model.PretrainedCNN, images: list, device: Any, batch_size: int = 256,
+                    channels_last: bool = True) -> list[torch.Tensor]:
+    """The frozen backbone's pooled features (N, F) of each uint8 (N, H, W, C) array, unaugmented,
+    in eval mode: what the probe reads, and the audit stage's features."""
+    model.set_trainable(0.0)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    with model.head_removed():
+        return [recipe.predict_logits(model, x, device, batch_size, channels_last) for x in images]
+
+
+def feature_batch(p: FitParams) -> int:
+    return max(p.batch_size, 256)
+
+
+def features_key(margs: dict, weights_sha256: str, batch_size: int, channels_last: bool, prepared: Any) -> dict:
+    """What the pooled features' bytes depend on beyond the threads: the images (the sha256 of
+    each split's array, from the prepared folder's checksums), the PretrainedCNN's args but its
+    head's, the weights and the batches. A cache of them serves a stage whose key is equal."""
+    from pathlib import Path
+
+    kept = ("backbone", "in_channels", "image_size", "input_size", "mean", "std")
+    sums = (Path(prepared) / "SHA256SUMS").read_text().splitlines()
+    images = {name: sha for sha, _, name in (line.partition("  ") for line in sums) if name.endswith("_images.npy")}
+    return {**{k: list(margs[k]) if isinstance(margs[k], tuple) else margs[k] for k in kept},
+            "weights_sha256": weights_sha256, "batch_size": batch_size, "channels_last": channels_last,
+            "images": images}
+
+
+def cached_features(folder: Any, key: dict, sizes: dict[str, int]) -> dict[str, torch.Tensor] | None:
+    """The audit stage's per-split features (`folder`/features.npy, the splits in SPLITS order,
+    and features.json) when they were computed with `key` for splits of `sizes`; else None."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    meta, array = Path(folder) / "features.json", Path(folder) / "features.npy"
+    if not (meta.is_file() and array.is_file()):
+        return None
+    saved = json.loads(meta.read_text())
+    if saved.get("key") != key or any(saved.get("splits", {}).get(s) != n for s, n in sizes.items()):
+        return None
+    x, out, start = torch.from_numpy(np.load(array)), {}, 0
+    for split in formats.SPLITS:  # the array's order (the JSON's keys are sorted)
+        n = saved["splits"][split]
+        out[split], start = x[start:start + n], start + n
+    return out
+
+
 def fit_head(
     model: torch_model.PretrainedCNN, train: formats.Split, val: formats.Split, p: FitParams, l2: float | None,
-    device: Any, run: StageRun | None,
+    device: Any, run: StageRun | None, features: list[torch.Tensor] | None = None,
 ) -> tuple[FitResult, probe.Probe, float]:
     """Phase 1: the probe on features computed once (unaugmented, the backbone frozen and in
     eval mode), loaded into the model's head; its result as epoch 0, the probe, and the
     standard error of its val loss."""
-    model.set_trainable(0.0)
-    model.to(device, memory_format=torch.channels_last if p.channels_last else torch.preserve_format)
-    size = max(p.batch_size, 256)
-    with model.head_removed() as head:
-        features = [recipe.predict_logits(model, s.images, device, size, p.channels_last) for s in (train, val)]
+    if features is None:
+        features = pooled_features(model, [train.images, val.images], device, feature_batch(p), p.channels_last)
+    else:  # the same weights frozen, as pooled_features leaves them
+        model.set_trainable(0.0)
+        model.to(device, memory_format=torch.channels_last if p.channels_last else torch.preserve_format)
+    head = model.net.get_submodule(model.head)  # Sequential(Dropout, Linear)
     labels = [recipe.labels_on(s, torch.device("cpu")) for s in (train, val)]
     fitted = probe.fit(features[0], labels[0], features[1], labels[1], train.num_classes, l2)
     probe.load_into(head[-1], fitted)
