@@ -19,7 +19,7 @@ from bench.duplicates import mnist_5k
 from pipeline import audit
 from pipeline.data import formats
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("audit")]  # one worker builds the audited folder
 
 PARAMS = """\
 runtime: {threads: 1, device: cpu}
