@@ -24,7 +24,7 @@ TINY_PARAMS = """\
 runtime: {threads: 1, device: cpu}
 data: {source: digits, folder: data/sources, root: data/sources}
 prepare: {seed: 0, image_size: 16, val_fraction: 0.15, test_fraction: 0.15}
-audit: {input_size: 32, folds: 3}
+audit: {input_size: 32, folds: 2}
 train: {framework: torch, seed: 0, epochs: 2, batch_size: 64, lr: 3.0e-3}
 finetune:
   seed: 0
