@@ -3,6 +3,7 @@
     python -m bench.audit                          # ../shared/datasets/pets, 5% flipped, 10 outliers
     python -m bench.audit --subset 200 --seed 7    # 100 photos a class
     python -m bench.audit --folder PATH --flip 0.05
+    python -m bench.audit --set audit.input_size=160
 
 Copies the folder with a seeded `flip` share of its images moved to another class's folder
 and `outliers` images from other domains added (bundled digits blown up to photo size, and
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import REPO, report, set_params
+from bench import REPO, parse_sets, report, set_params
 from bench.pipeline import bench_env, copy_repo
 
 PETS = REPO.parent / "shared" / "datasets" / "pets"
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--outliers", type=int, default=10)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--subset", type=int, default=0, help="images in all, split evenly among classes")
+    parser.add_argument("--set", action="append", default=[], help="section.key=value, as dvc exp run -S")
     args = parser.parse_args()
     if not args.folder.is_dir():
         sys.exit(f"{args.folder}: no such folder (the pets photos live in ../shared/datasets/pets)")
@@ -96,7 +98,7 @@ def main() -> None:
         repo.mkdir()
         flipped, planted = plant(args.folder, photos, args.flip, args.outliers, args.seed, args.subset)
         copy_repo(repo)
-        set_params(repo, {"data.source": "folder", "data.folder": str(photos)})
+        set_params(repo, {"data.source": "folder", "data.folder": str(photos), **parse_sets(args.set)})
         env = bench_env(repo)
         mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()
         started = time.perf_counter()
