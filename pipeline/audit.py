@@ -5,7 +5,8 @@ from. The backbone's pooled features of every image (train, val and test, unaugm
 computed once and kept (`data/audit/features.npy`); a linear probe on them, fitted in
 `folds` stratified folds over all images, gives each image class probabilities from a model
 that never saw it (`probe.out_of_fold`). `pipeline.evaluation.audit` turns those into label
-issues (cleanlab), the features into outliers (cleanlab) and the pixels into poor images.
+issues (cleanlab), the features into outliers (distance to the nearest class mean) and the
+pixels into poor images.
 Writes `data/audit/`: `issues.csv` (path, split, index, kind, score, given and suggested label),
 `proposal.csv` (the flagged images in the exclude file's format, to copy into
 `data/review/exclude.csv` after a look), `applied.csv` (what training applies on its own:

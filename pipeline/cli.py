@@ -30,10 +30,11 @@ def fit_paths(argv: list[str] | None, doc: str | None, stage: str, model: str,
               features: bool = False) -> argparse.Namespace:
     """A training stage's paths: the prepared data in, the model folder and DVCLive folder out;
     with `features`, the folder of the audit's backbone features (data/audit), reused if they fit."""
-    more = [path("--features", None, "the audit's folder (data/audit): its features, where they fit")]
-    more = more if features else []
-    return parse(argv, doc, path("--data", "data/prepared"), path("--out", f"models/{model}", "the model folder"),
-                 path("--live", f"dvclive/{stage}"), APPLIED, *more)
+    options = [path("--data", "data/prepared"), path("--out", f"models/{model}", "the model folder"),
+               path("--live", f"dvclive/{stage}"), APPLIED]
+    if features:
+        options.append(path("--features", None, "the audit's folder (data/audit): its features, where they fit"))
+    return parse(argv, doc, *options)
 
 
 def model_paths(

@@ -96,6 +96,12 @@ def write_checksums(folder: Path) -> None:
     write_text(folder / CHECKSUMS, "".join(lines))
 
 
+def read_checksums(folder: Path) -> dict[str, str]:
+    """`folder`/SHA256SUMS as {relative path: sha256}; FileNotFoundError when it is missing."""
+    lines = (Path(folder) / CHECKSUMS).read_text().splitlines()
+    return {name: expected for expected, _, name in (line.partition("  ") for line in lines)}
+
+
 def verify_folder(folder: Path, producer: str) -> None:
     """Check every file `folder`/SHA256SUMS lists; `producer` is the stage that writes the folder."""
     folder = Path(folder)
@@ -104,12 +110,11 @@ def verify_folder(folder: Path, producer: str) -> None:
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: not found; {rebuild} (or `dvc checkout {folder}`)")
     try:
-        lines = listing.read_text().splitlines()
+        listed = read_checksums(folder)
     except FileNotFoundError:
         raise ArtifactError(f"{listing}: missing, so {folder} cannot be verified (written by an older "
                             f"version, or not by the {producer} stage); {rebuild}") from None
-    for line in lines:
-        expected, _, name = line.partition("  ")
+    for name, expected in listed.items():
         path = folder / name
         if not path.is_file():
             raise ArtifactError(f"{path}: listed in {listing} but missing; `dvc checkout {folder}` or {rebuild}")

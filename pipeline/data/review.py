@@ -12,12 +12,15 @@ listed twice stops the stage with one line naming the row.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import files
+from pipeline.data import formats
 from pipeline.data.formats import DataError, Split
 
 ACTIONS = ("drop", "relabel")
@@ -79,21 +82,14 @@ def apply_to_manifest(manifest, changes: list[Change]):
 
 def write_changes(path: Path, changes: list[tuple[str, str, str, str]]) -> None:
     """A file in the exclude file's format, with a `reason` column: (path, action, label, reason)."""
-    from pipeline import files
-
-    lines = [",".join((*COLUMNS, "reason"))]
-    lines += [",".join(_cell(v) for v in change) for change in changes]
-    files.write_text(path, "\n".join(lines) + "\n")
-
-
-def _cell(value: str) -> str:
-    return f'"{value.replace(chr(34), chr(34) * 2)}"' if any(ch in value for ch in ',"\n') else value
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerows([(*COLUMNS, "reason"), *changes])
+    files.write_text(path, text.getvalue())
 
 
 def load_training(prepared: Path, applied: Path | None) -> tuple[Split, Split]:
     """The train and val splits with the audit's applied changes (`audit.apply`), if any."""
-    from pipeline.data import formats
-
     return apply_to_split(formats.load_split(prepared, "train"), "train", applied), \
         apply_to_split(formats.load_split(prepared, "val"), "val", applied)
 

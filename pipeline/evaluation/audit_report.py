@@ -18,14 +18,14 @@ GALLERIES = (  # file, the report's heading, the figure's own (short: a gallery 
 )
 
 
-def caption(row, kind: str) -> str:
+def caption(row) -> str:
     name = Path(row.path).name[:18]
-    if kind == "label_issue":
+    if row.kind == "label_issue":
         return f"{name}\n{row.given_label} -> {row.suggested_label}?\nquality {row.score:.2f}"
     return f"{name} ({row.split})\n{row.kind} {row.score:.3g}"
 
 
-def markdown(summary: dict, issues, shown: list[tuple[str, str]], params, classes, reads: str) -> str:
+def markdown(summary: dict, shown: list[tuple[str, str]], params, classes, reads: str) -> str:
     n = summary["images"]
     lines = ["# Data audit", "",
              f"{n} images ({', '.join(classes)}) scored; {summary['flagged_images']} flagged. Every image was "
@@ -58,15 +58,14 @@ def markdown(summary: dict, issues, shown: list[tuple[str, str]], params, classe
 def write(report: Path, issues, images: np.ndarray, rows, summary: dict, params, classes, reads: str) -> None:
     """reports/audit.md and reports/audit/*.png (each gallery only where it has images)."""
     shown = []
+    where = {(s, i): n for n, (s, i) in enumerate(zip(rows["split"], rows["index"], strict=True))}  # rows of `images`
     with files.atomic_dir(report / "audit", checksums=False) as out:
         for file, title, short, kinds in GALLERIES:
             picked = issues[issues["kind"].isin(kinds)].drop_duplicates("path").head(params.gallery_images)
             if picked.empty:
                 continue
-            where = {(s, i): n for n, (s, i) in enumerate(zip(rows["split"], rows["index"], strict=True))}
             at = [where[(r.split, r.index)] for r in picked.itertuples()]
-            figure = figures.image_grid(images[at], [caption(r, r.kind) for r in picked.itertuples()], short,
-                                        columns=8)
+            figure = figures.image_grid(images[at], [caption(r) for r in picked.itertuples()], short, columns=8)
             figures.save_png(figure, out / file)
             shown.append((file, title))
-    files.write_text(report / "audit.md", markdown(summary, issues, shown, params, classes, reads))
+    files.write_text(report / "audit.md", markdown(summary, shown, params, classes, reads))

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from pipeline import files
 from pipeline.data import formats
 from pipeline.frameworks.recipe import FitParams, FitResult
 from pipeline.frameworks.torch import model as torch_model
@@ -78,12 +82,17 @@ def fit(
     return Outcome(results, choices)
 
 
+def freeze(model: torch_model.PretrainedCNN, device: Any, channels_last: bool) -> None:
+    """The backbone frozen, on `device`, in the memory format the features are computed in."""
+    model.set_trainable(0.0)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+
+
 def pooled_features(model: torch_model.PretrainedCNN, images: list, device: Any, batch_size: int = 256,
                     channels_last: bool = True) -> list[torch.Tensor]:
     """The frozen backbone's pooled features (N, F) of each uint8 (N, H, W, C) array, unaugmented,
     in eval mode: what the probe reads, and the audit stage's features."""
-    model.set_trainable(0.0)
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    freeze(model, device, channels_last)
     with model.head_removed():
         return [recipe.predict_logits(model, x, device, batch_size, channels_last) for x in images]
 
@@ -96,11 +105,8 @@ def features_key(margs: dict, weights_sha256: str, batch_size: int, channels_las
     """What the pooled features' bytes depend on beyond the threads: the images (the sha256 of
     each split's array, from the prepared folder's checksums), the PretrainedCNN's args but its
     head's, the weights and the batches. A cache of them serves a stage whose key is equal."""
-    from pathlib import Path
-
     kept = ("backbone", "in_channels", "image_size", "input_size", "mean", "std")
-    sums = (Path(prepared) / "SHA256SUMS").read_text().splitlines()
-    images = {name: sha for sha, _, name in (line.partition("  ") for line in sums) if name.endswith("_images.npy")}
+    images = {name: sha for name, sha in files.read_checksums(prepared).items() if name.endswith("_images.npy")}
     return {**{k: list(margs[k]) if isinstance(margs[k], tuple) else margs[k] for k in kept},
             "weights_sha256": weights_sha256, "batch_size": batch_size, "channels_last": channels_last,
             "images": images}
@@ -109,11 +115,6 @@ def features_key(margs: dict, weights_sha256: str, batch_size: int, channels_las
 def cached_features(folder: Any, key: dict, sizes: dict[str, int]) -> dict[str, torch.Tensor] | None:
     """The audit stage's per-split features (`folder`/features.npy, the splits in SPLITS order,
     and features.json) when they were computed with `key` for splits of `sizes`; else None."""
-    import json
-    from pathlib import Path
-
-    import numpy as np
-
     meta, array = Path(folder) / "features.json", Path(folder) / "features.npy"
     if not (meta.is_file() and array.is_file()):
         return None
@@ -137,8 +138,7 @@ def fit_head(
     if features is None:
         features = pooled_features(model, [train.images, val.images], device, feature_batch(p), p.channels_last)
     else:  # the same weights frozen, as pooled_features leaves them
-        model.set_trainable(0.0)
-        model.to(device, memory_format=torch.channels_last if p.channels_last else torch.preserve_format)
+        freeze(model, device, p.channels_last)
     head = model.net.get_submodule(model.head)  # Sequential(Dropout, Linear)
     labels = [recipe.labels_on(s, torch.device("cpu")) for s in (train, val)]
     fitted = probe.fit(features[0], labels[0], features[1], labels[1], train.num_classes, l2)
