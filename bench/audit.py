@@ -16,7 +16,6 @@ own time. Galleries go to bench/results/audit/ to look at; nothing here is asser
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import shutil
@@ -28,10 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import REPO, parse_sets, report, set_params
+from bench import REPO, folder_parser, parse_folder_args, parse_sets, report, set_params
 from bench.pipeline import bench_env, copy_repo
-
-PETS = REPO.parent / "shared" / "datasets" / "pets"
 
 
 def plant(source: Path, dest: Path, flip: float, outliers: int, seed: int, subset: int = 0) -> tuple[set, set]:
@@ -81,16 +78,12 @@ def score(issues: list[dict], flipped: set, planted: set) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", type=Path, default=PETS)
+    parser = folder_parser(__doc__)
     parser.add_argument("--flip", type=float, default=0.05)
     parser.add_argument("--outliers", type=int, default=10)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--subset", type=int, default=0, help="images in all, split evenly among classes")
-    parser.add_argument("--set", action="append", default=[], help="section.key=value, as dvc exp run -S")
-    args = parser.parse_args()
-    if not args.folder.is_dir():
-        sys.exit(f"{args.folder}: no such folder (the pets photos live in ../shared/datasets/pets)")
+    args = parse_folder_args(parser)
     import mlflow
 
     with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:

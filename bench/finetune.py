@@ -35,9 +35,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bench import REPO, report
-
-PETS = REPO.parent / "shared" / "datasets" / "pets"
+from bench import PETS, REPO, report
 
 
 def photo_split(n: int, side: int = 180):

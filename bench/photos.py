@@ -13,7 +13,6 @@ bench/results/photos.md; nothing here is asserted in tests.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -21,19 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import REPO, parse_sets, report, set_params
+from bench import folder_parser, parse_folder_args, parse_sets, report, set_params
 from bench.pipeline import bench_env, copy_repo
-
-PETS = REPO.parent / "shared" / "datasets" / "pets"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", type=Path, default=PETS)
-    parser.add_argument("--set", action="append", default=[], help="section.key=value, as dvc exp run -S")
-    args = parser.parse_args()
-    if not args.folder.is_dir():
-        sys.exit(f"{args.folder}: no such folder (the pets photos live in ../shared/datasets/pets)")
+    args = parse_folder_args(folder_parser(__doc__))
     import mlflow
 
     changes = {"data.source": "folder", "data.folder": str(args.folder.resolve())}

@@ -16,7 +16,6 @@ photos. Results go to stdout and bench/results/transfer.md; nothing here is asse
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -27,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import parse_sets, report, set_params
-from bench.photos import PETS
+from bench import folder_parser, parse_folder_args, parse_sets, report, set_params
 from bench.pipeline import bench_env, copy_repo
 
 
@@ -94,14 +92,10 @@ def probe_baseline(repo: Path, rest: dict[str, list[Path]]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", type=Path, default=PETS)
+    parser = folder_parser(__doc__)
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--set", action="append", default=[], help="section.key=value, as dvc exp run -S")
-    args = parser.parse_args()
-    if not args.folder.is_dir():
-        sys.exit(f"{args.folder}: no such folder (the pets photos live in ../shared/datasets/pets)")
+    args = parse_folder_args(parser)
     with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp:
         subset, repo = Path(tmp) / "photos", Path(tmp) / "repo"
         rest = draw(args.folder, args.per_class, args.seed, subset)
