@@ -22,8 +22,8 @@ import torch
 from pipeline import files
 from pipeline.data import formats
 from pipeline.frameworks.recipe import FitParams, FitResult
+from pipeline.frameworks.torch import fold, probe, recipe
 from pipeline.frameworks.torch import model as torch_model
-from pipeline.frameworks.torch import probe, recipe
 
 if TYPE_CHECKING:
     from pipeline.runtime.checkpoints import Checkpoints
@@ -91,10 +91,12 @@ def freeze(model: torch_model.PretrainedCNN, device: Any, channels_last: bool) -
 def pooled_features(model: torch_model.PretrainedCNN, images: list, device: Any, batch_size: int = 256,
                     channels_last: bool = True) -> list[torch.Tensor]:
     """The frozen backbone's pooled features (N, F) of each uint8 (N, H, W, C) array, unaugmented,
-    in eval mode: what the probe reads, and the audit stage's features."""
+    in eval mode, with BatchNorm folded into the convolutions (`fold`): what the probe reads, and
+    the audit stage's features."""
     freeze(model, device, channels_last)
     with model.head_removed():
-        return [recipe.predict_logits(model, x, device, batch_size, channels_last) for x in images]
+        net, _ = fold.folded(model)  # a copy: phase 2 trains `model` on from its BatchNorms
+        return [recipe.predict_logits(net, x, device, batch_size, channels_last) for x in images]
 
 
 def feature_batch(p: FitParams) -> int:

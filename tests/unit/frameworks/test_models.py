@@ -237,3 +237,36 @@ def test_the_fine_tune_recipe_parts_features_depth_rates_and_frozen_statistics(l
     model.train()
     assert not any(m.training for m in model.net.modules() if isinstance(m, nn.BatchNorm2d))
     assert model.net.conv_stem.weight.requires_grad  # frozen statistics, not frozen weights
+
+
+def test_pooled_features_fold_every_batch_norm_and_leave_the_model_to_train_on(lite0):
+    import copy
+
+    from pipeline.frameworks.torch import fold, transfer
+
+    model = torch_model.PretrainedCNN(
+        weights.PACKAGE_BACKBONE, num_classes=3, in_channels=3, image_size=40, input_size=48, net=copy.deepcopy(lite0),
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randint(0, 256, (6, 40, 40, 3), dtype=torch.uint8).numpy()
+    with model.head_removed(), torch.no_grad():
+        folded, count = fold.folded(model)
+        expected = model.eval()(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    batch_norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert count == batch_norms == 49 and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    (features,) = transfer.pooled_features(model, [images], torch.device("cpu"), batch_size=4)
+    assert features.shape == (6, 1280)
+    assert torch.allclose(features, expected, rtol=1e-4, atol=1e-4)  # the same function, to float rounding
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # phase 2 starts from these
+
+
+def test_only_a_batch_norm_straight_after_its_convolution_is_folded():
+    from pipeline.frameworks.torch import fold
+
+    class InvertedResidual(nn.Module):  # named as timm's block, with a BatchNorm on a different channel count
+        def __init__(self):
+            super().__init__()
+            self.conv_pw, self.bn1 = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(4)
+
+    assert fold.folded(InvertedResidual())[1] == 0
+    assert fold.folded(nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)))[1] == 0  # not a known block
