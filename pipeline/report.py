@@ -93,7 +93,19 @@ def headline(evaluation: dict, export: dict, onnx_bytes: int | None) -> dict:
         "model_bytes": get("model/file_bytes"), "onnx_bytes": onnx_bytes,
         "onnx_max_abs_diff": export.get("onnx", {}).get("max_abs_diff"),
     }
+    for name, result in export.items():  # the int8 file (keras: tflite_int8): shipped, or withheld by its gate
+        if name.endswith("int8") and isinstance(result, dict):
+            row |= {"int8_shipped": result.get("shipped", 1.0), "int8_top1_agreement": result.get("top1_agreement"),
+                    "int8_max_abs_diff": result.get("max_abs_diff")}
     return {k: v for k, v in row.items() if v is not None}
+
+
+def int8_cell(row: dict) -> str:
+    if "int8_shipped" not in row:
+        return "-"
+    figures = (f"top-1 agreement {row.get('int8_top1_agreement', float('nan')):.4f}, "
+               f"largest move {row.get('int8_max_abs_diff', float('nan')):.2f}")
+    return f"shipped ({figures})" if row["int8_shipped"] else f"**withheld** by its gate ({figures})"
 
 
 CHANCE_P = 0.05  # a model whose test accuracy a majority-class guesser reaches this often is not above chance
@@ -173,6 +185,7 @@ def markdown(rows: dict[str, dict], evaluations: dict[str, dict], dataset: dict,
         lines.append(f"| {column} | " + " | ".join(cells) + " |")
     lines.append("| ONNX file (MB) | " + " | ".join(
         f"{rows[n]['onnx_bytes'] / 1e6:.2f}" if "onnx_bytes" in rows[n] else "-" for n in names) + " |")
+    lines.append("| int8 file | " + " | ".join(int8_cell(rows[n]) for n in names) + " |")
     lines.append("| chance (most common class) | " + " | ".join(
         f"{rows[n]['chance_acc']:.4f}" if "chance_acc" in rows[n] else "-" for n in names) + " |")
     lines.append("")

@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import yaml
 from PIL import Image
 from support import run
 
@@ -203,6 +204,27 @@ def test_an_export_that_drifts_from_pytorch_is_refused():
         export.check_parity("tflite_int8", {"max_abs_diff": 0.06, "top1_agreement": 1.0}, q, "models/m", "keras")
     with pytest.raises(export.ExportMismatch, match=r"allowed: max_abs_diff 0.0001"):
         export.check_parity("tflite", {"max_abs_diff": 0.03, "top1_agreement": 1.0}, q, "models/m", "keras")
+    # past its gate an int8 file is withheld, named with the reason; a float file still stops the stage
+    good, moved = {"max_abs_diff": 1e-5, "top1_agreement": 1.0}, {"max_abs_diff": 0.41, "top1_agreement": 0.99}
+    withheld = export.gate({"onnx": good, "onnx_int8": moved}, q, "models/m", "torch")
+    assert list(withheld) == ["onnx_int8"] and "int8_max_abs_diff 0.05" in withheld["onnx_int8"]
+    with pytest.raises(export.ExportMismatch, match="onnx export of models/m"):
+        export.gate({"onnx": moved, "onnx_int8": good}, q, "models/m", "torch")
+
+
+def test_an_int8_file_past_its_gate_is_withheld_and_the_float_files_ship(workdir, trained, capsys):
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["export"]["int8_max_abs_diff"] = 1e-9  # no int8 file moves its probabilities this little
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    export.main([
+        "--model", "scratch", "--data", str(trained / "data/prepared"), "--models", str(trained / "models"),
+        "--out", "out", "--live", "live", "--evaluation", str(trained / "dvclive/evaluate/scratch"),
+    ])
+    parity = json.loads((workdir / "live/metrics.json").read_text())
+    assert parity["onnx_int8"]["shipped"] == 0 and parity["onnx"]["shipped"] == parity["torchscript"]["shipped"] == 1
+    assert parity["onnx_int8"]["max_abs_diff"] > 1e-9  # its figures kept beside the verdict
+    assert not (workdir / "out/model_int8.onnx").exists() and (workdir / "out/model.onnx").is_file()
+    assert "export@scratch: onnx_int8 withheld, not shipped: onnx_int8 export of" in capsys.readouterr().out
 
 
 def test_a_model_folder_is_checked_before_any_framework_loads(tmp_path):

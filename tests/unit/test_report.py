@@ -34,3 +34,15 @@ def test_the_report_says_it_under_the_table():
     text = report.markdown(rows, evaluations, {"source": "folder"}, {"scratch": [], "finetune": []})
     assert "| chance (most common class) | 0.5000 | 0.5000 |" in text
     assert "**scratch is not clearly above chance**" in text and "finetune is not" not in text
+
+
+def test_the_int8_file_is_reported_shipped_or_withheld():
+    parity = {"onnx": {"max_abs_diff": 1e-7},
+              "onnx_int8": {"shipped": 0.0, "top1_agreement": 0.9925, "max_abs_diff": 0.408}}
+    withheld = report.headline({"test": {"acc": 0.99}}, parity, 1000)
+    shipped = report.headline({"test": {"acc": 0.99}}, {"onnx_int8": {**parity["onnx_int8"], "shipped": 1.0}}, 1000)
+    rows = {"scratch": shipped, "finetune": withheld}
+    evaluations = {name: {"test": {"acc": 0.99, "images": 20}} for name in rows}
+    text = report.markdown(rows, evaluations, {"source": "digits"}, {"scratch": [], "finetune": []})
+    assert ("| int8 file | shipped (top-1 agreement 0.9925, largest move 0.41) | "
+            "**withheld** by its gate (top-1 agreement 0.9925, largest move 0.41) |") in text
