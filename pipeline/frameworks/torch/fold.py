@@ -26,16 +26,14 @@ PAIRS = {
 }
 
 
-def _after_norm(bn: nn.Module) -> nn.Module:
+def _after_norm(bn: nn.Module | None) -> nn.Module | None:
     """What a BatchNorm applies after normalising: timm's BatchNormAct2d its dropout and
-    activation; torch's nothing."""
+    activation, torch's BatchNorm2d nothing; None for any other module (not folded)."""
     from timm.layers.norm_act import BatchNormAct2d
 
     if type(bn) is BatchNormAct2d:
         return nn.Sequential(bn.drop, bn.act)
-    if type(bn) is nn.BatchNorm2d:
-        return nn.Identity()
-    raise TypeError(type(bn).__name__)
+    return nn.Identity() if type(bn) is nn.BatchNorm2d else None
 
 
 @torch.no_grad()
@@ -47,7 +45,8 @@ def folded(model: nn.Module) -> tuple[nn.Module, int]:
     for module in list(out.modules()):
         for conv_name, bn_name in PAIRS.get(type(module).__name__, ()):
             conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-            if not isinstance(conv, nn.Conv2d) or type(bn).__name__ not in ("BatchNorm2d", "BatchNormAct2d"):
+            after = _after_norm(bn)
+            if not isinstance(conv, nn.Conv2d) or after is None:
                 continue
             if bn.running_mean is None or not bn.affine or conv.out_channels != bn.num_features:
                 continue  # normalised by each batch's statistics, or not a per-channel map of conv's output
@@ -57,6 +56,6 @@ def folded(model: nn.Module) -> tuple[nn.Module, int]:
                 bias = bias + conv.bias * scale
             conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
             conv.bias = nn.Parameter(bias, requires_grad=False)
-            setattr(module, bn_name, _after_norm(bn))
+            setattr(module, bn_name, after)
             count += 1
     return out, count
