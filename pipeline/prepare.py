@@ -231,15 +231,18 @@ def main(argv: list[str] | None = None) -> None:
                 prepared, stored, params.near_duplicate_distance, params.near_duplicate_min_correlation
             )
             files.write_json(tmp / "classes.json", list(classes))
-            files.write_json(tmp / "dataset.json", {**dataset, "preprocessing": preprocessing(storage, params)})
+            # the source's images and hash stay as ingested; what the reviewed exclude file changed beside them
+            review_counts = {"review": review.counts(changes, args.exclude)} if changes else {}
+            files.write_json(tmp / "dataset.json",
+                             {**dataset, "preprocessing": preprocessing(storage, params), **review_counts})
             formats.write_table(tmp / "manifest.csv", prepared)
             formats.write_table(tmp / "near_duplicates.csv", near)
         print(colour_decision(prepared, storage))
         print(f"prepare: images stored at {storage.size} x {storage.size} px (prepare.image_size: {params.image_size})")
         run.set_tags({"dataset_sha256": dataset["sha256"], "data_source": dataset["source"]})
         stats = statistics(prepared, classes, near, candidates, storage)
-        stats["review/dropped"] = sum(c.action == "drop" for c in changes)
-        stats["review/relabelled"] = sum(c.action == "relabel" for c in changes)
+        counted = review.counts(changes, args.exclude)
+        stats["review/dropped"], stats["review/relabelled"] = counted["dropped"], counted["relabelled"]
         if changes:
             print(f"prepare: {args.exclude} drops {stats['review/dropped']} images and relabels "
                   f"{stats['review/relabelled']}")

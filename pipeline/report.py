@@ -169,8 +169,11 @@ def curves_figure(name: str, table: pd.DataFrame):
 
 def markdown(rows: dict[str, dict], evaluations: dict[str, dict], dataset: dict, images: dict[str, list]) -> str:
     lines = ["# Evaluation report", ""]
+    reviewed = dataset.get("review")
+    changed = (f" ({reviewed['dropped']} dropped and {reviewed['relabelled']} relabelled by `{reviewed['file']}`)"
+               if isinstance(reviewed, dict) else "")
     lines += [f"Dataset: `{dataset.get('source')}` (sha256 `{str(dataset.get('sha256'))[:12]}`), "
-              f"{dataset.get('images')} images, {dataset.get('classes')} classes. Every number is on the "
+              f"{dataset.get('images')} images{changed}, {dataset.get('classes')} classes. Every number is on the "
               "test split unless it says otherwise.", ""]
     names = list(rows)
     lines += ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]

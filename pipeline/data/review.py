@@ -68,6 +68,13 @@ def read_changes(path: Path, known_paths: Sequence[str], classes: Sequence[str])
     return changes
 
 
+def counts(changes: list[Change], path: Path) -> dict[str, int | str]:
+    """How many images the reviewed file drops and relabels, and which file: what prepare
+    records beside the dataset's identity and the report states under its table's title."""
+    return {"file": Path(path).as_posix(), "dropped": sum(c.action == "drop" for c in changes),
+            "relabelled": sum(c.action == "relabel" for c in changes)}
+
+
 def apply_to_manifest(manifest, changes: list[Change]):
     """The manifest (a DataFrame with `path` and `label`) less the dropped rows, relabelled rows
     carrying their new label and all rows their ingested one as `given_label` (a folder source

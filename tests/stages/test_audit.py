@@ -120,6 +120,10 @@ def test_the_proposal_in_the_exclude_file_drops_and_relabels_in_prepare(audited,
     assert classes[labels[int(moved["index"].iloc[0])]] == relabel[0]["label"]
     metrics = json.loads((work / "live/reviewed/metrics.json").read_text())
     assert metrics["review"] == {"dropped": len(drop), "relabelled": 3}
+    # beside the dataset's identity (unchanged: the source as ingested), for the report to state
+    described = json.loads((work / "reviewed/dataset.json").read_text())
+    assert described["review"] == {"file": exclude.as_posix(), "dropped": len(drop), "relabelled": 3}
+    assert "review" not in json.loads((work / "data/prepared/dataset.json").read_text())  # no file, no entry
 
 
 @pytest.mark.parametrize(("row", "message"), [

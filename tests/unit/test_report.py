@@ -46,3 +46,13 @@ def test_the_int8_file_is_reported_shipped_or_withheld():
     text = report.markdown(rows, evaluations, {"source": "digits"}, {"scratch": [], "finetune": []})
     assert ("| int8 file | shipped (top-1 agreement 0.9925, largest move 0.41) | "
             "**withheld** by its gate (top-1 agreement 0.9925, largest move 0.41) |") in text
+
+
+def test_the_report_says_what_the_reviewed_exclude_file_changed():
+    rows = {"scratch": {"test_acc": 0.99}}
+    evaluations = {"scratch": {"test": {"acc": 0.99, "images": 268}}}
+    dataset = {"source": "digits", "images": 1797, "classes": 10,
+               "review": {"file": "data/review/exclude.csv", "dropped": 6, "relabelled": 2}}
+    text = report.markdown(rows, evaluations, dataset, {"scratch": []})
+    assert "1797 images (6 dropped and 2 relabelled by `data/review/exclude.csv`), 10 classes" in text
+    assert "dropped" not in report.markdown(rows, evaluations, {"source": "digits"}, {"scratch": []})
