@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         source = sources.open_source(data_params)  # no fetch: ingest read these files
         changes = review.read_changes(args.exclude, manifest["path"].tolist(), classes)
         prepared = prepare_manifest(manifest, params, changes)
+        counted = review.counts(changes, args.exclude)
         storage = decide_storage(prepared, params)
         with files.atomic_dir(args.out) as tmp:
             writer.write_splits(tmp, prepared, classes, source, storage.size, storage.channels, params.resize,
@@ -232,16 +233,14 @@ def main(argv: list[str] | None = None) -> None:
             )
             files.write_json(tmp / "classes.json", list(classes))
             # the source's images and hash stay as ingested; what the reviewed exclude file changed beside them
-            review_counts = {"review": review.counts(changes, args.exclude)} if changes else {}
-            files.write_json(tmp / "dataset.json",
-                             {**dataset, "preprocessing": preprocessing(storage, params), **review_counts})
+            files.write_json(tmp / "dataset.json", {**dataset, "preprocessing": preprocessing(storage, params),
+                                                    **({"review": counted} if changes else {})})
             formats.write_table(tmp / "manifest.csv", prepared)
             formats.write_table(tmp / "near_duplicates.csv", near)
         print(colour_decision(prepared, storage))
         print(f"prepare: images stored at {storage.size} x {storage.size} px (prepare.image_size: {params.image_size})")
         run.set_tags({"dataset_sha256": dataset["sha256"], "data_source": dataset["source"]})
         stats = statistics(prepared, classes, near, candidates, storage)
-        counted = review.counts(changes, args.exclude)
         stats["review/dropped"], stats["review/relabelled"] = counted["dropped"], counted["relabelled"]
         if changes:
             print(f"prepare: {args.exclude} drops {stats['review/dropped']} images and relabels "
