@@ -15,10 +15,11 @@ from support import copy_project, digit_folder, run
 
 from pipeline.experiments import dvc_queue
 
-# `make e2e` runs pytest -n 2 --dist loadgroup: each xdist group runs on one worker, which builds
-# tmp_repo once for it. Two groups (a third of the suite's work each, with the DVC faults and the
-# photos the rest) keep both workers busy; one group for all would be most of the suite on one.
+# `make e2e` runs pytest -n 2 --dist loadgroup: the tests on tmp_repo are one xdist group, so one
+# worker builds it once (about 2 min); the other runs the DVC faults' group and the photos test,
+# which take about as long. Two groups on tmp_repo would build it twice.
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+ON_REPO = pytest.mark.xdist_group("repo")
 
 
 @pytest.fixture(scope="session")  # a module fixture is rebuilt each time a worker comes back to the module
@@ -39,8 +40,19 @@ def mlflow_runs(repo: Path) -> list:
     return client.search_runs([experiment.experiment_id], "tags.stage LIKE '%'", max_results=1000) if experiment else []
 
 
-@pytest.mark.xdist_group("repo")
-def test_dvc_repro_twice_gives_identical_lock_and_then_has_nothing_to_do(tmp_repo):
+def stages_in_git(repo: Path) -> set[str]:
+    """The stages whose outputs are all `cache: false`: git holds them, so a clone skips these
+    stages and reruns every other one."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as project:
+        return {s.addressing for s in project.index.stages if s.outs and not any(o.use_cache for o in s.outs)}
+
+
+@ON_REPO
+def test_forced_stages_give_an_identical_lock_and_then_there_is_nothing_to_do(tmp_repo):
+    """Rerun byte-identically: the stages a clone skips are forced here; the clone test reruns
+    the others in another folder and checks the same lock (one full rerun, not two)."""
     repo, env = tmp_repo
     first = run(["git", "show", "HEAD:dvc.lock"], repo, env).stdout  # the fixture's committed run
     for out in ("models/scratch/model.pt", "models/finetune/model.pt", "exports/scratch/model.onnx",
@@ -50,8 +62,10 @@ def test_dvc_repro_twice_gives_identical_lock_and_then_has_nothing_to_do(tmp_rep
                 "reports/images/finetune_reliability.png", "dvclive/crossval/metrics.json"):
         assert (repo / out).is_file(), out
 
-    run(["dvc", "repro", "-f"], repo, env)
-    assert (repo / "dvc.lock").read_text() == first  # every model, metric and plot hash
+    forced = stages_in_git(repo)
+    assert forced == {"crossval", "evaluate@scratch", "evaluate@finetune", "register", "report"}, forced
+    run(["dvc", "repro", "-f", "-s", *sorted(forced)], repo, env)
+    assert (repo / "dvc.lock").read_text() == first  # every metric, plot and report hash
 
     status = run(["dvc", "status"], repo, env).stdout
     # everything up to date; the sync stage is always_changed, and DVC says so
@@ -123,7 +137,7 @@ def assert_store_mirrors_the_lock(repo: Path) -> tuple[list, list]:
 SELECTION = "dvclive/register/selection.json"
 
 
-@pytest.mark.xdist_group("repo")
+@ON_REPO
 def test_a_clone_a_run_cache_pull_and_an_applied_experiment_all_leave_a_complete_store(tmp_repo, tmp_path):
     """What DVC holds is what MLflow shows: after `git clone` + `dvc repro` (stages whose outputs
     are committed are skipped), after `dvc pull --run-cache` + `dvc repro` (nothing runs), and
@@ -134,7 +148,11 @@ def test_a_clone_a_run_cache_pull_and_an_applied_experiment_all_leave_a_complete
     first = tmp_path / "first"
     run(["git", "clone", "-q", str(origin), str(first)], tmp_path, env)
     log = run(["dvc", "repro"], first, env).stdout
-    assert "Running stage 'train'" in log and "Running stage 'evaluate@scratch'" not in log  # committed, skipped
+    ran = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
+    every = set(yaml.safe_load((first / "dvc.lock").read_text())["stages"])
+    assert ran == every - stages_in_git(first), log  # committed outputs skipped, the rest rerun here
+    # byte-identical in another folder: every model, export, feature file and curve hash
+    assert (first / "dvc.lock").read_text() == run(["git", "show", "HEAD:dvc.lock"], first, env).stdout
     runs, parents = assert_store_mirrors_the_lock(first)
     restored = {r.data.tags["stage"] for r in runs if restore.RESTORED_TAG in r.data.tags}
     assert {"evaluate@scratch", "evaluate@finetune", "report"} <= restored and "train" not in restored
@@ -168,10 +186,11 @@ def test_a_clone_a_run_cache_pull_and_an_applied_experiment_all_leave_a_complete
     assert sorted(r.data.params["train.epochs"] for r in train) == ["1", "2"]
 
 
-@pytest.mark.xdist_group("repo-experiments")
+@ON_REPO
 def test_experiments_appear_in_dvc_exp_show_and_in_the_root_mlflow_store(tmp_repo):
     repo, env = tmp_repo
-    run(["dvc", "exp", "run", "-n", "fast-lr", "-S", "train.lr=0.01"], repo, env)
+    # train alone: the keras and clone tests run experiments through the stages below it
+    run(["dvc", "exp", "run", "-n", "fast-lr", "-S", "train.lr=0.01", "train"], repo, env)
     # --temp runs in .dvc/tmp/exps/...; its MLflow runs must still reach <repo>/mlflow.db
     run(["dvc", "exp", "run", "--temp", "-n", "one-epoch", "-S", "train.epochs=1", "train"], repo, env)
 
@@ -191,7 +210,7 @@ def test_experiments_appear_in_dvc_exp_show_and_in_the_root_mlflow_store(tmp_rep
     assert not any(p.name == "mlflow.db" for p in (repo / ".dvc" / "tmp").rglob("mlflow.db"))
 
 
-@pytest.mark.xdist_group("repo")
+@ON_REPO
 def test_an_experiment_queued_as_the_last_worker_leaves_still_runs(tmp_repo, capsys):
     """An idle DVC queue worker shuts itself down once it has found the queue empty, and
     `dvc queue start` spawns none while that worker still answers: an experiment queued in that
@@ -209,7 +228,7 @@ def test_an_experiment_queued_as_the_last_worker_leaves_still_runs(tmp_repo, cap
     assert "orphan queued with no worker left" in capsys.readouterr().err
 
 
-@pytest.mark.xdist_group("repo-experiments")
+@ON_REPO
 def test_an_experiment_whose_worker_died_is_queued_again_once_instead_of_hanging(tmp_repo, capsys):
     """A worker killed mid-run leaves DVC calling its experiment 'Running' for ever, as DVC's
     workers starting together sometimes do (dvc#10673): the wait sees no worker and no
@@ -246,7 +265,7 @@ def test_an_experiment_whose_worker_died_is_queued_again_once_instead_of_hanging
     assert dvc_queue.status(env, repo)["killed"] == "Failed"  # not 'Running' for ever, as DVC alone leaves it
 
 
-@pytest.mark.xdist_group("repo-experiments")
+@ON_REPO
 def test_a_three_trial_sweep_queues_experiments_and_applies_the_best(tmp_repo):
     repo, env = tmp_repo
     run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
@@ -290,42 +309,10 @@ def test_a_three_trial_sweep_queues_experiments_and_applies_the_best(tmp_repo):
     run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
 
 
-@pytest.mark.xdist_group("repo")
-def test_a_dvc_tracked_image_folder_drives_ingest_and_prepare(tmp_repo, tmp_path):
-    """The folder workflow of docs/data.md: dvc add, push to a local remote, change an image, repro."""
-    repo, env = tmp_repo
-    folder = repo / "data" / "sources" / "digits"
-    digit_folder(folder, per_class=15)
-    params = (repo / "params.yaml").read_text().replace(
-        "source: digits, folder: data/sources,", "source: folder, folder: data/sources/digits,",
-    )
-    (repo / "params.yaml").write_text(params)
-    run(["dvc", "add", "data/sources/digits"], repo, env)
-    run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], repo, env)
-    run(["dvc", "push"], repo, env)
-    assert any((tmp_path / "remote").rglob("*")), "dvc push stored nothing"
-    run(["dvc", "repro", "prepare"], repo, env)
-    manifest = (repo / "data" / "ingested" / "manifest.csv").read_text()
-    assert "digit3/015." in manifest
-
-    # change one image: DVC sees the folder and the two stages that read it as changed, no others
-    # (the model stages are already out of date here: only prepare was reproduced on the folder)
-    from PIL import Image
-
-    before = set(json.loads(run(["dvc", "status", "--json"], repo, env).stdout))
-    assert not {"ingest", "prepare", "data/sources/digits.dvc"} & before
-    Image.open(folder / "digit2" / "004.png").rotate(90).save(folder / "digit2" / "004.png")
-    after = set(json.loads(run(["dvc", "status", "--json"], repo, env).stdout))
-    assert after - before == {"ingest", "prepare", "data/sources/digits.dvc"}
-    run(["dvc", "add", "data/sources/digits"], repo, env)
-    reran = run(["dvc", "repro", "prepare"], repo, env).stdout
-    assert "Running stage 'ingest'" in reran and "Running stage 'prepare'" in reran
-    assert (repo / "data" / "ingested" / "manifest.csv").read_text() != manifest
-
-
-@pytest.mark.xdist_group("repo-experiments")
+@ON_REPO
 def test_the_keras_framework_runs_as_an_experiment_and_reruns_byte_identically(tmp_repo):
-    """It leaves the workspace on the keras experiment (the photos test has its own repository)."""
+    """It leaves the workspace on the keras experiment: of the tests on tmp_repo only the folder
+    test, which reruns ingest and prepare alone, comes after it."""
     repo, env = tmp_repo
     run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
     # four epochs: two leave the global-average-pooled head under the 0.9 asserted below
@@ -358,6 +345,40 @@ def test_the_keras_framework_runs_as_an_experiment_and_reruns_byte_identically(t
     assert "keras" in json.dumps(loss) and "HEAD" in json.dumps(loss)  # both runs' curves in one plot
     tags = {(r.data.tags.get("dvc_exp_name"), r.data.tags["stage"]): r.data.tags for r in mlflow_runs(repo)}
     assert tags[("keras", "train")]["framework"] == "keras" and "tensorflow" in tags[("keras", "train")]
+
+
+@ON_REPO
+def test_a_dvc_tracked_image_folder_drives_ingest_and_prepare(tmp_repo, tmp_path):
+    """The folder workflow of docs/data.md: dvc add, push to a local remote, change an image, repro."""
+    repo, env = tmp_repo
+    run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)  # the keras test left its experiment's
+    folder = repo / "data" / "sources" / "digits"
+    digit_folder(folder, per_class=15)
+    params = (repo / "params.yaml").read_text().replace(
+        "source: digits, folder: data/sources,", "source: folder, folder: data/sources/digits,",
+    )
+    (repo / "params.yaml").write_text(params)
+    run(["dvc", "add", "data/sources/digits"], repo, env)
+    run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], repo, env)
+    run(["dvc", "push"], repo, env)
+    assert any((tmp_path / "remote").rglob("*")), "dvc push stored nothing"
+    run(["dvc", "repro", "prepare"], repo, env)
+    manifest = (repo / "data" / "ingested" / "manifest.csv").read_text()
+    assert "digit3/015." in manifest
+
+    # change one image: DVC sees the folder and the two stages that read it as changed, no others
+    # (the model stages are already out of date here: only prepare was reproduced on the folder)
+    from PIL import Image
+
+    before = set(json.loads(run(["dvc", "status", "--json"], repo, env).stdout))
+    assert not {"ingest", "prepare", "data/sources/digits.dvc"} & before
+    Image.open(folder / "digit2" / "004.png").rotate(90).save(folder / "digit2" / "004.png")
+    after = set(json.loads(run(["dvc", "status", "--json"], repo, env).stdout))
+    assert after - before == {"ingest", "prepare", "data/sources/digits.dvc"}
+    run(["dvc", "add", "data/sources/digits"], repo, env)
+    reran = run(["dvc", "repro", "prepare"], repo, env).stdout
+    assert "Running stage 'ingest'" in reran and "Running stage 'prepare'" in reran
+    assert (repo / "data" / "ingested" / "manifest.csv").read_text() != manifest
 
 
 def photo_folder(root: Path, per_class: int = 12) -> None:
