@@ -240,14 +240,15 @@ def test_unfreeze_auto_adapts_the_whole_backbone_for_small_images_and_the_top_fo
     assert unfreeze_share(FinetuneParams(unfreeze_fraction=0.5), 180) == 0.5
 
 
-def test_fine_tune_phase_two_keeps_its_epochs_and_batch_size_unless_told():
-    from pipeline.finetune import FinetuneParams
+def test_fine_tune_phase_two_aims_for_its_steps_and_keeps_its_batch_size_unless_told():
+    from pipeline.finetune import FinetuneParams, resolve
 
-    p = resolve_auto(FinetuneParams(), 140)  # 200 photos: a number stays as given
-    assert (p.epochs, p.batch_size, p.early_stopping_patience) == (4, 64, 3)
-    assert resolve_auto(FinetuneParams(batch_size="auto"), 140).batch_size == 16
-    with pytest.raises(ConfigError, match="epochs: must be a number for finetune"):
-        FinetuneParams(epochs="auto")
+    p = resolve(FinetuneParams(), 1257)  # the digits: 20 batches of 64 an epoch, 6 for 120 steps
+    assert (p.epochs, p.batch_size, p.early_stopping_patience) == (6, 64, 3)
+    assert resolve(FinetuneParams(), 3500).epochs == 4  # an MNIST-sized folder: 55 batches, at least 4 epochs
+    assert resolve(FinetuneParams(), 140).epochs == 6  # 200 photos: 3 batches, at most 6 epochs
+    assert resolve(FinetuneParams(epochs=2), 1257).epochs == 2  # a number is kept as given
+    assert resolve(FinetuneParams(batch_size="auto"), 140).batch_size == 16
 
 
 def test_tiny_training_sets_get_a_one_cycle_schedule_torch_can_run():
