@@ -46,7 +46,7 @@ def stages_in_git(repo: Path) -> set[str]:
     from dvc.repo import Repo
 
     with Repo(str(repo)) as project:
-        return {s.addressing for s in project.index.stages if s.outs and not any(o.use_cache for o in s.outs)}
+        return {s.name for s in project.index.stages if s.outs and not any(o.use_cache for o in s.outs)}
 
 
 @ON_REPO
@@ -211,24 +211,6 @@ def test_experiments_appear_in_dvc_exp_show_and_in_the_root_mlflow_store(tmp_rep
 
 
 @ON_REPO
-def test_an_experiment_queued_as_the_last_worker_leaves_still_runs(tmp_repo, capsys):
-    """An idle DVC queue worker shuts itself down once it has found the queue empty, and
-    `dvc queue start` spawns none while that worker still answers: an experiment queued in that
-    moment waits with no worker (a sweep's third trial hung so in CI, for 900 s). Made here
-    directly, that end state: queued, and no worker of the repository alive."""
-    repo, env = tmp_repo
-    run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
-    deadline = time.monotonic() + 120
-    while workers := dvc_queue.workers_of(repo):  # earlier tests' workers idle out within 20 s
-        assert time.monotonic() < deadline, [w.pid for w in workers]
-        time.sleep(1.0)
-    run(["dvc", "exp", "run", "--queue", "-q", "-n", "orphan", "-S", "train.seed=7", "train"], repo, env)
-    assert dvc_queue.status(env, repo)["orphan"] == "Queued"
-    assert dvc_queue.wait_for(["orphan"], repo, env, 1, timeout=300) == {"orphan": "Success"}
-    assert "orphan queued with no worker left" in capsys.readouterr().err
-
-
-@ON_REPO
 def test_an_experiment_whose_worker_died_is_queued_again_once_instead_of_hanging(tmp_repo, capsys):
     """A worker killed mid-run leaves DVC calling its experiment 'Running' for ever, as DVC's
     workers starting together sometimes do (dvc#10673): the wait sees no worker and no
@@ -307,6 +289,24 @@ def test_a_three_trial_sweep_queues_experiments_and_applies_the_best(tmp_repo):
         (stage_run,) = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{g.info.run_id}'")
         assert stage_run.data.tags["stage"] == "train"
     run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
+
+
+@ON_REPO
+def test_an_experiment_queued_as_the_last_worker_leaves_still_runs(tmp_repo, capsys):
+    """An idle DVC queue worker shuts itself down once it has found the queue empty, and
+    `dvc queue start` spawns none while that worker still answers: an experiment queued in that
+    moment waits with no worker (a sweep's third trial hung so in CI, for 900 s). Made here
+    directly, that end state: queued, and no worker of the repository alive."""
+    repo, env = tmp_repo
+    run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
+    deadline = time.monotonic() + 120
+    while workers := dvc_queue.workers_of(repo):  # earlier tests' workers idle out within 20 s
+        assert time.monotonic() < deadline, [w.pid for w in workers]
+        time.sleep(1.0)
+    run(["dvc", "exp", "run", "--queue", "-q", "-n", "orphan", "-S", "train.seed=7", "train"], repo, env)
+    assert dvc_queue.status(env, repo)["orphan"] == "Queued"
+    assert dvc_queue.wait_for(["orphan"], repo, env, 1, timeout=300) == {"orphan": "Success"}
+    assert "orphan queued with no worker left" in capsys.readouterr().err
 
 
 @ON_REPO
