@@ -51,7 +51,7 @@ test-fast: setup
 	$(PYTEST) -m "not slow"
 
 # The real dvc.yaml end to end in temporary repositories: repro twice, experiments, the queue, a
-# sweep, photos, and the DVC fault tests (about 15 min on 2 cores: docs/benchmarks.md#test-suites).
+# sweep, photos, and the DVC fault tests (about 14 min on 2 cores: docs/benchmarks.md#test-suites).
 e2e: setup
 	$(PYTEST) -m e2e
 

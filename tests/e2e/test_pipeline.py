@@ -17,7 +17,7 @@ from pipeline.experiments import dvc_queue
 
 # `make e2e` runs pytest -n 2 --dist loadgroup: the tests on tmp_repo are one xdist group, so one
 # worker builds it once (about 2 min); the other runs the DVC faults' group and the photos test,
-# which take about as long. Two groups on tmp_repo would build it twice.
+# about 80% as long (docs/benchmarks.md#test-suites). Two groups on tmp_repo would build it twice.
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 ON_REPO = pytest.mark.xdist_group("repo")
 
