@@ -50,8 +50,8 @@ test: lint
 test-fast: setup
 	$(PYTEST) -m "not slow"
 
-# The real dvc.yaml end to end in temporary repositories: repro twice, experiments, the queue, a
-# sweep, photos, and the DVC fault tests (about 14 min on 2 cores: docs/benchmarks.md#test-suites).
+# The real dvc.yaml end to end in temporary repositories: a clone's rerun checked byte for byte,
+# experiments, the queue, a sweep, photos, and the DVC fault tests (about 14 min on 2 cores: docs/benchmarks.md#test-suites).
 e2e: setup
 	$(PYTEST) -m e2e
 

@@ -210,6 +210,15 @@ def test_experiments_appear_in_dvc_exp_show_and_in_the_root_mlflow_store(tmp_rep
     assert not any(p.name == "mlflow.db" for p in (repo / ".dvc" / "tmp").rglob("mlflow.db"))
 
 
+def no_worker_left(repo: Path) -> None:
+    """Wait until earlier tests' queue workers of `repo` have idled out (within 20 s): one still
+    alive would take the experiment a test queues next, and `dvc queue start` would spawn none."""
+    deadline = time.monotonic() + 120
+    while workers := dvc_queue.workers_of(repo):
+        assert time.monotonic() < deadline, [w.pid for w in workers]
+        time.sleep(1.0)
+
+
 @ON_REPO
 def test_an_experiment_whose_worker_died_is_queued_again_once_instead_of_hanging(tmp_repo, capsys):
     """A worker killed mid-run leaves DVC calling its experiment 'Running' for ever, as DVC's
@@ -232,6 +241,7 @@ def test_an_experiment_whose_worker_died_is_queued_again_once_instead_of_hanging
             for process in [*worker.children(recursive=True), worker]:
                 process.kill()
 
+    no_worker_left(repo)
     queue("killed")
     dvc_queue.start(1, env, repo)
     kill_the_worker()
@@ -299,10 +309,7 @@ def test_an_experiment_queued_as_the_last_worker_leaves_still_runs(tmp_repo, cap
     directly, that end state: queued, and no worker of the repository alive."""
     repo, env = tmp_repo
     run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
-    deadline = time.monotonic() + 120
-    while workers := dvc_queue.workers_of(repo):  # earlier tests' workers idle out within 20 s
-        assert time.monotonic() < deadline, [w.pid for w in workers]
-        time.sleep(1.0)
+    no_worker_left(repo)
     run(["dvc", "exp", "run", "--queue", "-q", "-n", "orphan", "-S", "train.seed=7", "train"], repo, env)
     assert dvc_queue.status(env, repo)["orphan"] == "Queued"
     assert dvc_queue.wait_for(["orphan"], repo, env, 1, timeout=300) == {"orphan": "Success"}
